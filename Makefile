@@ -1,0 +1,40 @@
+# One command per task; CI (.ci/run) calls the same targets.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint mypy format bench all clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/flowsubmit demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check daemon tests bench
+	$(BIN)/ruff format --check daemon tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff format daemon tests bench
+	$(BIN)/ruff check --fix daemon tests bench
+
+mypy: $(STAMP)
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/tracking.py
+
+all: lint mypy test
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,132 @@
+"""``flowsubmit demo``: a local Prefect server, the example flow served, the daemon, and a 20-run job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from flowsubmit.localserver import LocalServer, served_flows
+from flowsubmit.results import summary_line
+
+__all__ = ["demo_job", "run_demo"]
+
+DEPLOYMENT = "process-table-etl/process-table-etl-deployment"
+FAILING_TABLES = (7, 17)
+
+
+def demo_job(runs: int = 20) -> dict[str, Any]:
+    """The example job: tables 1..runs, of which tables 7 and 17 fail on purpose."""
+    return {
+        "deployment": DEPLOYMENT,
+        "parameters": {"mode": "full"},
+        "runs": [
+            {"parameters": {"table": t, "fail": t in FAILING_TABLES}} for t in range(1, runs + 1)
+        ],
+        "tags": ["demo"],
+    }
+
+
+def run_demo(runs: int = 20, log_format: str = "json", timeout_s: float = 180.0) -> int:
+    """Run the whole demo; stops everything it started, also on Ctrl-C. Returns an exit code."""
+    say = _printer()
+    # The queue (with the result file) outlives the demo; Prefect's home does not.
+    queue = Path(tempfile.mkdtemp(prefix="flowsubmit-demo-")) / "queue"
+    with tempfile.TemporaryDirectory(prefix="flowsubmit-demo-prefect-") as home:
+        say(f"starting a local Prefect server (SQLite in {home}) ...")
+        with LocalServer(home=Path(home)) as server:
+            say(f"Prefect API at {server.api_url}; serving the example flow ...")
+            with served_flows(server, "flowsubmit.examples"):
+                return _run_daemon_and_job(server, queue, runs, log_format, timeout_s, say)
+
+
+def _run_daemon_and_job(
+    server: LocalServer, queue: Path, runs: int, log_format: str, timeout_s: float, say: Any
+) -> int:
+    env = server.env(FLOWSUBMIT_LOG_FORMAT=log_format, FLOWSUBMIT_POLL_INTERVAL_S="2")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "flowsubmit.cli", "run", "--queue", str(queue)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        job = queue.parent / "demo-job.json"
+        job.write_text(json.dumps(demo_job(runs), indent=2))
+        enqueued = subprocess.run(
+            [sys.executable, "-m", "flowsubmit.cli", "enqueue", "--queue", str(queue), str(job)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        job_id = enqueued.stdout.strip()
+        say(
+            f"enqueued job {job_id} ({runs} runs, tables {', '.join(map(str, FAILING_TABLES))} fail on purpose)"
+        )
+        result = _wait_for_result(queue, job_id, daemon, timeout_s)
+    finally:
+        _terminate(daemon)
+    _print_result(result, say)
+    return 0
+
+
+def _wait_for_result(
+    queue: Path, job_id: str, daemon: subprocess.Popen[bytes], timeout_s: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for folder in ("done", "failed"):
+            path = queue / folder / f"{job_id}.result.json"
+            if path.exists() and (queue / folder / f"{job_id}.json").exists():
+                result: dict[str, Any] = json.loads(path.read_text())
+                result["_path"] = str(path)
+                return result
+        if (queue / "rejected" / f"{job_id}.json.error.json").exists():
+            raise RuntimeError(
+                f"the job was rejected: {(queue / 'rejected' / f'{job_id}.json.error.json').read_text()}"
+            )
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the daemon exited with {daemon.returncode}")
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} not finished after {timeout_s}s")
+
+
+def _print_result(result: dict[str, Any], say: Any) -> None:
+    say("")
+    for run in result["runs"]:
+        mark = "✅" if run["state_type"] == "COMPLETED" else "❌"
+        short = (run["flow_run_id"] or "--------")[:8]
+        say(
+            f"{mark} [{run['deployment']}] Run {short} finished with state: {run['state_name']}  (table {run['parameters'].get('table')})"
+        )
+    summary = result["summary"]
+    say(summary_line(summary["succeeded"], summary["total"]))
+    say(f"result file: {result['_path']}")
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _printer() -> Any:
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    return say
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(run_demo())

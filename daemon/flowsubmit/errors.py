@@ -1,0 +1,101 @@
+"""The exceptions flowsubmit raises, and nothing else.
+
+::
+
+    FlowsubmitError
+      JobRejected              bad JSON, schema or field: the file goes to rejected/ with NAME.error.json
+      GatewayError
+        TransientGatewayError  network, timeouts, 429, 5xx: retried with backoff and jitter
+        PermanentGatewayError  unknown deployment, refused parameters: the job fails clearly
+      ClaimLost                another daemon renamed the file first
+      WaitTimeout              FlowSubmission.wait() ran out of time; carries the partial results
+      ClosedError              a resource was used after it was closed
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClaimLost",
+    "ClosedError",
+    "FlowsubmitError",
+    "GatewayError",
+    "JobRejected",
+    "PermanentGatewayError",
+    "TransientGatewayError",
+    "WaitTimeout",
+]
+
+
+class FlowsubmitError(Exception):
+    """Base class of every error flowsubmit raises on purpose."""
+
+
+class JobRejected(FlowsubmitError):
+    """A job file cannot be accepted; raised by the job parser and by pre-submit checks."""
+
+    def __init__(
+        self, reason: str, *, file: str = "", field: str | None = None, hint: str | None = None
+    ) -> None:
+        self.reason = reason
+        self.file = file
+        self.field = field
+        self.hint = hint
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        """One line naming the file, the field and what was wrong."""
+        where = f"{self.file}: " if self.file else ""
+        field = f"field {self.field!r}: " if self.field else ""
+        hint = f" ({self.hint})" if self.hint else ""
+        return f"{where}{field}{self.reason}{hint}"
+
+    def with_file(self, file: str) -> JobRejected:
+        """Return the same rejection naming ``file``."""
+        return JobRejected(self.reason, file=file, field=self.field, hint=self.hint)
+
+    def as_dict(self) -> dict[str, str | None]:
+        """The body of ``NAME.error.json``."""
+        return {"file": self.file, "reason": self.reason, "field": self.field, "hint": self.hint}
+
+
+class GatewayError(FlowsubmitError):
+    """A call to Prefect failed; ``operation`` names the call."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str = "",
+        deployment: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        self.operation = operation
+        self.deployment = deployment
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class TransientGatewayError(GatewayError):
+    """Prefect could not be reached or was busy; the same call may succeed later."""
+
+
+class PermanentGatewayError(GatewayError):
+    """Prefect refused the call for a reason that retrying cannot fix."""
+
+
+class ClaimLost(FlowsubmitError):
+    """Another daemon claimed or holds the job first; not an error for the user."""
+
+
+class WaitTimeout(FlowsubmitError):
+    """``wait()`` timed out; ``results`` holds the runs that did finish (run id -> state name)."""
+
+    def __init__(self, message: str, *, results: dict[str, str], pending: list[str]) -> None:
+        self.results = results
+        self.pending = pending
+        super().__init__(message)
+
+
+class ClosedError(FlowsubmitError):
+    """A gateway, tracker or submission was used after ``aclose()``."""

@@ -1,0 +1,277 @@
+"""Runs one claimed job: pre-submit checks, stages in order, concurrency, retries, timeout and cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from structlog.contextvars import bound_contextvars
+
+from flowsubmit._types import Deployment, GatewayProtocol, JobStatus, RunRequest, RunSnapshot
+from flowsubmit.errors import JobRejected, PermanentGatewayError
+from flowsubmit.gateway import parameter_problem
+from flowsubmit.jobs import Job, RunSpec, Stage
+from flowsubmit.journal import Journal, JournalState, snapshot_record
+from flowsubmit.results import RunRecord, finished_message, result_document, summary_line
+from flowsubmit.tracker import Tracker
+
+__all__ = ["Executor", "JobOutcome", "idempotency_key", "job_tag"]
+
+log = structlog.get_logger("flowsubmit.executor")
+
+
+def idempotency_key(deployment_id: str, job_id: str, stage: int, index: int, attempt: int) -> str:
+    """The key of one creation. It carries the deployment id because Prefect scopes keys per flow."""
+    return f"flowsubmit/{deployment_id}/{job_id}/{stage}/{index}/{attempt}"
+
+
+def job_tag(job_id: str) -> str:
+    """The tag that marks every run of one job (to find them on the server)."""
+    return f"flowsubmit-job:{job_id}"
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a job ended and its result document."""
+
+    status: JobStatus
+    result: dict[str, Any]
+
+
+class Executor:
+    """Owns one job's run records while it runs; the queue moves are the service's.
+
+    Every run creation and every final state is appended to the journal before it
+    counts, so that a restarted daemon re-attaches instead of creating again.
+    """
+
+    def __init__(
+        self,
+        job: Job,
+        job_id: str,
+        *,
+        gateway: GatewayProtocol,
+        tracker: Tracker,
+        journal: Journal,
+        state: JournalState,
+        run_tag: str = "flowsubmit",
+    ) -> None:
+        self.job = job
+        self.job_id = job_id
+        self._gateway = gateway
+        self._tracker = tracker
+        self._journal = journal
+        self._state = state
+        self._run_tag = run_tag
+        self._records: dict[tuple[int, int], RunRecord] = {}
+        self._deadline: asyncio.Timeout | None = None
+        self._cancel_requested = False
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(runs final, runs known) so far."""
+        finished = sum(1 for r in self._records.values() if r.state_type is not None)
+        return finished, len(self._records)
+
+    def cancel(self) -> None:
+        """Stop the job now: runs still going are cancelled in Prefect, the job ends ``cancelled``."""
+        self._cancel_requested = True
+        if self._deadline is not None:
+            self._deadline.reschedule(asyncio.get_running_loop().time())
+
+    async def prepare(self) -> list[tuple[Stage, Deployment]]:
+        """Resolve every stage's deployment and check every run before anything is created.
+
+        Raises:
+            JobRejected: unknown deployment, parameters the flow does not take or its
+                schema refuses, or a work queue that does not exist.
+        """
+        prepared: list[tuple[Stage, Deployment]] = []
+        for stage_index, stage in enumerate(self.job.resolved_stages()):
+            field = "deployment" if self.job.stages is None else f"stages.{stage_index}.deployment"
+            try:
+                deployment = await self._gateway.resolve_deployment(stage.deployment)
+            except PermanentGatewayError as exc:
+                raise JobRejected(
+                    f"unknown deployment {stage.deployment!r} ({exc})", field=field
+                ) from exc
+            await self._check_work_queue(stage, deployment, stage_index)
+            for spec in stage.expand(stage_index):
+                problem = parameter_problem(deployment, spec.parameters)
+                if problem is not None:
+                    reason, parameter = problem
+                    where = (
+                        f"stage {stage_index} run {spec.index}"
+                        if self.job.stages
+                        else f"run {spec.index}"
+                    )
+                    raise JobRejected(
+                        f"{where}: {reason}",
+                        field=f"parameters.{parameter}" if parameter else "parameters",
+                    )
+            prepared.append((stage, deployment))
+        return prepared
+
+    async def run(self, prepared: list[tuple[Stage, Deployment]]) -> JobOutcome:
+        """Run the stages; never raises for failed runs (they are data in the result)."""
+        started = datetime.now(UTC)
+        status, error = JobStatus.SUCCEEDED, None
+        try:
+            async with asyncio.timeout(self.job.timeout) as self._deadline:
+                if self._cancel_requested:
+                    self.cancel()
+                status, error = await self._run_stages(prepared)
+        except TimeoutError:
+            status = JobStatus.CANCELLED if self._cancel_requested else JobStatus.TIMED_OUT
+            if self._cancel_requested or self.job.on_timeout == "cancel":
+                await self._cancel_unfinished()
+        records = list(self._records.values())
+        result = result_document(
+            job_id=self.job_id,
+            status=status,
+            started_at=started,
+            ended_at=datetime.now(UTC),
+            records=records,
+            error=error,
+        )
+        summary = result["summary"]
+        log.info(
+            "job.summary",
+            status=status.value,
+            total=summary["total"],
+            succeeded=summary["succeeded"],
+            failed=summary["failed"],
+            by_state=summary["by_state"],
+            duration_s=result["duration_s"],
+            message=summary_line(summary["succeeded"], summary["total"]),
+        )
+        return JobOutcome(status, result)
+
+    # -- stages -----------------------------------------------------------------------------
+
+    async def _check_work_queue(
+        self, stage: Stage, deployment: Deployment, stage_index: int
+    ) -> None:
+        if stage.work_queue_name is None or stage.create_work_queue:
+            return
+        try:
+            await self._gateway.check_work_queue(deployment, stage.work_queue_name)
+        except PermanentGatewayError as exc:
+            field = (
+                "work_queue_name"
+                if self.job.stages is None
+                else f"stages.{stage_index}.work_queue_name"
+            )
+            raise JobRejected(
+                str(exc), field=field, hint='set "create_work_queue": true to allow a new queue'
+            ) from exc
+
+    async def _run_stages(
+        self, prepared: list[tuple[Stage, Deployment]]
+    ) -> tuple[JobStatus, str | None]:
+        for stage_index, (stage, deployment) in enumerate(prepared):
+            specs = stage.expand(stage_index)
+            for spec in specs:
+                self._records[(spec.stage, spec.index)] = RunRecord(
+                    spec.stage, spec.index, deployment.name, spec.parameters
+                )
+            with bound_contextvars(deployment=deployment.name, stage=stage_index):
+                await self._run_stage(stage, deployment, specs)
+            if not all(self._records[(s.stage, s.index)].succeeded for s in specs):
+                left = len(prepared) - stage_index - 1
+                error = (
+                    f"stage {stage_index} did not complete in full; {left} later stage(s) not started"
+                    if left
+                    else None
+                )
+                return JobStatus.FAILED, error
+        return JobStatus.SUCCEEDED, None
+
+    async def _run_stage(self, stage: Stage, deployment: Deployment, specs: list[RunSpec]) -> None:
+        slots = asyncio.Semaphore(stage.max_concurrency or len(specs))
+        async with asyncio.TaskGroup() as tg:
+            for spec in specs:
+                tg.create_task(self._run_one(stage, deployment, spec, slots))
+
+    async def _run_one(
+        self, stage: Stage, deployment: Deployment, spec: RunSpec, slots: asyncio.Semaphore
+    ) -> None:
+        record = self._records[(spec.stage, spec.index)]
+        async with slots:
+            for attempt in range(stage.retries + 1):
+                record.attempts = attempt + 1
+                try:
+                    run_id = await self._created_run(stage, deployment, spec, attempt)
+                except PermanentGatewayError as exc:
+                    record.error, record.state_name = str(exc), "NotCreated"
+                    log.error("run.refused", index=spec.index, error=str(exc))
+                    return
+                record.flow_run_id = run_id
+                snap = await self._final_state(run_id, deployment.name, spec)
+                record.record(snap)
+                if snap.succeeded:
+                    return
+                if attempt < stage.retries:
+                    log.info(
+                        "run.retrying",
+                        index=spec.index,
+                        flow_run_id=run_id,
+                        state=snap.state_name,
+                        attempt=attempt + 2,
+                    )
+
+    async def _created_run(
+        self, stage: Stage, deployment: Deployment, spec: RunSpec, attempt: int
+    ) -> str:
+        known = self._state.created.get((spec.stage, spec.index, attempt))
+        if known is not None:
+            return known
+        request = RunRequest(
+            idempotency_key=idempotency_key(
+                deployment.id, self.job_id, spec.stage, spec.index, attempt
+            ),
+            parameters=spec.parameters,
+            tags=tuple(dict.fromkeys([self._run_tag, job_tag(self.job_id), *spec.tags])),
+            job_variables=stage.job_variables,
+            work_queue_name=stage.work_queue_name,
+            name=spec.name,
+        )
+        run_id = await self._gateway.create_run(deployment, request)
+        self._journal.append(
+            "created", stage=spec.stage, index=spec.index, attempt=attempt, flow_run_id=run_id
+        )
+        self._state.created[(spec.stage, spec.index, attempt)] = run_id
+        log.info("run.submitted", index=spec.index, attempt=attempt + 1, flow_run_id=run_id)
+        return run_id
+
+    async def _final_state(self, run_id: str, deployment: str, spec: RunSpec) -> RunSnapshot:
+        known = self._state.finals.get(run_id)
+        if known is not None:
+            return known
+        snap = await self._tracker.wait(run_id)
+        self._journal.append("final", **snapshot_record(snap))
+        self._state.finals[run_id] = snap
+        log.info(
+            "run.finished",
+            index=spec.index,
+            flow_run_id=run_id,
+            flow_run_name=snap.flow_run_name,
+            state=snap.state_name,
+            state_type=snap.state_type,
+            source=snap.source,
+            message=finished_message(deployment, snap),
+        )
+        return snap
+
+    async def _cancel_unfinished(self) -> None:
+        for record in self._records.values():
+            if record.flow_run_id and record.state_type is None:
+                with contextlib.suppress(Exception):
+                    await self._gateway.cancel_run(record.flow_run_id)
+                log.info("run.cancelled", index=record.index, flow_run_id=record.flow_run_id)

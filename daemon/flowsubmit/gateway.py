@@ -1,0 +1,486 @@
+"""The only module that talks to Prefect: every call, its retry policy, and error translation.
+
+Retry budget, stated once. Prefect's own HTTP client already retries a request up
+to ``PREFECT_CLIENT_MAX_RETRIES`` (5) times on 408/429/502/503 and transport errors,
+honouring ``Retry-After``, with 2**n s backoff (about 62 s in the worst case). The
+tenacity policy here goes around whole idempotent operations, with exponential
+backoff and jitter (0.5 s doubling to 30 s), and stops once
+``prefect_outage_tolerance_s`` has passed: the worst case of one operation is that
+tolerance plus one inner round of Prefect's retries. Creates are idempotent because
+every run carries an idempotency key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Self
+
+import httpx
+import structlog
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.actions import DeploymentFlowRunCreate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import FlowRun
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
+from prefect.events.schemas.events import Event
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelling, Scheduled, to_state_create
+from prefect.utilities.schema_tools.validation import (
+    CircularSchemaRefError,
+    ValidationError,
+    validate,
+)
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
+from tenacity.wait import wait_exponential_jitter
+
+from flowsubmit._types import Deployment, RunRequest, RunSnapshot
+from flowsubmit.errors import ClosedError, PermanentGatewayError, TransientGatewayError
+
+__all__ = ["READ_BATCH", "Gateway", "parameter_problem"]
+
+log = structlog.get_logger("flowsubmit.gateway")
+
+#: Runs read per ``read_flow_runs`` call (the server's default page size).
+READ_BATCH = 200
+_BULK_PATH = "/deployments/{id}/create_flow_run/bulk"
+_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@contextlib.contextmanager
+def _translate_errors(operation: str, deployment: str | None = None) -> Iterator[None]:
+    """Map foreign exceptions to ``errors.py``: transport and 5xx are transient, 4xx permanent."""
+    try:
+        yield
+    except ObjectNotFound as exc:
+        # Prefect's ObjectNotFound prints as "None"; the detail lives in its cause.
+        detail = (
+            _http_detail(exc.http_exc)
+            if isinstance(exc.http_exc, httpx.HTTPStatusError)
+            else "not found"
+        )
+        raise PermanentGatewayError(
+            f"{operation}: {detail}", operation=operation, deployment=deployment
+        ) from exc
+    except httpx.HTTPStatusError as exc:
+        detail = _http_detail(exc)
+        cls = (
+            TransientGatewayError
+            if exc.response.status_code in _TRANSIENT_STATUS
+            else PermanentGatewayError
+        )
+        raise cls(
+            f"{operation}: {detail}",
+            operation=operation,
+            deployment=deployment,
+            retry_after_s=_retry_after(exc.response),
+        ) from exc
+    except (httpx.TransportError, OSError, TimeoutError) as exc:
+        raise TransientGatewayError(
+            f"{operation}: Prefect unreachable ({type(exc).__name__}: {exc})",
+            operation=operation,
+            deployment=deployment,
+        ) from exc
+
+
+def _http_detail(exc: httpx.HTTPStatusError) -> str:
+    try:
+        body = exc.response.json()
+        detail = body.get("detail", body) if isinstance(body, dict) else body
+    except ValueError:
+        detail = exc.response.text[:500]
+    return f"HTTP {exc.response.status_code}: {detail}"
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return float(response.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
+
+
+class _WaitHonouringRetryAfter(wait_exponential_jitter):
+    """Exponential backoff with jitter, but never shorter than the server's ``Retry-After``."""
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        backoff = super().__call__(retry_state)
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        retry_after = getattr(exc, "retry_after_s", None)
+        return max(backoff, retry_after) if retry_after else backoff
+
+
+def parameter_problem(
+    deployment: Deployment, parameters: dict[str, Any]
+) -> tuple[str, str | None] | None:
+    """Check ``parameters`` against the deployment's schema before anything is created.
+
+    Returns:
+        ``None`` when they fit, else (what is wrong, the parameter concerned). Unknown
+        names are refused here because Prefect accepts them and the run crashes later.
+    """
+    schema = deployment.parameter_schema
+    properties = schema.get("properties")
+    if isinstance(properties, dict) and properties is not None:
+        unknown = sorted(set(parameters) - set(properties))
+        if unknown:
+            return (
+                f"the flow takes no parameter {unknown[0]!r} (it takes: {', '.join(sorted(properties)) or 'none'})",
+                unknown[0],
+            )
+    if not schema:
+        return None
+    try:
+        validate({**deployment.default_parameters, **parameters}, schema, raise_on_error=True)
+    except ValidationError as exc:
+        cause = exc.__cause__
+        path = ".".join(str(p) for p in getattr(cause, "path", ())) or None
+        reason = getattr(cause, "message", None) or str(exc)
+        return f"the deployment's parameter schema rejects it: {reason}", path
+    except CircularSchemaRefError:
+        return None
+    return None
+
+
+class Gateway:
+    """Owns one Prefect client, the create batcher, the retry policy and request counters.
+
+    Lifecycle: ``async with Gateway(...)`` opens the client; ``aclose()`` is idempotent,
+    and a closed gateway refuses further use.
+    """
+
+    def __init__(
+        self,
+        *,
+        outage_tolerance_s: float = 3600.0,
+        max_inflight_submissions: int = 2,
+        submit_batch_size: int = 50,
+        reconnection_attempts: int = 2,
+    ) -> None:
+        self.outage_tolerance_s = outage_tolerance_s
+        self.submit_batch_size = submit_batch_size
+        self.reconnection_attempts = reconnection_attempts
+        #: Requests sent to the Prefect API, by route (for tests, bench and metrics).
+        self.requests: Counter[str] = Counter()
+        self._slots = asyncio.Semaphore(max_inflight_submissions)
+        self._client: PrefectClient | None = None
+        self._closed = False
+        self._bulk = True
+        self._batchers: dict[str, _CreateBatcher] = {}
+
+    async def __aenter__(self) -> Self:
+        if self._closed:
+            raise ClosedError("a Gateway cannot be reopened once closed; create a new one")
+        hooks = {"request": [self._count]}
+        self._client = get_client(httpx_settings={"event_hooks": hooks})
+        await self._client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the client; idempotent."""
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            await client.__aexit__(None, None, None)
+
+    async def _count(self, request: httpx.Request) -> None:
+        self.requests[f"{request.method} {request.url.path.split('/api', 1)[-1]}"] += 1
+
+    @property
+    def client(self) -> PrefectClient:
+        """The open client; raises ``ClosedError`` outside ``async with``."""
+        if self._client is None:
+            raise ClosedError("the Gateway is not open (use `async with Gateway()`)")
+        return self._client
+
+    def _retrying(self, operation: str, deployment: str | None = None) -> AsyncRetrying:
+        """The one retry policy: transient errors only, backoff with jitter, bounded by the outage tolerance."""
+        return AsyncRetrying(
+            retry=retry_if_exception_type(TransientGatewayError),
+            wait=_WaitHonouringRetryAfter(initial=0.5, max=30.0),
+            stop=stop_after_delay(self.outage_tolerance_s),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+
+    # -- operations --------------------------------------------------------------------
+
+    async def healthy(self) -> bool:
+        """One health check, no retries: True when the API answers."""
+        return await self.client.api_healthcheck() is None
+
+    async def resolve_deployment(self, name: str) -> Deployment:
+        """Return the deployment ``flow/deployment``; unknown names are a permanent error."""
+        async for attempt in self._retrying("read_deployment", name):
+            with attempt, _translate_errors(f"deployment {name!r} not found or unreadable", name):
+                response = await self.client.read_deployment_by_name(name)
+        return Deployment(
+            id=str(response.id),
+            name=name,
+            parameter_schema=dict(response.parameter_openapi_schema or {}),
+            default_parameters=dict(response.parameters or {}),
+            work_pool_name=response.work_pool_name,
+        )
+
+    async def check_work_queue(self, deployment: Deployment, work_queue_name: str) -> None:
+        """Raise ``PermanentGatewayError`` unless the queue exists in the deployment's work pool."""
+        if deployment.work_pool_name is None:
+            raise PermanentGatewayError(
+                f"deployment {deployment.name!r} has no work pool, so `work_queue_name` cannot apply",
+                operation="read_work_queue",
+            )
+        async for attempt in self._retrying("read_work_queue", deployment.name):
+            with (
+                attempt,
+                _translate_errors(
+                    f"work queue {work_queue_name!r} does not exist in pool {deployment.work_pool_name!r}"
+                ),
+            ):
+                await self.client.read_work_queue_by_name(
+                    work_queue_name, work_pool_name=deployment.work_pool_name
+                )
+
+    async def create_run(self, deployment: Deployment, request: RunRequest) -> str:
+        """Create (or find, by idempotency key) one run; concurrent calls are sent in bulk."""
+        batcher = self._batchers.get(deployment.id)
+        if batcher is None:
+            batcher = self._batchers[deployment.id] = _CreateBatcher(self, deployment)
+        return await batcher.submit(request)
+
+    async def _create_batch(
+        self, deployment: Deployment, requests: list[RunRequest]
+    ) -> list[str | Exception]:
+        """One bulk call (or single creates where the server has no bulk route), with retries."""
+        async with self._slots:
+            async for attempt in self._retrying("create_flow_runs", deployment.name):
+                with attempt, _translate_errors("create flow runs", deployment.name):
+                    if self._bulk:
+                        try:
+                            return await self._bulk_create(deployment, requests)
+                        except httpx.HTTPStatusError as exc:
+                            if exc.response.status_code not in (404, 405):
+                                raise
+                            self._bulk = False  # a server older than the bulk route
+                    return [await self._single_create(deployment, r) for r in requests]
+        raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
+
+    async def _bulk_create(
+        self, deployment: Deployment, requests: list[RunRequest]
+    ) -> list[str | Exception]:
+        body = [_create_body(r) for r in requests]
+        response = await self.client.request(
+            "POST",
+            _BULK_PATH,  # type: ignore[arg-type]  # a route Prefect's client has no method for
+            path_params={"id": deployment.id},
+            json=body,
+        )
+        response.raise_for_status()
+        results: list[str | Exception] = []
+        for item in response.json()["results"]:
+            if item.get("status") == "CREATED" and item.get("flow_run_id"):
+                results.append(str(item["flow_run_id"]))
+            else:
+                results.append(
+                    PermanentGatewayError(
+                        f"Prefect refused the run: {item.get('error')}", operation="create_flow_run"
+                    )
+                )
+        return results
+
+    async def _single_create(self, deployment: Deployment, request: RunRequest) -> str:
+        run = await self.client.create_flow_run_from_deployment(
+            deployment.id,  # type: ignore[arg-type]  # Prefect accepts the id as a string
+            parameters=request.parameters,
+            tags=list(request.tags),
+            idempotency_key=request.idempotency_key,
+            work_queue_name=request.work_queue_name,
+            job_variables=request.job_variables or None,
+            name=request.name,
+        )
+        return str(run.id)
+
+    async def read_runs(self, flow_run_ids: list[str]) -> list[RunSnapshot]:
+        """Current state of the given runs, ``READ_BATCH`` ids per call."""
+        snapshots: list[RunSnapshot] = []
+        for start in range(0, len(flow_run_ids), READ_BATCH):
+            chunk = flow_run_ids[start : start + READ_BATCH]
+            async for attempt in self._retrying("read_flow_runs"):
+                with attempt, _translate_errors("read flow runs"):
+                    runs = await self.client.read_flow_runs(
+                        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk)),
+                        limit=len(chunk),
+                    )
+            snapshots.extend(_snapshot_from_run(run) for run in runs)
+        return snapshots
+
+    async def cancel_run(self, flow_run_id: str) -> None:
+        """Ask Prefect to cancel a run (its worker or runner stops it)."""
+        async for attempt in self._retrying("cancel_flow_run"):
+            with attempt, _translate_errors("cancel flow run"):
+                await self.client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+
+    @contextlib.asynccontextmanager
+    async def run_events(self, tag: str) -> AsyncIterator[AsyncIterator[RunSnapshot]]:
+        """One websocket subscription for the state changes of every run tagged ``tag``.
+
+        Raises:
+            TransientGatewayError: the stream could not be opened, or dropped for good.
+        """
+        event_filter = EventFilter(
+            event=EventNameFilter(prefix=["prefect.flow-run."]),
+            # `any_resource` (unlike `related`) is applied to live events as well as to
+            # the backfill, so the server sends us only flowsubmit's runs.
+            any_resource=EventAnyResourceFilter(id=[f"prefect.tag.{tag}"]),
+        )
+        subscriber = get_events_subscriber(
+            filter=event_filter, reconnection_attempts=self.reconnection_attempts
+        )
+        with _translate_errors("open event stream"):
+            await subscriber.__aenter__()
+        try:
+            yield _snapshots(subscriber)
+        finally:
+            with contextlib.suppress(Exception):
+                await subscriber.__aexit__(None, None, None)
+
+
+class _CreateBatcher:
+    """Collects the creates of one deployment issued in the same moment into bulk calls.
+
+    Owns its flush task (tracked, with a done-callback that logs failures).
+    """
+
+    def __init__(self, gateway: Gateway, deployment: Deployment) -> None:
+        self._gateway = gateway
+        self._deployment = deployment
+        self._pending: list[tuple[RunRequest, asyncio.Future[str]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def submit(self, request: RunRequest) -> str:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pending.append((request, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(
+                self._flush(), name=f"flowsubmit-create-{self._deployment.name}"
+            )
+            self._flusher.add_done_callback(_log_task_failure)
+        return await future
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let every create issued in this tick join the first batch
+        try:
+            while self._pending:
+                async with asyncio.TaskGroup() as tg:
+                    while self._pending:
+                        size = self._gateway.submit_batch_size
+                        batch, self._pending = self._pending[:size], self._pending[size:]
+                        tg.create_task(self._send(batch))
+                        await asyncio.sleep(0)
+        finally:
+            self._flusher = None
+
+    async def _send(self, batch: list[tuple[RunRequest, asyncio.Future[str]]]) -> None:
+        try:
+            results = await self._gateway._create_batch(self._deployment, [r for r, _ in batch])
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+def _create_body(request: RunRequest) -> dict[str, Any]:
+    create = DeploymentFlowRunCreate(
+        parameters=request.parameters,
+        state=to_state_create(Scheduled()),
+        tags=list(request.tags),
+        idempotency_key=request.idempotency_key,
+        work_queue_name=request.work_queue_name,
+        job_variables=request.job_variables or None,
+        name=request.name,
+    )
+    return create.model_dump(mode="json", exclude_unset=True)
+
+
+def _snapshot_from_run(run: FlowRun) -> RunSnapshot:
+    state = run.state
+    return RunSnapshot(
+        flow_run_id=str(run.id),
+        state_type=state.type.value if state else "PENDING",
+        state_name=(state.name or state.type.value.title()) if state else "Unknown",
+        flow_run_name=run.name,
+        state_id=str(state.id) if state else None,
+        start_time=run.start_time,
+        end_time=run.end_time,
+        source="poll",
+    )
+
+
+def snapshot_from_event(event: Event) -> RunSnapshot | None:
+    """A flow-run state-change event as a snapshot; ``None`` for other events."""
+    resource = event.resource
+    state_type = resource.get("prefect.state-type")
+    run_id = resource.id.removeprefix("prefect.flow-run.")
+    if not state_type or run_id == resource.id:
+        return None
+    final = state_type in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+    return RunSnapshot(
+        flow_run_id=run_id,
+        state_type=state_type,
+        state_name=resource.get("prefect.state-name") or state_type.title(),
+        flow_run_name=resource.get("prefect.resource.name"),
+        state_id=str(event.id),
+        start_time=event.occurred if state_type == "RUNNING" else None,
+        end_time=event.occurred if final else None,
+        source="event",
+    )
+
+
+async def _snapshots(subscriber: Any) -> AsyncIterator[RunSnapshot]:
+    while True:
+        with _translate_errors("event stream"):
+            try:
+                event = await subscriber.__anext__()
+            except StopAsyncIteration:
+                raise TransientGatewayError(
+                    "event stream: closed by the server", operation="event stream"
+                ) from None
+            except Exception as exc:
+                # websockets' ConnectionClosed and Prefect's auth failures are not OSErrors.
+                if isinstance(exc, TransientGatewayError):
+                    raise
+                raise TransientGatewayError(
+                    f"event stream: {type(exc).__name__}: {exc}", operation="event stream"
+                ) from exc
+        snapshot = snapshot_from_event(event)
+        if snapshot is not None:
+            yield snapshot
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "gateway.retrying",
+        operation=getattr(exc, "operation", None),
+        attempt=state.attempt_number,
+        wait_s=round(state.upcoming_sleep, 2),
+        error=str(exc),
+    )
+
+
+def _log_task_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("gateway.task_failed", task=task.get_name(), exc_info=task.exception())

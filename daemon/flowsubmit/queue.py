@@ -1,0 +1,313 @@
+"""The queue directory: folders, scanning, claim by rename, per-job locks, and the final moves.
+
+Every move is one ``rename`` inside the queue; every file that must survive a crash
+is written with ``fsutil.atomic_write``. A job in ``processing/`` is owned by the
+process holding ``processing/JOB.lock`` (``flock``), so several daemons can share
+one queue and recovery only adopts jobs whose owner is gone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import secrets
+import stat
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Self
+
+from flowsubmit.errors import ClaimLost, JobRejected
+from flowsubmit.fsutil import atomic_write, fsync_dir, unique_name
+from flowsubmit.journal import Journal, JournalState
+
+__all__ = ["FOLDERS", "Candidate", "Claim", "JobLock", "Queue", "is_job_name", "new_job_id"]
+
+FOLDERS = ("tmp", "incoming", "processing", "done", "failed", "rejected")
+_IGNORED = re.compile(r"^\.|\.tmp$|\.part$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def is_job_name(name: str) -> bool:
+    """True for names the daemon considers: ``*.json``, not dotfiles, ``*.tmp`` or ``*.part``."""
+    return name.endswith(".json") and not _IGNORED.search(name)
+
+
+def new_job_id() -> str:
+    """A fresh, sortable, unique job id for a job file without ``id``."""
+    return f"job-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
+
+
+def safe_name(name: str) -> str:
+    """``name`` reduced to ``[A-Za-z0-9._-]``, never starting with a dot or a dash."""
+    cleaned = _UNSAFE.sub("_", name).lstrip(".-") or "unnamed"
+    return cleaned[:200]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A file seen in ``incoming/``: its name and what ``stat`` said of it."""
+
+    name: str
+    size: int
+    mtime_ns: int
+
+
+class JobLock:
+    """An exclusive ``flock`` on ``processing/JOB.lock``, held for as long as the job is owned.
+
+    The lock file is unlinked on release; an acquirer that locked a file which was
+    unlinked meanwhile notices (inode check) and reports the lock as lost.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, path: Path) -> Self:
+        """Take the lock without waiting.
+
+        Raises:
+            ClaimLost: another live process holds it.
+        """
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:
+                raise ClaimLost(f"{path.name} was released while we locked it")
+        except (BlockingIOError, FileNotFoundError, ClaimLost) as exc:
+            os.close(fd)
+            raise ClaimLost(f"{path.name} is held by another process") from exc
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Unlink and unlock; idempotent."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+
+@dataclass
+class Claim:
+    """A job this process owns: its id, its file in ``processing/``, lock and journal."""
+
+    job_id: str
+    path: Path
+    source: str
+    lock: JobLock
+    journal: Journal
+    state: JournalState
+
+    def release(self) -> None:
+        """Close the journal and drop the lock (the job stays where it is)."""
+        self.journal.close()
+        self.lock.release()
+
+
+class Queue:
+    """Owns the queue directory layout and every move between its folders."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for name in FOLDERS:
+            setattr(self, name, root / name)
+        self.tmp: Path
+        self.incoming: Path
+        self.processing: Path
+        self.done: Path
+        self.failed: Path
+        self.rejected: Path
+
+    def ensure(self) -> None:
+        """Create the folders that are missing."""
+        for name in FOLDERS:
+            (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o750)
+
+    def others_can_write(self) -> bool:
+        """True when the queue root or ``incoming/`` is writable by group or others."""
+        return any(
+            os.stat(p).st_mode & (stat.S_IWGRP | stat.S_IWOTH) for p in (self.root, self.incoming)
+        )
+
+    # -- producers -------------------------------------------------------------------
+
+    def enqueue(self, data: bytes, job_id: str) -> Path:
+        """Write a job into ``tmp/``, fsync it, and rename it into ``incoming/``."""
+        name = f"{job_id}.json"
+        staged = self.tmp / f"{name}.{secrets.token_hex(4)}.part"
+        atomic_write(staged, data)
+        target = self.incoming / unique_name(self.incoming, name)
+        os.rename(staged, target)
+        fsync_dir(self.incoming)
+        return target
+
+    # -- scanning --------------------------------------------------------------------
+
+    def scan(self) -> list[Candidate]:
+        """Entries of ``incoming/`` worth judging, oldest first (``lstat`` only, nothing opened)."""
+        found: list[Candidate] = []
+        with os.scandir(self.incoming) as entries:
+            for entry in entries:
+                if not is_job_name(entry.name):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                found.append(Candidate(entry.name, st.st_size, st.st_mtime_ns))
+        found.sort(key=lambda c: (c.mtime_ns, c.name))
+        return found
+
+    def read(self, name: str, max_bytes: int) -> bytes:
+        """Read ``incoming/name`` without following links, refusing what is not a plain, small file.
+
+        Raises:
+            ClaimLost: the file vanished (another daemon took it).
+            JobRejected: a symlink, a FIFO, a directory, a hard link, or too large.
+        """
+        path = self.incoming / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError as exc:
+            raise ClaimLost(name) from exc
+        except OSError as exc:  # ELOOP: a symlink; ENXIO: a socket
+            kind = "a symbolic link" if path.is_symlink() else "not a regular file"
+            raise JobRejected(f"{kind}; only regular files are accepted", file=name) from exc
+        try:
+            return _read_regular(fd, name, max_bytes)
+        finally:
+            os.close(fd)
+
+    # -- claiming --------------------------------------------------------------------
+
+    def claim(self, name: str, job_id: str) -> Claim:
+        """Move ``incoming/name`` to ``processing/JOB_ID.json`` under the job's lock.
+
+        Raises:
+            ClaimLost: the file vanished, or another process owns this job id right now.
+            JobRejected: the job id already ran (a duplicate drop of an exactly-once job).
+        """
+        lock = JobLock.acquire(self.processing / f"{job_id}.lock")
+        try:
+            self._refuse_duplicate(job_id)
+            target = self.processing / f"{job_id}.json"
+            try:
+                os.rename(self.incoming / name, target)
+            except FileNotFoundError as exc:
+                raise ClaimLost(name) from exc
+            fsync_dir(self.processing)
+            journal, state = Journal.open(self.processing / f"{job_id}.journal")
+            journal.append("claimed", job_id=job_id, source=name, at=_now())
+            state.job_id = job_id
+        except BaseException:
+            lock.release()
+            raise
+        return Claim(job_id, target, name, lock, journal, state)
+
+    def _refuse_duplicate(self, job_id: str) -> None:
+        for folder in (self.processing, self.done, self.failed):
+            earlier = folder / f"{job_id}.json"
+            if earlier.exists():
+                raise JobRejected(
+                    f"duplicate job id: {job_id!r} already ran as {folder.name}/{earlier.name}",
+                    field="id",
+                    hint="an id makes a job exactly-once; drop it without `id`, or with a new one, to run it again",
+                )
+
+    def orphans(self) -> list[str]:
+        """Job ids in ``processing/`` (candidates for recovery; the lock decides who adopts them)."""
+        return sorted(p.stem for p in self.processing.glob("*.json") if not p.name.startswith("."))
+
+    def adopt(self, job_id: str) -> Claim:
+        """Take over ``processing/JOB_ID.json`` whose owner is gone.
+
+        Raises:
+            ClaimLost: a live process owns it, or it was finished meanwhile.
+        """
+        lock = JobLock.acquire(self.processing / f"{job_id}.lock")
+        path = self.processing / f"{job_id}.json"
+        if not path.exists():
+            lock.release()
+            raise ClaimLost(job_id)
+        journal, state = Journal.open(self.processing / f"{job_id}.journal")
+        if state.job_id is None:
+            journal.append("claimed", job_id=job_id, source=path.name, at=_now())
+            state.job_id = job_id
+        return Claim(job_id, path, path.name, lock, journal, state)
+
+    # -- ending ----------------------------------------------------------------------
+
+    def reject(self, name: str, error: JobRejected, *, folder: Path | None = None) -> Path:
+        """Move a file into ``rejected/`` under a safe name and write ``NAME.error.json`` beside it."""
+        source = (folder or self.incoming) / name
+        target_name = unique_name(self.rejected, safe_name(name))
+        atomic_write(self.rejected / f"{target_name}.error.json", _json(error.as_dict()))
+        os.rename(source, self.rejected / target_name)
+        fsync_dir(self.rejected)
+        return self.rejected / target_name
+
+    def reject_claimed(self, claim: Claim, error: JobRejected) -> Path:
+        """Reject a job that was already claimed (pre-submit checks failed); no run exists."""
+        target = self.reject(claim.path.name, error, folder=self.processing)
+        self._retire_journal(claim, self.rejected, target.name.removesuffix(".json"))
+        return target
+
+    def finish(self, claim: Claim, succeeded: bool, result: dict[str, Any]) -> Path:
+        """Write the result, then move the job to ``done/`` or ``failed/`` (the commit point)."""
+        folder = self.done if succeeded else self.failed
+        atomic_write(folder / f"{claim.job_id}.result.json", _json(result))
+        target = folder / f"{claim.job_id}.json"
+        os.rename(claim.path, target)
+        fsync_dir(folder)
+        self._retire_journal(claim, folder, claim.job_id)
+        return target
+
+    def _retire_journal(self, claim: Claim, folder: Path, stem: str) -> None:
+        claim.journal.close()
+        for suffix in (".journal", ".cancel"):
+            leftover = self.processing / f"{claim.job_id}{suffix}"
+            if leftover.exists():
+                os.rename(leftover, folder / f"{stem}{suffix}")
+        claim.lock.release()
+
+
+def _read_regular(fd: int, name: str, max_bytes: int) -> bytes:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise JobRejected(
+            "not a regular file (a FIFO, device or directory); only regular files are accepted",
+            file=name,
+        )
+    if st.st_nlink > 1:
+        raise JobRejected(
+            "the file has other hard links; only files with one name are accepted",
+            file=name,
+            hint="copy it instead of linking it",
+        )
+    if st.st_size > max_bytes:
+        raise JobRejected(
+            f"the file is {st.st_size} bytes, more than max_job_bytes ({max_bytes})", file=name
+        )
+    chunks, total = [], 0
+    while chunk := os.read(fd, max_bytes + 1 - total):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            break
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise JobRejected(f"the file is larger than max_job_bytes ({max_bytes})", file=name)
+    return data
+
+
+def _json(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n").encode()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()

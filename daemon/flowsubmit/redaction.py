@@ -1,0 +1,43 @@
+"""Masks values whose names look like secrets before they reach a log line or a result file."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["MASK", "is_secret_name", "redact"]
+
+MASK = "***"
+
+# Matched against whole words of a snake/kebab/camel name, so that `api_key`,
+# `db-password` and `authToken` are masked while `keyboard` and `monkey` are not.
+_SECRET_WORDS = frozenset(
+    {
+        "password",
+        "passwd",
+        "pwd",
+        "token",
+        "secret",
+        "key",
+        "apikey",
+        "auth",
+        "credential",
+        "credentials",
+    }
+)
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+
+
+def is_secret_name(name: str) -> bool:
+    """True when one word of ``name`` is a secret-like word (password, token, secret, key, ...)."""
+    return any(word.lower() in _SECRET_WORDS for word in _WORD.findall(name))
+
+
+def redact(value: Any) -> Any:
+    """Return ``value`` with every mapping entry under a secret-like name replaced by ``***``."""
+    if isinstance(value, Mapping):
+        return {k: MASK if is_secret_name(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(item) for item in value]
+    return value

@@ -1,0 +1,343 @@
+"""The daemon: one class owns the claim loop, the running jobs, recovery, signals and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+from structlog.contextvars import bound_contextvars
+
+from flowsubmit._types import JobStatus
+from flowsubmit.errors import ClaimLost, GatewayError, JobRejected
+from flowsubmit.executor import Executor
+from flowsubmit.gateway import Gateway
+from flowsubmit.jobs import Job, parse_job
+from flowsubmit.queue import Candidate, Claim, Queue, new_job_id
+from flowsubmit.results import result_document
+from flowsubmit.sdnotify import Notifier
+from flowsubmit.settings import Settings
+from flowsubmit.tracker import Tracker
+from flowsubmit.watcher import wakeups
+
+__all__ = ["Service"]
+
+log = structlog.get_logger("flowsubmit.service")
+
+
+class Service:
+    """Owns the claim loop, the ``job_id -> Task`` registry, the counters and shutdown.
+
+    ``run()`` enters, in order: the gateway (Prefect client), then, once Prefect
+    answers, the tracker (event subscription); it tears them down in reverse, so the
+    tracker's tasks are cancelled before the client they use is closed.
+    """
+
+    def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
+        if settings.queue is None:
+            raise ValueError("settings.queue is required to run the daemon")
+        self.settings = settings
+        self.queue = Queue(settings.queue)
+        self.notifier = notifier or Notifier()
+        self._stop = asyncio.Event()
+        self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._executors: dict[str, Executor] = {}
+        self._unsettled: dict[str, Candidate] = {}
+        self._heartbeat = time.monotonic()
+        self.counts = {"claimed": 0, "succeeded": 0, "failed": 0, "rejected": 0, "recovered": 0}
+        self._gateway: Gateway | None = None
+        self._tracker: Tracker | None = None
+
+    def __repr__(self) -> str:
+        mode = self._tracker.mode.value if self._tracker else "not started"
+        counts = " ".join(f"{k}={v}" for k, v in self.counts.items())
+        return (
+            f"<Service queue={self.queue.root} running={len(self._jobs)} tracker={mode} {counts}>"
+        )
+
+    def stop(self) -> None:
+        """Stop claiming and shut down (what SIGTERM and SIGINT do)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until ``stop()``; jobs still running stay in ``processing/`` for the next start."""
+        os.umask(0o027)
+        self.queue.ensure()
+        if self.queue.others_can_write():
+            log.warning("service.queue_writable_by_others", queue=str(self.queue.root))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            await self._run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def _run(self) -> None:
+        s = self.settings
+        async with AsyncExitStack() as stack:
+            self._gateway = await stack.enter_async_context(
+                Gateway(
+                    outage_tolerance_s=s.prefect_outage_tolerance_s,
+                    max_inflight_submissions=s.max_inflight_submissions,
+                    submit_batch_size=s.submit_batch_size,
+                )
+            )
+            if not await self._wait_for_prefect(self._gateway):
+                return
+            self._tracker = await stack.enter_async_context(
+                Tracker(
+                    self._gateway,
+                    tag=s.run_tag,
+                    poll_interval_s=s.poll_interval_s,
+                    reconcile_interval_s=s.reconcile_interval_s,
+                    resubscribe_max_backoff_s=s.resubscribe_max_backoff_s,
+                )
+            )
+            await self._tracker.wait_connected(timeout_s=10.0)
+            async with asyncio.TaskGroup() as tg:
+                self._spawn_watchdog(tg)
+                await self._claim_loop(tg)
+                await self._drain()
+        log.info("service.stopped", **self.counts)
+
+    async def _wait_for_prefect(self, gateway: Gateway) -> bool:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                if await gateway.healthy():
+                    return True
+            except GatewayError:
+                pass
+            log.warning("service.waiting_for_prefect", retry_in_s=round(delay, 1))
+            self.notifier.status("waiting for Prefect")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+            delay = min(delay * 2, 30.0)
+        return False
+
+    async def _claim_loop(self, tg: asyncio.TaskGroup) -> None:
+        ready = False
+        async for _ in wakeups(
+            self.queue.incoming,
+            stop=self._stop,
+            rescan_interval_s=self.settings.rescan_interval_s,
+            force_polling=self.settings.force_polling,
+        ):
+            self._heartbeat = time.monotonic()
+            self._adopt_orphans(tg)
+            self._deliver_cancel_requests()
+            self._scan(tg)
+            if not ready:
+                ready = True
+                log.info(
+                    "service.ready",
+                    queue=str(self.queue.root),
+                    tracker=self._tracker.mode.value if self._tracker else None,
+                )
+                self.notifier.ready(self._status_line())
+            else:
+                self.notifier.status(self._status_line())
+            if self._stop.is_set():
+                break
+
+    async def _drain(self) -> None:
+        """Cancel running jobs and wait for them, bounded by ``drain_timeout_s``."""
+        self.notifier.stopping()
+        log.info("service.stopping", running=len(self._jobs), **self.counts)
+        tasks = list(self._jobs.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
+
+    def _status_line(self) -> str:
+        pending = self._tracker.pending if self._tracker else 0
+        return f"{len(self._jobs)} jobs running, {pending} runs tracked, {self.counts['succeeded']} succeeded, {self.counts['failed']} failed"
+
+    # -- claiming -----------------------------------------------------------------------------
+
+    def _has_capacity(self) -> bool:
+        return len(self._jobs) < self.settings.max_concurrent_jobs and not self._stop.is_set()
+
+    def _scan(self, tg: asyncio.TaskGroup) -> None:
+        for candidate in self.queue.scan():
+            if not self._has_capacity():
+                return
+            self._judge(candidate, tg)
+
+    def _judge(self, candidate: Candidate, tg: asyncio.TaskGroup) -> None:
+        name = candidate.name
+        try:
+            data = self.queue.read(name, self.settings.max_job_bytes)
+            job = parse_job(data, file=name, max_runs=self.settings.max_runs_per_job)
+            claim = self.queue.claim(name, job.id or new_job_id())
+        except ClaimLost:
+            return
+        except JobRejected as exc:
+            if not self._settled(candidate):
+                return  # maybe still being written straight into incoming/: judge it later
+            self._reject(name, exc.with_file(name))
+            return
+        self._unsettled.pop(name, None)
+        self.counts["claimed"] += 1
+        self._start_job(claim, job, tg, recovered=False)
+
+    def _settled(self, candidate: Candidate) -> bool:
+        """True once the file has not changed for ``settle_s``."""
+        age_s = time.time() - candidate.mtime_ns / 1e9
+        seen = self._unsettled.get(candidate.name)
+        self._unsettled[candidate.name] = candidate
+        unchanged = seen is not None and (seen.size, seen.mtime_ns) == (
+            candidate.size,
+            candidate.mtime_ns,
+        )
+        return age_s >= self.settings.settle_s and (
+            unchanged or age_s >= 2 * self.settings.settle_s
+        )
+
+    def _reject(self, name: str, error: JobRejected) -> None:
+        self._unsettled.pop(name, None)
+        try:
+            target = self.queue.reject(name, error)
+        except FileNotFoundError:
+            return  # another daemon moved it first
+        self.counts["rejected"] += 1
+        log.warning(
+            "job.rejected",
+            file=name,
+            reason=error.reason,
+            field=error.field,
+            hint=error.hint,
+            moved_to=str(target),
+        )
+
+    def _adopt_orphans(self, tg: asyncio.TaskGroup) -> None:
+        for job_id in self.queue.orphans():
+            if job_id in self._jobs or not self._has_capacity():
+                continue
+            try:
+                claim = self.queue.adopt(job_id)
+            except ClaimLost:
+                continue
+            try:
+                job = parse_job(
+                    claim.path.read_bytes(),
+                    file=claim.path.name,
+                    max_runs=self.settings.max_runs_per_job,
+                )
+            except JobRejected as exc:
+                self.queue.reject_claimed(claim, exc)
+                continue
+            self.counts["recovered"] += 1
+            self._start_job(claim, job, tg, recovered=True)
+
+    def _deliver_cancel_requests(self) -> None:
+        for job_id, executor in self._executors.items():
+            if (self.queue.processing / f"{job_id}.cancel").exists():
+                executor.cancel()
+
+    # -- one job --------------------------------------------------------------------------------
+
+    def _start_job(self, claim: Claim, job: Job, tg: asyncio.TaskGroup, *, recovered: bool) -> None:
+        task = tg.create_task(
+            self._run_job(claim, job, recovered), name=f"flowsubmit-job-{claim.job_id}"
+        )
+        self._jobs[claim.job_id] = task
+        task.add_done_callback(lambda _: self._forget(claim.job_id))
+
+    def _forget(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+        self._executors.pop(job_id, None)
+        self.notifier.status(self._status_line())
+
+    async def _run_job(self, claim: Claim, job: Job, recovered: bool) -> None:
+        assert self._gateway is not None and self._tracker is not None
+        with bound_contextvars(job_id=claim.job_id):
+            log.info("job.claimed", file=claim.source, runs=job.total_runs, recovered=recovered)
+            executor = Executor(
+                job,
+                claim.job_id,
+                gateway=self._gateway,
+                tracker=self._tracker,
+                journal=claim.journal,
+                state=claim.state,
+                run_tag=self.settings.run_tag,
+            )
+            self._executors[claim.job_id] = executor
+            try:
+                await self._execute(claim, executor)
+            except asyncio.CancelledError:
+                claim.release()  # stays in processing/; the next start re-attaches its runs
+                raise
+            except Exception as exc:
+                log.error("job.crashed", error=str(exc), exc_info=exc)
+                self._finish_crashed(claim, exc)
+
+    async def _execute(self, claim: Claim, executor: Executor) -> None:
+        try:
+            prepared = await executor.prepare()
+        except JobRejected as exc:
+            error = exc.with_file(claim.source)
+            target = self.queue.reject_claimed(claim, error)
+            self.counts["rejected"] += 1
+            log.warning(
+                "job.rejected",
+                file=claim.source,
+                reason=error.reason,
+                field=error.field,
+                hint=error.hint,
+                moved_to=str(target),
+            )
+            return
+        outcome = await executor.run(prepared)
+        succeeded = outcome.status is JobStatus.SUCCEEDED
+        target = self.queue.finish(claim, succeeded, outcome.result)
+        self.counts["succeeded" if succeeded else "failed"] += 1
+        log.info("job.finished", status=outcome.status.value, moved_to=str(target))
+
+    def _finish_crashed(self, claim: Claim, exc: Exception) -> None:
+        now = datetime.now(UTC)
+        result = result_document(
+            job_id=claim.job_id,
+            status=JobStatus.FAILED,
+            started_at=now,
+            ended_at=now,
+            records=[],
+            error=str(exc),
+        )
+        target = self.queue.finish(claim, False, result)
+        self.counts["failed"] += 1
+        log.info(
+            "job.finished", status=JobStatus.FAILED.value, moved_to=str(target), error=str(exc)
+        )
+
+    # -- watchdog ----------------------------------------------------------------------------------
+
+    def _spawn_watchdog(self, tg: asyncio.TaskGroup) -> None:
+        interval = self.notifier.watchdog_interval_s
+        if interval is not None:
+            tg.create_task(self._watchdog(interval), name="flowsubmit-watchdog")
+
+    async def _watchdog(self, interval_s: float) -> None:
+        """Ping systemd only while the claim loop makes progress, so a wedged loop gets restarted."""
+        stale_after_s = self.settings.rescan_interval_s * 3 + interval_s
+        while not self._stop.is_set():
+            if time.monotonic() - self._heartbeat < stale_after_s:
+                self.notifier.watchdog()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval_s):
+                    await self._stop.wait()
+
+
+def run_service(queue: Path, settings: Settings) -> None:
+    """Blocking entry point used by the CLI."""
+    asyncio.run(Service(settings.model_copy(update={"queue": queue})).run())

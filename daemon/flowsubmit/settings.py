@@ -1,0 +1,132 @@
+"""The one settings object: flags win over ``FLOWSUBMIT_*`` environment variables, which win over the TOML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the daemon and the library, resolved once at the edge.
+
+    Prefect itself is configured the Prefect way (``PREFECT_API_URL``,
+    ``PREFECT_API_KEY``); nothing here duplicates it.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FLOWSUBMIT_", extra="forbid", frozen=True)
+
+    queue: Path | None = Field(
+        default=None, description="The queue directory (tmp/, incoming/, processing/, ...)."
+    )
+    log_format: Literal["json", "console"] = Field(
+        default="json", description="`json`: one JSON object per line; `console`: for people."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level written to stdout."
+    )
+    run_tag: str = Field(
+        default="flowsubmit",
+        min_length=1,
+        description="Tag put on every run flowsubmit creates; the one event subscription filters on it.",
+    )
+    max_concurrent_jobs: int = Field(default=8, ge=1, description="Jobs the daemon runs at once.")
+    max_inflight_submissions: int = Field(
+        default=2,
+        ge=1,
+        description=(
+            "Create calls in flight to Prefect at once, over all jobs. 2 was the fastest against "
+            "the SQLite-backed server (more in flight only adds 503 'database is locked')."
+        ),
+    )
+    submit_batch_size: int = Field(
+        default=50,
+        ge=1,
+        le=100,
+        description="Runs created per call to Prefect's bulk route (its limit is 100).",
+    )
+    poll_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Polling period while the event stream is down (one batched read per period).",
+    )
+    reconcile_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Period of the batched read that catches anything the event stream lost.",
+    )
+    resubscribe_max_backoff_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest wait between two attempts to reopen the event stream.",
+    )
+    rescan_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Full scan of incoming/ at this period (inotify events are only hints).",
+    )
+    settle_s: float = Field(
+        default=0.5,
+        ge=0,
+        description="A file written straight into incoming/ is judged only once unchanged this long.",
+    )
+    drain_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="On SIGTERM, time allowed to finish journal writes and renames.",
+    )
+    prefect_outage_tolerance_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How long submissions and tracking wait for an unreachable Prefect before the job fails.",
+    )
+    max_job_bytes: int = Field(
+        default=1024 * 1024, ge=1, description="Job files larger than this are rejected unread."
+    )
+    max_runs_per_job: int = Field(
+        default=10_000,
+        ge=1,
+        description="Jobs that expand to more runs are rejected before expanding.",
+    )
+    force_polling: bool = Field(
+        default=False,
+        description="Watch incoming/ by polling instead of inotify (NFS, some bind mounts).",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init) > environment > TOML file; no dotenv, no secrets dir."""
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **flags: Any) -> Self:
+        """Resolve the settings; ``flags`` left at ``None`` do not override anything.
+
+        Raises:
+            FileNotFoundError: ``config_file`` was given and does not exist.
+            pydantic.ValidationError: a value, from any source, is invalid.
+        """
+        given = {name: value for name, value in flags.items() if value is not None}
+        if config_file is None:
+            return cls(**given)
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        config = SettingsConfigDict(**{**cls.model_config, "toml_file": config_file})
+        bound = type(cls.__name__, (cls,), {"model_config": config})
+        return bound(**given)  # type: ignore[no-any-return]

@@ -1,0 +1,43 @@
+"""Watches ``incoming/``: inotify events as hints, and a full rescan on every timeout."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from watchfiles import BaseFilter, Change, awatch
+
+__all__ = ["JobFileFilter", "wakeups"]
+
+
+class JobFileFilter(BaseFilter):
+    """Only ``*.json`` files; dotfiles, ``*.tmp`` and ``*.part`` are ignored."""
+
+    ignore_entity_patterns = (r"^\.", r"\.tmp$", r"\.part$")
+
+    def __call__(self, change: Change, path: str) -> bool:
+        return path.endswith(".json") and super().__call__(change, path)
+
+
+async def wakeups(
+    folder: Path, *, stop: asyncio.Event, rescan_interval_s: float, force_polling: bool = False
+) -> AsyncIterator[None]:
+    """Yield once at start, then on every batch of file events and every ``rescan_interval_s``.
+
+    Each yield means "scan the folder now": events are only hints (NFS and bind mounts
+    give none), the scan and the rename claim are the truth. Ends when ``stop`` is set.
+    """
+    yield None
+    async for _ in awatch(
+        folder,
+        watch_filter=JobFileFilter(),
+        stop_event=stop,
+        yield_on_timeout=True,
+        rust_timeout=max(1, int(rescan_interval_s * 1000)),
+        force_polling=force_polling,
+        poll_delay_ms=max(50, int(rescan_interval_s * 1000)),
+        debounce=50,
+        step=10,
+    ):
+        yield None
