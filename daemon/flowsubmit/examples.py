@@ -25,34 +25,15 @@ def process_table_etl(
 
 
 def main() -> None:
-    """Serve the example deployment and signal readiness through ``$FLOWSUBMIT_READY_FILE``."""
+    """Serve the example deployment; write ``$FLOWSUBMIT_READY_FILE`` once it exists on the server."""
     deployment = cast(
         RunnerDeployment, process_table_etl.to_deployment(name="process-table-etl-deployment")
     )
+    deployment.apply()
     ready = os.environ.get("FLOWSUBMIT_READY_FILE")
     if ready:
-        # serve() blocks; the deployment exists once to_deployment has been applied by serve,
-        # so the readiness file is written from the runner's startup hook below.
-        _ready_after_apply(Path(ready))
+        Path(ready).write_text("READY")
     serve(deployment, limit=int(os.environ.get("FLOWSUBMIT_SERVE_LIMIT", "8")))
-
-
-def _ready_after_apply(ready: Path) -> None:
-    import threading
-
-    from prefect.client.orchestration import get_client
-
-    def poll() -> None:
-        with get_client(sync_client=True) as client:
-            while True:
-                try:
-                    client.read_deployment_by_name("process-table-etl/process-table-etl-deployment")
-                    ready.write_text("READY")
-                    return
-                except Exception:
-                    time.sleep(0.2)
-
-    threading.Thread(target=poll, daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from typing import Any, Literal
@@ -35,10 +34,6 @@ def _message_first(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
     return event_dict
 
 
-def _dumps(obj: Any, **kw: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, default=str, **kw)
-
-
 def configure(fmt: Literal["json", "console"] = "json", level: str = "info") -> None:
     """Configure structlog once for the process; called by the CLI and the demo only."""
     shared: list[Processor] = [
@@ -53,7 +48,7 @@ def configure(fmt: Literal["json", "console"] = "json", level: str = "info") -> 
     else:
         renderer = [
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=_dumps),
+            structlog.processors.JSONRenderer(ensure_ascii=False),
         ]
     structlog.configure(
         processors=[*shared, *renderer],

@@ -242,20 +242,22 @@ class Queue:
 
     # -- ending ----------------------------------------------------------------------
 
-    def reject(self, name: str, error: JobRejected, *, folder: Path | None = None) -> Path:
-        """Move a file into ``rejected/`` under a safe name and write ``NAME.error.json`` beside it."""
-        source = (folder or self.incoming) / name
+    def reject(self, name: str, error: JobRejected) -> Path:
+        """Move ``incoming/name`` into ``rejected/`` under a safe name, with ``NAME.error.json`` beside it."""
+        return self._reject(self.incoming / name, name, error)
+
+    def reject_claimed(self, claim: Claim, error: JobRejected) -> Path:
+        """Reject a job already claimed (pre-submit checks failed; no run exists), under its original name."""
+        target = self._reject(claim.path, claim.source, error)
+        self._retire_journal(claim, self.rejected, target.name.removesuffix(".json"))
+        return target
+
+    def _reject(self, source: Path, name: str, error: JobRejected) -> Path:
         target_name = unique_name(self.rejected, safe_name(name))
         atomic_write(self.rejected / f"{target_name}.error.json", _json(error.as_dict()))
         os.rename(source, self.rejected / target_name)
         fsync_dir(self.rejected)
         return self.rejected / target_name
-
-    def reject_claimed(self, claim: Claim, error: JobRejected) -> Path:
-        """Reject a job that was already claimed (pre-submit checks failed); no run exists."""
-        target = self.reject(claim.path.name, error, folder=self.processing)
-        self._retire_journal(claim, self.rejected, target.name.removesuffix(".json"))
-        return target
 
     def finish(self, claim: Claim, succeeded: bool, result: dict[str, Any]) -> Path:
         """Write the result, then move the job to ``done/`` or ``failed/`` (the commit point)."""

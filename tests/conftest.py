@@ -1,0 +1,155 @@
+"""Session fixtures: one real Prefect server on 127.0.0.1 (SQLite in a temp dir) and real served flows.
+
+The environment is set before anything imports Prefect, whose settings are read at import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowsubmit.localserver import LocalServer, free_port, prefect_env, served_flows
+
+_HOME = Path(tempfile.mkdtemp(prefix="flowsubmit-tests-"))
+_PORT = free_port()
+os.environ.update(prefect_env(_HOME, f"http://127.0.0.1:{_PORT}/api"))
+for _name in [n for n in os.environ if n.startswith("FLOWSUBMIT_")]:
+    del os.environ[_name]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[LocalServer]:
+    """A real Prefect server for the whole session, stopped by PID at the end."""
+    server = LocalServer(home=_HOME, port=_PORT)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def served(prefect_server: LocalServer) -> Iterator[LocalServer]:
+    """The test flows of ``tests/flows.py``, served by ``flow.serve`` in a subprocess."""
+    with served_flows(prefect_server, "tests.flows", log_file=_HOME / "served.log"):
+        yield prefect_server
+
+
+@dataclass
+class Daemon:
+    """A ``flowsubmit run`` subprocess and its JSON log."""
+
+    queue: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    stopped: bool = field(default=False)
+
+    def lines(self) -> list[dict[str, Any]]:
+        """Every stdout line, parsed as JSON (a line that is not JSON fails the test)."""
+        text = self.log_path.read_text()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Log lines whose ``event`` is ``name``."""
+        return [line for line in self.lines() if line.get("event") == name]
+
+    def wait_for(
+        self, predicate: Callable[[], Any], timeout_s: float = 90.0, what: str = "condition"
+    ) -> Any:
+        """Poll ``predicate`` until it returns something truthy; fail on timeout or daemon exit."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited with {self.process.returncode} waiting for {what}:\n{self.log_path.read_text()[-4000:]}"
+                )
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log_path.read_text()[-4000:]}")
+
+    def wait_for_event(
+        self, name: str, count: int = 1, timeout_s: float = 90.0
+    ) -> list[dict[str, Any]]:
+        """Wait until ``count`` lines with event ``name`` were logged."""
+        return self.wait_for(
+            lambda: (found := self.events(name)) and len(found) >= count and found, timeout_s, name
+        )  # type: ignore[no-any-return]
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, wait, and return the exit code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout_s)
+        self.stopped = True
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_daemon(served: LocalServer, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Factory: start ``flowsubmit run`` on a queue (``tmp_path/queue`` by default); stopped afterwards."""
+    daemons: list[Daemon] = []
+
+    def start(queue: Path | None = None, **settings: str) -> Daemon:
+        queue = queue or tmp_path / "queue"
+        log_path = tmp_path / f"daemon-{len(daemons)}.log"
+        env = served.env(
+            **{
+                f"FLOWSUBMIT_{k.upper()}": str(v)
+                for k, v in {"poll_interval_s": 1, "rescan_interval_s": 0.5, **settings}.items()
+            }
+        )
+        with open(log_path, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "flowsubmit.cli", "run", "--queue", str(queue)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+            )
+        daemon = Daemon(queue, process, log_path)
+        daemons.append(daemon)
+        daemon.wait_for_event("service.ready")
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+
+
+def enqueue(queue: Path, job: dict[str, Any] | bytes, *, env: dict[str, str] | None = None) -> str:
+    """``flowsubmit enqueue`` a job (as a subprocess, the way producers do); return its id."""
+    data = job if isinstance(job, bytes) else json.dumps(job).encode()
+    done = subprocess.run(
+        [sys.executable, "-m", "flowsubmit.cli", "enqueue", "--queue", str(queue), "-"],
+        input=data,
+        capture_output=True,
+        check=True,
+        cwd=ROOT,
+        env=env,
+    )
+    return done.stdout.decode().strip()
+
+
+def result_of(queue: Path, job_id: str) -> tuple[str, dict[str, Any]] | None:
+    """(folder, result) once the job is in ``done/`` or ``failed/``, else ``None``."""
+    for folder in ("done", "failed"):
+        if (queue / folder / f"{job_id}.json").exists():
+            return folder, json.loads((queue / folder / f"{job_id}.result.json").read_text())
+    return None
