@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint mypy format bench all clean
+.PHONY: install demo test lint mypy format bench config all clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ mypy: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/tracking.py
+
+config: $(STAMP)
+	$(BIN)/python -c "import sys; from flowsubmit.settings import example_toml; sys.stdout.write(example_toml())" > config/flowsubmit.toml
+	$(BIN)/flowsubmit schema > config/job.schema.json
 
 all: lint mypy test
 

@@ -13,7 +13,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "example_toml"]
 
 
 class Settings(BaseSettings):
@@ -130,3 +130,29 @@ class Settings(BaseSettings):
         config = SettingsConfigDict(**{**cls.model_config, "toml_file": config_file})
         bound = type(cls.__name__, (cls,), {"model_config": config})
         return bound(**given)  # type: ignore[no-any-return]
+
+
+def example_toml() -> str:
+    """``config/flowsubmit.toml``: every setting with its description and default."""
+    lines = [
+        "# flowsubmit settings. Every key is optional; shown here with its default.",
+        "# Precedence: command-line flags > FLOWSUBMIT_<NAME> environment variables > this file.",
+        "# Prefect is configured the Prefect way (PREFECT_API_URL, PREFECT_API_KEY), not here.",
+        "",
+    ]
+    for name, field in Settings.model_fields.items():
+        lines.append(f"# {field.description}")
+        if field.default is None:
+            lines.append(f'# {name} = "/var/spool/flowsubmit"')
+        else:
+            lines.append(f"{name} = {_toml_value(field.default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)

@@ -1,0 +1,78 @@
+"""Generated and documented artefacts stay in step with the code (no server)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from flowsubmit.jobs import job_schema
+from flowsubmit.settings import Settings, example_toml
+from tests.logscan import logged_events
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _logs_table() -> dict[str, str]:
+    rows: dict[str, str] = {}
+    for line in (ROOT / "docs" / "logs.md").read_text().splitlines():
+        match = re.match(r"\| `([a-z_]+\.[a-z_.]+)` \|", line)
+        if match:
+            rows[match.group(1)] = line
+    return rows
+
+
+def test_every_logged_event_and_key_is_documented() -> None:
+    """docs/logs.md has a row for every event the package logs, naming each of its keys."""
+    rows = _logs_table()
+    missing = {
+        event: sorted(key for key in keys if f"`{key}`" not in rows.get(event, ""))
+        for event, keys in logged_events().items()
+    }
+    assert {event: keys for event, keys in missing.items() if event not in rows or keys} == {}
+
+
+def test_documented_events_exist() -> None:
+    """docs/logs.md lists no event the package no longer logs."""
+    assert sorted(set(_logs_table()) - set(logged_events())) == []
+
+
+def test_job_schema_file_is_generated_from_the_model() -> None:
+    """config/job.schema.json equals the model's schema (regenerate: flowsubmit schema > config/job.schema.json)."""
+    assert json.loads((ROOT / "config" / "job.schema.json").read_text()) == job_schema()
+
+
+def test_settings_file_lists_every_setting_with_its_default() -> None:
+    """config/flowsubmit.toml is the generated example (regenerate: make config) and loads as the defaults."""
+    assert (ROOT / "config" / "flowsubmit.toml").read_text() == example_toml()
+    assert (
+        Settings.load(ROOT / "config" / "flowsubmit.toml").model_dump() == Settings().model_dump()
+    )
+    assert all(field.description for field in Settings.model_fields.values())
+
+
+def test_dockerfile_runs_the_daemon_unprivileged_with_the_queue_as_a_volume() -> None:
+    """The image uses a slim base, a non-root user, exec-form run command, a queue volume and SIGTERM."""
+    text = (ROOT / "Dockerfile").read_text()
+    instructions = [
+        line.split(None, 1)
+        for line in text.splitlines()
+        if line and not line.startswith(("#", " "))
+    ]
+    by_name = {name: rest for name, *rest_list in instructions for rest in rest_list}
+    assert re.fullmatch(r"python:3\.1[1-9]-slim", by_name["FROM"])
+    assert by_name["USER"].split(":")[0] not in ("root", "0")
+    assert json.loads(by_name["ENTRYPOINT"]) == [
+        "flowsubmit",
+        "run",
+        "--queue",
+        "/var/spool/flowsubmit",
+    ]
+    assert json.loads(by_name["VOLUME"]) == ["/var/spool/flowsubmit"]
+    assert by_name["STOPSIGNAL"] == "SIGTERM"
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    """A new user meets `make demo` and `make test` before anything else."""
+    head = (ROOT / "README.md").read_text()[:1500]
+    assert "make demo" in head and "make test" in head
