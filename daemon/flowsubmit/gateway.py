@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Self
@@ -37,7 +38,7 @@ from prefect.utilities.schema_tools.validation import (
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
 from tenacity.wait import wait_exponential_jitter
 
-from flowsubmit._types import Deployment, RunRequest, RunSnapshot
+from flowsubmit._types import FINAL_STATE_TYPES, Deployment, RunRequest, RunSnapshot
 from flowsubmit.errors import ClosedError, PermanentGatewayError, TransientGatewayError
 
 __all__ = ["READ_BATCH", "Gateway", "parameter_problem"]
@@ -48,6 +49,9 @@ log = structlog.get_logger("flowsubmit.gateway")
 READ_BATCH = 200
 _BULK_PATH = "/deployments/{id}/create_flow_run/bulk"
 _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_TRANSIENT_DB_ERROR = re.compile(
+    r"database is locked|OperationalError|deadlock|could not serialize|timed? ?out", re.I
+)
 
 
 @contextlib.contextmanager
@@ -256,19 +260,36 @@ class Gateway:
     async def _create_batch(
         self, deployment: Deployment, requests: list[RunRequest]
     ) -> list[str | Exception]:
-        """One bulk call (or single creates where the server has no bulk route), with retries."""
+        """Create a batch, retrying only the items that failed transiently (keys make it safe)."""
+        done: dict[int, str | Exception] = {}
         async with self._slots:
             async for attempt in self._retrying("create_flow_runs", deployment.name):
                 with attempt, _translate_errors("create flow runs", deployment.name):
-                    if self._bulk:
-                        try:
-                            return await self._bulk_create(deployment, requests)
-                        except httpx.HTTPStatusError as exc:
-                            if exc.response.status_code not in (404, 405):
-                                raise
-                            self._bulk = False  # a server older than the bulk route
-                    return [await self._single_create(deployment, r) for r in requests]
-        raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
+                    todo = [i for i in range(len(requests)) if i not in done]
+                    outcome = await self._create_some(deployment, [requests[i] for i in todo])
+                    again = [
+                        i
+                        for i, r in zip(todo, outcome, strict=True)
+                        if isinstance(r, TransientGatewayError)
+                    ]
+                    done.update(
+                        (i, r) for i, r in zip(todo, outcome, strict=True) if i not in again
+                    )
+                    if again:
+                        raise outcome[todo.index(again[0])]
+        return [done[i] for i in range(len(requests))]
+
+    async def _create_some(
+        self, deployment: Deployment, requests: list[RunRequest]
+    ) -> list[str | Exception]:
+        if self._bulk:
+            try:
+                return await self._bulk_create(deployment, requests)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code not in (404, 405):
+                    raise
+                self._bulk = False  # a server older than the bulk route
+        return [await self._single_create(deployment, r) for r in requests]
 
     async def _bulk_create(
         self, deployment: Deployment, requests: list[RunRequest]
@@ -281,17 +302,7 @@ class Gateway:
             json=body,
         )
         response.raise_for_status()
-        results: list[str | Exception] = []
-        for item in response.json()["results"]:
-            if item.get("status") == "CREATED" and item.get("flow_run_id"):
-                results.append(str(item["flow_run_id"]))
-            else:
-                results.append(
-                    PermanentGatewayError(
-                        f"Prefect refused the run: {item.get('error')}", operation="create_flow_run"
-                    )
-                )
-        return results
+        return [_bulk_item(item) for item in response.json()["results"]]
 
     async def _single_create(self, deployment: Deployment, request: RunRequest) -> str:
         run = await self.client.create_flow_run_from_deployment(
@@ -342,7 +353,19 @@ class Gateway:
             filter=event_filter, reconnection_attempts=self.reconnection_attempts
         )
         with _translate_errors("open event stream"):
-            await subscriber.__aenter__()
+            try:
+                await subscriber.__aenter__()
+            except (httpx.HTTPError, OSError, TimeoutError):
+                raise
+            except Exception as exc:
+                # A refused handshake (websockets' InvalidStatus/InvalidMessage while the
+                # server restarts), ConnectionClosed after the subscriber's own retries, or
+                # an auth failure: none is an OSError, and each must put the tracker into
+                # polling rather than kill its stream task.
+                raise TransientGatewayError(
+                    f"open event stream: {type(exc).__name__}: {exc}",
+                    operation="open event stream",
+                ) from exc
         try:
             yield _snapshots(subscriber)
         finally:
@@ -402,6 +425,16 @@ class _CreateBatcher:
                 future.set_result(result)
 
 
+def _bulk_item(item: dict[str, Any]) -> str | Exception:
+    """One result of the bulk route. The route reports every per-run exception as FAILED,
+    database contention ("database is locked") included: that one is transient."""
+    if item.get("status") == "CREATED" and item.get("flow_run_id"):
+        return str(item["flow_run_id"])
+    error = str(item.get("error"))
+    cls = TransientGatewayError if _TRANSIENT_DB_ERROR.search(error) else PermanentGatewayError
+    return cls(f"create flow run: Prefect refused it: {error[:300]}", operation="create_flow_run")
+
+
 def _create_body(request: RunRequest) -> dict[str, Any]:
     create = DeploymentFlowRunCreate(
         parameters=request.parameters,
@@ -426,6 +459,7 @@ def _snapshot_from_run(run: FlowRun) -> RunSnapshot:
         start_time=run.start_time,
         end_time=run.end_time,
         source="poll",
+        occurred=state.timestamp if state else None,
     )
 
 
@@ -436,7 +470,7 @@ def snapshot_from_event(event: Event) -> RunSnapshot | None:
     run_id = resource.id.removeprefix("prefect.flow-run.")
     if not state_type or run_id == resource.id:
         return None
-    final = state_type in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+    final = state_type in FINAL_STATE_TYPES
     return RunSnapshot(
         flow_run_id=run_id,
         state_type=state_type,
@@ -446,6 +480,7 @@ def snapshot_from_event(event: Event) -> RunSnapshot | None:
         start_time=event.occurred if state_type == "RUNNING" else None,
         end_time=event.occurred if final else None,
         source="event",
+        occurred=event.occurred,
     )
 
 

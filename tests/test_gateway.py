@@ -1,0 +1,82 @@
+"""The gateway against the real server: idempotent creates, bulk batching, error translation."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flowsubmit._types import RunRequest
+from flowsubmit.errors import PermanentGatewayError, TransientGatewayError
+from flowsubmit.executor import idempotency_key
+from flowsubmit.gateway import Gateway
+from flowsubmit.localserver import LocalServer, free_port
+from tests.flows import DRIVEN
+
+pytestmark = pytest.mark.usefixtures("served")
+
+
+async def _runs_tagged(tag: str) -> list[str]:
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
+        )
+    return [str(r.id) for r in runs]
+
+
+async def test_same_job_index_and_attempt_twice_creates_one_run(served: LocalServer) -> None:
+    """Submitting the same (job id, stage, index, attempt) again, in turn or at once, returns the first run."""
+    tag = f"idem-{uuid.uuid4().hex[:8]}"
+    async with Gateway() as gateway:
+        deployment = await gateway.resolve_deployment(DRIVEN)
+        request = RunRequest(
+            idempotency_key(deployment.id, tag, 0, 0, 0), {"table": 1}, tags=(tag,)
+        )
+        first = await gateway.create_run(deployment, request)
+        again = await gateway.create_run(deployment, request)
+        concurrent = await asyncio.gather(
+            *(gateway.create_run(deployment, request) for _ in range(5))
+        )
+        changed = await gateway.create_run(
+            deployment, RunRequest(request.idempotency_key, {"table": 2}, tags=(tag,))
+        )
+    assert {again, *concurrent, changed} == {first}
+    assert await _runs_tagged(tag) == [first]
+
+
+async def test_concurrent_creates_go_out_in_bulk(served: LocalServer) -> None:
+    """Thirty creates issued together become one bulk call (batch size 50) and thirty distinct runs."""
+    tag = f"bulk-{uuid.uuid4().hex[:8]}"
+    async with Gateway() as gateway:
+        deployment = await gateway.resolve_deployment(DRIVEN)
+        requests = [
+            RunRequest(idempotency_key(deployment.id, tag, 0, i, 0), {"table": i}, tags=(tag,))
+            for i in range(30)
+        ]
+        ids = await asyncio.gather(*(gateway.create_run(deployment, r) for r in requests))
+        bulk_calls = gateway.requests[f"POST /deployments/{deployment.id}/create_flow_run/bulk"]
+    assert len(set(ids)) == 30
+    assert bulk_calls == 1
+    assert sorted(await _runs_tagged(tag)) == sorted(ids)
+
+
+async def test_unknown_deployment_is_a_permanent_error_that_says_so(served: LocalServer) -> None:
+    """An unknown deployment raises PermanentGatewayError naming it (Prefect's own error prints as 'None')."""
+    async with Gateway() as gateway:
+        with pytest.raises(PermanentGatewayError) as info:
+            await gateway.resolve_deployment("no-such-flow/no-such-deployment")
+    assert "'no-such-flow/no-such-deployment'" in str(info.value)
+    assert "404" in str(info.value)
+
+
+async def test_unreachable_prefect_is_transient_and_bounded_by_the_tolerance() -> None:
+    """With nothing listening, calls fail as TransientGatewayError once the outage tolerance is spent."""
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
+        async with Gateway(outage_tolerance_s=1.0) as gateway:
+            with pytest.raises(TransientGatewayError, match="Prefect unreachable"):
+                await gateway.resolve_deployment(DRIVEN)
+            assert await gateway.healthy() is False
