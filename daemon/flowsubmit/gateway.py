@@ -267,16 +267,14 @@ class Gateway:
                 with attempt, _translate_errors("create flow runs", deployment.name):
                     todo = [i for i in range(len(requests)) if i not in done]
                     outcome = await self._create_some(deployment, [requests[i] for i in todo])
-                    again = [
-                        i
-                        for i, r in zip(todo, outcome, strict=True)
-                        if isinstance(r, TransientGatewayError)
-                    ]
+                    transient = [r for r in outcome if isinstance(r, TransientGatewayError)]
                     done.update(
-                        (i, r) for i, r in zip(todo, outcome, strict=True) if i not in again
+                        (i, r)
+                        for i, r in zip(todo, outcome, strict=True)
+                        if not isinstance(r, TransientGatewayError)
                     )
-                    if again:
-                        raise outcome[todo.index(again[0])]
+                    if transient:
+                        raise transient[0]
         return [done[i] for i in range(len(requests))]
 
     async def _create_some(
