@@ -163,30 +163,32 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from flowsubmit.journal import replay
 
     queue = Queue(args.queue)
-    counts = {
-        f: len(list((args.queue / f).glob("*.json")))
-        - len(list((args.queue / f).glob("*.result.json")))
-        for f in FOLDERS
-        if (args.queue / f).is_dir()
-    }
-    counts["rejected"] = (
-        counts.get("rejected", 0) - len(list(queue.rejected.glob("*.error.json")))
-        if queue.rejected.is_dir()
-        else 0
-    )
-    print(json.dumps({"folders": counts}, indent=None))
-    for path in sorted(queue.processing.glob("*.json")) if queue.processing.is_dir() else []:
+    if not queue.incoming.is_dir():
+        print(f"flowsubmit status: {args.queue} is not a queue directory", file=sys.stderr)
+        return EXIT_ERROR
+    counts = {folder: len(_job_files(args.queue / folder)) for folder in FOLDERS if folder != "tmp"}
+    print("  ".join(f"{folder}: {n}" for folder, n in counts.items()))
+    for path in _job_files(queue.processing):
         state = replay(path.with_suffix(".journal"))
+        try:
+            total: int | str = parse_job(path.read_bytes(), max_runs=10**9).total_runs
+        except JobRejected:
+            total = "?"
         print(
-            json.dumps(
-                {
-                    "job_id": path.stem,
-                    "runs_created": len(state.created),
-                    "runs_finished": len(state.finals),
-                }
-            )
+            f"  {path.stem}: {len(state.finals)}/{total} runs finished, {len(state.created)} created"
         )
     return EXIT_OK
+
+
+def _job_files(folder: Path) -> list[Path]:
+    """Job files of a folder: ``*.json`` but not results, error reports or hidden files."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.glob("*.json")
+        if not p.name.startswith(".") and not p.name.endswith((".result.json", ".error.json"))
+    )
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:

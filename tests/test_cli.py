@@ -1,0 +1,97 @@
+"""The command line without a daemon: validate, enqueue, status, cancel, schema (no server)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flowsubmit.cli import main
+from flowsubmit.jobs import job_schema
+
+JOB = {
+    "deployment": "etl/etl-deployment",
+    "runs": [{"parameters": {"table": 1}}],
+    "matrix": {"table": [2, 3]},
+}
+
+
+def test_validate_accepts_a_good_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A valid job exits 0 and says how many runs it makes."""
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(JOB))
+    assert main(["validate", str(path)]) == 0
+    assert capsys.readouterr().out == f"ok: {path}: 3 runs\n"
+
+
+def test_validate_names_the_file_field_and_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An invalid job exits 2 with one line naming the file, the field and what is wrong."""
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({**JOB, "max_concurency": 3}))
+    assert main(["validate", str(path)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"invalid: {path}: field 'max_concurency': unknown key (did you mean 'max_concurrency'?)\n"
+    )
+
+
+def test_enqueue_drops_atomically_and_prints_the_id_the_daemon_will_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """enqueue writes the job into incoming/ (via tmp/), with the printed id inside it."""
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(JOB))
+    queue = tmp_path / "queue"
+    assert main(["enqueue", "--queue", str(queue), str(path)]) == 0
+    job_id = capsys.readouterr().out.strip()
+    assert job_id.startswith("job-")
+    (dropped,) = (queue / "incoming").iterdir()
+    assert dropped.name == f"{job_id}.json"
+    assert json.loads(dropped.read_text()) == {"id": job_id, **JOB}
+    assert list((queue / "tmp").iterdir()) == []
+
+
+def test_enqueue_keeps_an_explicit_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A job with `id` is dropped as is, under that id."""
+    path = tmp_path / "job.json"
+    path.write_bytes(json.dumps({"id": "nightly-1", **JOB}).encode())
+    assert main(["enqueue", "--queue", str(tmp_path / "q"), str(path)]) == 0
+    assert capsys.readouterr().out == "nightly-1\n"
+    assert (tmp_path / "q" / "incoming" / "nightly-1.json").read_bytes() == path.read_bytes()
+
+
+def test_status_counts_jobs_per_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """status counts job files only, not results or error reports, and shows progress in processing/."""
+    queue = tmp_path / "q"
+    for folder in ("tmp", "incoming", "processing", "done", "failed", "rejected"):
+        (queue / folder).mkdir(parents=True)
+    (queue / "incoming" / "a.json").write_text(json.dumps(JOB))
+    (queue / "done" / "b.json").write_text(json.dumps(JOB))
+    (queue / "done" / "b.result.json").write_text("{}")
+    (queue / "processing" / "c.json").write_text(json.dumps(JOB))
+    (queue / "processing" / "c.journal").write_text(
+        '{"rec":"created","stage":0,"index":0,"attempt":0,"flow_run_id":"r"}\n'
+    )
+    assert main(["status", "--queue", str(queue)]) == 0
+    assert capsys.readouterr().out == (
+        "incoming: 1  processing: 1  done: 1  failed: 0  rejected: 0\n  c: 0/3 runs finished, 1 created\n"
+    )
+
+
+def test_cancel_writes_a_request_for_a_running_job(tmp_path: Path) -> None:
+    """cancel leaves processing/JOB.cancel for the daemon; an unknown job is an error."""
+    queue = tmp_path / "q"
+    (queue / "processing").mkdir(parents=True)
+    (queue / "processing" / "j1.json").write_text("{}")
+    assert main(["cancel", "--queue", str(queue), "j1"]) == 0
+    assert (queue / "processing" / "j1.cancel").exists()
+    assert main(["cancel", "--queue", str(queue), "nope"]) == 1
+
+
+def test_schema_prints_the_job_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    """schema prints exactly the generated JSON Schema."""
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == job_schema()
