@@ -430,7 +430,10 @@ def _bulk_item(item: dict[str, Any]) -> str | Exception:
         return str(item["flow_run_id"])
     error = str(item.get("error"))
     cls = TransientGatewayError if _TRANSIENT_DB_ERROR.search(error) else PermanentGatewayError
-    return cls(f"create flow run: Prefect refused it: {error[:300]}", operation="create_flow_run")
+    first_line = error.strip().splitlines()[0] if error.strip() else "no reason given"
+    return cls(
+        f"create flow run: Prefect refused it: {first_line[:300]}", operation="create_flow_run"
+    )
 
 
 def _create_body(request: RunRequest) -> dict[str, Any]:
