@@ -18,6 +18,8 @@ SLEEPER = "sleeper/sleeper-deployment"
 TIMEOUT = "times-out/times-out-deployment"
 #: Registered but never served: its runs stay Scheduled unless a test drives them.
 DRIVEN = "driven/driven-deployment"
+#: Registered but never served; its parameters are named like secrets (redaction tests drive it).
+VAULT = "vault/vault-deployment"
 
 
 @flow(name="sleeper")
@@ -39,6 +41,12 @@ def driven(table: int = 0, note: str = "") -> int:
     return table
 
 
+@flow(name="vault")
+def vault(password: str = "", token: str = "", api_key: str = "", table: int = 0) -> int:
+    """Never executed: takes parameters named like secrets, which must never leak."""
+    return table
+
+
 def _deployment(f: object, name: str) -> RunnerDeployment:
     return cast(RunnerDeployment, f.to_deployment(name=name))  # type: ignore[attr-defined]
 
@@ -47,6 +55,7 @@ def main() -> None:
     """Register the driven deployment, then serve the others; signal readiness by a file."""
     driven_deployment = _deployment(driven, "driven-deployment")
     driven_deployment.apply()
+    _deployment(vault, "vault-deployment").apply()
     deployments = [
         _deployment(process_table_etl, "process-table-etl-deployment"),
         _deployment(sleeper, "sleeper-deployment"),

@@ -94,13 +94,9 @@ def test_matrix_explosion_is_refused_before_expanding() -> None:
     [
         (b'{"deployment": ', None, "not valid JSON: Expecting value at line 1 column 16"),
         (_job(runz=[{}]), "runz", "unknown key"),
-        (b'{"runs": [{}]}', None, "missing: give `deployment` (flow-name/deployment-name)"),
-        (
-            _job(),
-            None,
-            'the job has no runs: give `runs` or `matrix` (`"runs": [{}]` is one run with the defaults)',
-        ),
-        (_job(runs=[{}], retries=-1), "retries", "Input should be greater than or equal to 0"),
+        (b'{"runs": [{}]}', "deployment", "is missing: a job names the deployment to run"),
+        (_job(), "runs", "the job has no runs: give `runs` or `matrix`"),
+        (_job(runs=[{}], retries=-1), "retries", "must be at least 0, not -1"),
         (b"[1, 2]", None, "a job must be a JSON object, not a JSON array"),
     ],
 )

@@ -40,6 +40,7 @@ from tenacity.wait import wait_exponential_jitter
 
 from flowsubmit._types import FINAL_STATE_TYPES, Deployment, RunRequest, RunSnapshot
 from flowsubmit.errors import ClosedError, PermanentGatewayError, TransientGatewayError
+from flowsubmit.redaction import mentions_secret
 
 __all__ = ["READ_BATCH", "Gateway", "parameter_problem"]
 
@@ -143,6 +144,10 @@ def parameter_problem(
         cause = exc.__cause__
         path = ".".join(str(p) for p in getattr(cause, "path", ())) or None
         reason = getattr(cause, "message", None) or str(exc)
+        if mentions_secret(getattr(cause, "path", ()), getattr(cause, "instance", None)):
+            # jsonschema's message echoes the value: never for a secret (#6).
+            rule = f"{getattr(cause, 'validator', '?')}={getattr(cause, 'validator_value', '?')!r}"
+            reason = f"the value does not fit the rule {rule} (not shown: it looks like a secret)"
         return f"the deployment's parameter schema rejects it: {reason}", path
     except CircularSchemaRefError:
         return None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,8 +27,34 @@ __all__ = [
 #: JSON nesting deeper than this is refused before parsing (a parser bomb costs nothing).
 MAX_NESTING = 32
 
+#: Integers longer than this are refused (Python's own int-from-text limit is 4300 digits).
+MAX_DIGITS = 4300
+
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 DEPLOYMENT_PATTERN = r"^[^/\s][^/]*/[^/\s][^/]*$"
+
+_ID_RULE = (
+    "an id is 1 to 128 characters: letters A-Z a-z, digits, '.', '_' and '-', "
+    "starting with a letter or a digit"
+)
+_DEPLOYMENT_HINT = "`prefect deployment ls` lists the deployments"
+_OTHER_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+_NOT_A_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+|"')
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB]")
+
+
+class _FieldProblem(ValueError):
+    """Raised by the model's validators: a plain sentence, the field it is about, and a hint."""
+
+    def __init__(self, reason: str, field: str, hint: str | None = None) -> None:
+        super().__init__(reason)
+        self.field = field
+        self.hint = hint
 
 
 class _Strict(BaseModel):
@@ -90,7 +118,9 @@ class Stage(_Strict):
     def _matrix_lists_not_empty(cls, matrix: dict[str, list[Any]]) -> dict[str, list[Any]]:
         for key, values in matrix.items():
             if not values:
-                raise ValueError(f"matrix list {key!r} is empty, so the product would have no runs")
+                raise _FieldProblem(
+                    "is an empty list, so the matrix would have no runs", field=f"matrix.{key}"
+                )
         return matrix
 
     @property
@@ -168,19 +198,34 @@ class Job(Stage):
     def _has_runs(self) -> Job:
         if self.stages is None:
             if not self.deployment:
-                raise ValueError("missing: give `deployment` (flow-name/deployment-name)")
+                raise _FieldProblem(
+                    "is missing: a job names the deployment to run",
+                    field="deployment",
+                    hint=f"`flow-name/deployment-name`; {_DEPLOYMENT_HINT}",
+                )
             if self.run_count == 0:
-                raise ValueError(
-                    'the job has no runs: give `runs` or `matrix` (`"runs": [{}]` is one run with the defaults)'
+                raise _FieldProblem(
+                    "the job has no runs: give `runs` or `matrix`",
+                    field="runs",
+                    hint='`"runs": [{}]` is one run with the default parameters',
                 )
             return self
         if self.runs or self.matrix:
-            raise ValueError("`runs` and `matrix` belong inside each stage when `stages` is given")
+            raise _FieldProblem(
+                "is not allowed at the top level when `stages` is given: put it inside each stage",
+                field="runs" if self.runs else "matrix",
+            )
         for i, stage in enumerate(self.stages):
             if not (stage.deployment or self.deployment):
-                raise ValueError(f"stage {i} has no `deployment` and the job has none either")
+                raise _FieldProblem(
+                    "is missing, and the job has no `deployment` either",
+                    field=f"stages.{i}.deployment",
+                    hint=_DEPLOYMENT_HINT,
+                )
             if stage.run_count == 0:
-                raise ValueError(f"stage {i} has no runs: give `runs` or `matrix`")
+                raise _FieldProblem(
+                    f"stage {i} has no runs: give `runs` or `matrix`", field=f"stages.{i}.runs"
+                )
         return self
 
     def resolved_stages(self) -> list[Stage]:
@@ -233,8 +278,12 @@ def job_schema() -> dict[str, Any]:
 def parse_job(data: bytes, *, file: str = "", max_runs: int = 10_000) -> Job:
     """Parse and validate a job file's bytes.
 
-    Accepts a UTF-8 byte order mark; refuses anything else that is not strict JSON
-    (duplicate keys, NaN, trailing data, nesting deeper than ``MAX_NESTING``).
+    The text must be UTF-8; a leading UTF-8 byte order mark is accepted and ignored
+    (editors on Windows add one), any other byte order mark is refused. Anything that
+    is not strict JSON is refused: duplicate keys, NaN and Infinity, numbers too
+    large to be finite or longer than ``MAX_DIGITS``, lone ``\\uD800``-style escapes,
+    trailing data, nesting deeper than ``MAX_NESTING``. Values are not coerced: the
+    string ``"3"`` is not a number and ``true`` is not ``1``.
 
     Raises:
         JobRejected: naming ``file``, the field and the problem; the only exception.
@@ -250,7 +299,7 @@ def _parse(data: bytes, max_runs: int) -> Job:
     if not isinstance(document, dict):
         raise JobRejected(f"a job must be a JSON object, not a JSON {_json_type(document)}")
     try:
-        job = Job.model_validate(document)
+        job = Job.model_validate(document, strict=True)
     except ValidationError as exc:
         raise _rejection_from(exc) from None
     if job.total_runs > max_runs:
@@ -263,62 +312,121 @@ def _parse(data: bytes, max_runs: int) -> Job:
 
 
 def _load_json(data: bytes) -> Any:
-    if not data.strip():
-        raise JobRejected("the file is empty")
+    text = _decode(data)
+    if not text.strip():
+        raise JobRejected("the file is empty" if not data else "the file holds only whitespace")
+    if _too_deep(text):
+        raise JobRejected(f"JSON nesting is more than {MAX_NESTING} levels deep (the limit)")
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise JobRejected(f"the file is not UTF-8 (bad byte at offset {exc.start})") from None
-    depth = _max_depth(text)
-    if depth > MAX_NESTING:
-        raise JobRejected(
-            f"JSON nesting is {depth} levels deep, more than the limit of {MAX_NESTING}"
+        document = json.loads(
+            text,
+            object_pairs_hook=_no_duplicate_keys,
+            parse_constant=_no_constants,
+            parse_int=_integer,
+            parse_float=_finite_float,
         )
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
+        what = (
+            "unexpected data after the end of the JSON value"
+            if exc.msg == "Extra data"
+            else exc.msg
+        )
         raise JobRejected(
-            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            f"not valid JSON: {what} at line {exc.lineno} column {exc.colno}"
         ) from None
+    if _SURROGATE_ESCAPE.search(text):
+        _refuse_lone_surrogates(document, ())
+    return document
+
+
+def _decode(data: bytes) -> str:
+    for bom, encoding in _OTHER_BOMS:
+        if data.startswith(bom):
+            raise JobRejected(
+                f"the file is {encoding} (it starts with a {encoding} byte order mark)",
+                hint="save it as UTF-8",
+            )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise JobRejected(
+            f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+            hint="save it as UTF-8",
+        ) from None
+
+
+def _too_deep(text: str) -> bool:
+    """True when brackets nest deeper than ``MAX_NESTING`` outside strings; found without parsing.
+
+    Strings and everything else are removed in C, then each pass strips the innermost
+    ``[]`` pairs, so the passes count the depth of matched brackets (stopping past the
+    limit); openers left unmatched add to it, as a parser would descend into them too.
+    """
+    brackets = _NOT_A_BRACKET.sub("", text).translate({ord("{"): "[", ord("}"): "]"})
+    for passes in range(MAX_NESTING + 1):
+        if "[]" not in brackets:
+            return passes + brackets.count("[") > MAX_NESTING
+        brackets = brackets.replace("[]", "")
+    return True
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise JobRejected("duplicate key in a JSON object", field=key)
+            raise JobRejected("appears twice in the same JSON object", field=_short(key))
         seen[key] = value
     return seen
 
 
 def _no_constants(name: str) -> Any:
-    raise JobRejected(f"{name} is not valid JSON")
+    raise JobRejected(
+        f"{name} is not valid JSON", hint="JSON has no NaN or Infinity: use null or a number"
+    )
 
 
-def _max_depth(text: str) -> int:
-    """Deepest bracket nesting outside strings, found in one pass without parsing."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
+def _integer(text: str) -> int:
+    if len(text) > MAX_DIGITS:
+        raise JobRejected(
+            f"a number with {len(text)} digits is too long (the limit is {MAX_DIGITS} digits)"
+        )
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JobRejected(f"the number {_short(text, 40)} is too large to be represented")
+    return value
+
+
+def _refuse_lone_surrogates(value: Any, path: tuple[str, ...]) -> None:
+    """Refuse strings holding half of a UTF-16 pair (``"\\ud800"``): they cannot be written out as UTF-8."""
+    if isinstance(value, str):
+        _check_text(value, path)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_lone_surrogates(item, (*path, str(i)))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, (*path, "<key>"))
+            _refuse_lone_surrogates(item, (*path, key))
+
+
+def _check_text(text: str, path: tuple[str, ...]) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        field = _short(".".join(path).encode("utf-8", "backslashreplace").decode()) or None
+        raise JobRejected(
+            "holds a lone UTF-16 surrogate escape (such as \\ud800), which is not text",
+            field=field,
+        ) from None
 
 
 def _json_type(value: Any) -> str:
     names = {
+        dict: "object",
         list: "array",
         str: "string",
         int: "number",
@@ -329,20 +437,109 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def _short(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}…"
+
+
+def _show(value: Any) -> str:
+    """A given value, as the user wrote it in JSON, shortened: for error messages."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return _short(json.dumps(value, ensure_ascii=True), 60)
+
+
+# Plain sentences for pydantic's error types; each reads after "field 'x': ".
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
+
+
 def _rejection_from(exc: ValidationError) -> JobRejected:
     error = exc.errors()[0]
-    field = ".".join(str(part) for part in error["loc"]) or None
+    field = _short(".".join(str(part) for part in error["loc"])) or None
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, _FieldProblem):
+        return JobRejected(str(cause), field=cause.field, hint=cause.hint)
     if error["type"] == "extra_forbidden":
         return JobRejected("unknown key", field=field, hint=_suggest(error["loc"]))
-    if error["type"] == "missing":
-        return JobRejected("missing required key", field=field)
-    message = error["msg"].removeprefix("Value error, ")
-    return JobRejected(message, field=field)
+    if error["type"] == "string_pattern_mismatch":
+        return _pattern_rejection(str(error["loc"][-1]), error["input"], field)
+    return JobRejected(_sentence(error), field=field)
+
+
+def _sentence(error: Any) -> str:
+    kind, given, ctx = error["type"], error["input"], error.get("ctx", {})
+    if kind in _EXPECTED:
+        return f"must be {_EXPECTED[kind]}, not {_show(given)}"
+    bounds = {
+        "greater_than_equal": ("at least", "ge"),
+        "greater_than": ("more than", "gt"),
+        "less_than_equal": ("at most", "le"),
+        "less_than": ("less than", "lt"),
+    }
+    if kind in bounds:
+        words, key = bounds[kind]
+        bound = ctx[key]
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        return f"must be {words} {bound}, not {_show(given)}"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}, not {_show(given)}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "string_too_long":
+        return f"is {len(given)} characters long, more than the limit of {ctx['max_length']}"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind == "too_long":
+        return f"has {ctx['actual_length']} items, more than the limit of {ctx['max_length']}"
+    if kind == "missing":
+        return "is missing"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _pattern_rejection(name: str, value: str, field: str | None) -> JobRejected:
+    if name == "id":
+        return JobRejected(f"the job id {_id_problem(value)}", field=field, hint=_ID_RULE)
+    return JobRejected(
+        f"must be a flow name and a deployment name joined by one '/', not {_show(value)}",
+        field=field,
+        hint=f"`flow-name/deployment-name`; {_DEPLOYMENT_HINT}",
+    )
+
+
+def _id_problem(value: str) -> str:
+    """What is wrong with an id that does not match ``JOB_ID_PATTERN``, in words."""
+    if not value:
+        return "is empty (leave `id` out to get a fresh one)"
+    if len(value) > 128:
+        return f"is {len(value)} characters long, more than the limit of 128"
+    for char in value:
+        if char in "/\\":
+            return f"contains a path separator {_show(char)}"
+        if ord(char) < 32 or 127 <= ord(char) < 160:
+            return f"contains a control character {_show(char)}"
+    if value in (".", ".."):
+        return f"{_show(value)} names a folder"
+    if not (value[0].isascii() and value[0].isalnum()):
+        return f"starts with {_show(value[0])}"
+    bad = next(c for c in value if not (c.isascii() and (c.isalnum() or c in "._-")))
+    return f"contains {_show(bad)}"
 
 
 def _suggest(loc: tuple[int | str, ...]) -> str | None:
     known = _known_keys(loc[:-1])
-    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    close = difflib.get_close_matches(str(loc[-1])[:200], known, n=1)
     return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
 
 

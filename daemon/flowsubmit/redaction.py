@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["MASK", "is_secret_name", "redact"]
+__all__ = ["MASK", "is_secret_name", "mentions_secret", "redact"]
 
 MASK = "***"
 
@@ -41,3 +41,11 @@ def redact(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact(item) for item in value]
     return value
+
+
+def mentions_secret(path: Iterable[object], value: Any) -> bool:
+    """True when a name on ``path`` is secret-like, or ``value`` holds a secret-like key at any depth.
+
+    An error message that would echo such a value must not be shown as is (#6).
+    """
+    return any(is_secret_name(str(part)) for part in path) or redact(value) != value

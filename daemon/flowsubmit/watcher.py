@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import structlog
 from watchfiles import BaseFilter, Change, awatch
+from watchfiles._rust_notify import WatchfilesRustInternalError
 
 __all__ = ["JobFileFilter", "wakeups"]
+
+log = structlog.get_logger("flowsubmit.watcher")
 
 
 class JobFileFilter(BaseFilter):
@@ -27,17 +32,33 @@ async def wakeups(
 
     Each yield means "scan the folder now": events are only hints (NFS and bind mounts
     give none), the scan and the rename claim are the truth. Ends when ``stop`` is set.
+
+    The watcher fails on a file name that is not UTF-8 (``WatchfilesRustInternalError``);
+    a producer must not be able to stop the daemon that way (#6), so the failure is
+    logged, the folder is scanned (which rejects that file), and watching starts again.
     """
     yield None
-    async for _ in awatch(
-        folder,
-        watch_filter=JobFileFilter(),
-        stop_event=stop,
-        yield_on_timeout=True,
-        rust_timeout=max(1, int(rescan_interval_s * 1000)),
-        force_polling=force_polling,
-        poll_delay_ms=max(50, int(rescan_interval_s * 1000)),
-        debounce=50,
-        step=10,
-    ):
+    while not stop.is_set():
+        failed: str | None = None
+        try:
+            async for _ in awatch(
+                folder,
+                watch_filter=JobFileFilter(),
+                stop_event=stop,
+                yield_on_timeout=True,
+                rust_timeout=max(1, int(rescan_interval_s * 1000)),
+                force_polling=force_polling,
+                poll_delay_ms=max(50, int(rescan_interval_s * 1000)),
+                debounce=50,
+                step=10,
+            ):
+                yield None
+        except* WatchfilesRustInternalError as group:
+            failed = str(group.exceptions[0])
+        if failed is None:
+            return
+        log.warning("watcher.restarted", error=failed, retry_in_s=rescan_interval_s)
         yield None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(rescan_interval_s):
+                await stop.wait()
