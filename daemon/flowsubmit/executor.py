@@ -12,7 +12,7 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from flowsubmit._types import Deployment, GatewayProtocol, JobStatus, RunRequest, RunSnapshot
-from flowsubmit.errors import JobRejected, PermanentGatewayError
+from flowsubmit.errors import JobRejected, PermanentGatewayError, TransientGatewayError
 from flowsubmit.gateway import parameter_problem
 from flowsubmit.jobs import Job, RunSpec, Stage
 from flowsubmit.journal import Journal, JournalState, snapshot_record
@@ -59,6 +59,7 @@ class Executor:
         journal: Journal,
         state: JournalState,
         run_tag: str = "flowsubmit",
+        recovered: bool = False,
     ) -> None:
         self.job = job
         self.job_id = job_id
@@ -70,6 +71,9 @@ class Executor:
         self._records: dict[tuple[int, int], RunRecord] = {}
         self._deadline: asyncio.Timeout | None = None
         self._cancel_requested = False
+        self._abort_reason: str | None = None
+        #: A job resumed after a restart: its runs may have ended while nobody listened.
+        self._recovered = recovered
 
     # -- public ---------------------------------------------------------------------------
 
@@ -82,6 +86,13 @@ class Executor:
     def cancel(self) -> None:
         """Stop the job now: runs still going are cancelled in Prefect, the job ends ``cancelled``."""
         self._cancel_requested = True
+        if self._deadline is not None:
+            self._deadline.reschedule(asyncio.get_running_loop().time())
+
+    def abort(self, reason: str) -> None:
+        """Fail the job now with ``reason`` (Prefect unreachable for too long); runs are left alone."""
+        if self._abort_reason is None:
+            self._abort_reason = reason
         if self._deadline is not None:
             self._deadline.reschedule(asyncio.get_running_loop().time())
 
@@ -124,13 +135,11 @@ class Executor:
         status, error = JobStatus.SUCCEEDED, None
         try:
             async with asyncio.timeout(self.job.timeout) as self._deadline:
-                if self._cancel_requested:
-                    self.cancel()
+                if self._cancel_requested or self._abort_reason is not None:
+                    self._deadline.reschedule(asyncio.get_running_loop().time())
                 status, error = await self._run_stages(prepared)
         except TimeoutError:
-            status = JobStatus.CANCELLED if self._cancel_requested else JobStatus.TIMED_OUT
-            if self._cancel_requested or self.job.on_timeout == "cancel":
-                await self._cancel_unfinished()
+            status, error = await self._interrupted()
         records = list(self._records.values())
         result = result_document(
             job_id=self.job_id,
@@ -152,6 +161,15 @@ class Executor:
             message=summary_line(summary["succeeded"], summary["total"]),
         )
         return JobOutcome(status, result)
+
+    async def _interrupted(self) -> tuple[JobStatus, str | None]:
+        """How a job whose deadline fired ends: aborted, cancelled or timed out."""
+        if self._abort_reason is not None:
+            return JobStatus.FAILED, self._abort_reason  # Prefect is gone: nothing to cancel
+        status = JobStatus.CANCELLED if self._cancel_requested else JobStatus.TIMED_OUT
+        if self._cancel_requested or self.job.on_timeout == "cancel":
+            await self._cancel_unfinished()
+        return status, None
 
     # -- stages -----------------------------------------------------------------------------
 
@@ -212,6 +230,11 @@ class Executor:
                     record.error, record.state_name = str(exc), "NotCreated"
                     log.error("run.refused", index=spec.index, error=str(exc))
                     return
+                except TransientGatewayError as exc:
+                    # The gateway retried for prefect_outage_tolerance_s: the job fails as a whole.
+                    record.error, record.state_name = str(exc), "NotCreated"
+                    self.abort(f"Prefect unreachable beyond prefect_outage_tolerance_s: {exc}")
+                    return
                 record.flow_run_id = run_id
                 snap = await self._final_state(run_id, deployment.name, spec)
                 record.record(snap)
@@ -254,7 +277,10 @@ class Executor:
         known = self._state.finals.get(run_id)
         if known is not None:
             return known
-        snap = await self._tracker.wait(run_id)
+        waiting = asyncio.shield(self._tracker.watch(run_id))
+        if self._recovered:
+            self._tracker.reconcile_soon()  # it may have ended while no daemon listened
+        snap = await waiting
         self._journal.append("final", **snapshot_record(snap))
         self._state.finals[run_id] = snap
         log.info(

@@ -11,6 +11,7 @@ from typing import Any, Self
 
 from flowsubmit._types import RunSnapshot
 from flowsubmit.errors import ClosedError
+from flowsubmit.faults import CrashPoints
 
 __all__ = ["Journal", "JournalState"]
 
@@ -46,17 +47,18 @@ class Journal:
     and asyncio cancellation cannot interrupt one half-way.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, crash: CrashPoints | None = None) -> None:
         self.path = path
+        self._crash = crash or CrashPoints()
         self._fd: int | None = os.open(
             path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640
         )
 
     @classmethod
-    def open(cls, path: Path) -> tuple[Self, JournalState]:
+    def open(cls, path: Path, *, crash: CrashPoints | None = None) -> tuple[Self, JournalState]:
         """Open (or create) the journal at ``path`` and return it with its replayed state."""
         state = replay(path)
-        return cls(path), state
+        return cls(path, crash=crash), state
 
     def append(self, rec: str, **fields: Any) -> None:
         """Append one record and fsync it."""
@@ -65,6 +67,7 @@ class Journal:
         line = json.dumps({"rec": rec, **fields}, default=_default, separators=(",", ":")) + "\n"
         os.write(self._fd, line.encode())
         os.fsync(self._fd)
+        self._crash.passed(rec)  # test-only fault injection; a no-op unless configured
 
     def close(self) -> None:
         """Close the file; idempotent."""

@@ -20,20 +20,11 @@ from pathlib import Path
 from typing import Any, Self
 
 from flowsubmit.errors import ClaimLost, JobRejected
+from flowsubmit.faults import CrashPoints
 from flowsubmit.fsutil import atomic_write, fsync_dir, unique_name
 from flowsubmit.journal import Journal, JournalState
 
-__all__ = [
-    "FOLDERS",
-    "Candidate",
-    "Claim",
-    "JobLock",
-    "Queue",
-    "is_job_name",
-    "new_job_id",
-    "printable_name",
-    "safe_name",
-]
+__all__ = ["FOLDERS", "Candidate", "Claim", "JobLock", "Queue", "is_job_name", "new_job_id"]
 
 FOLDERS = ("tmp", "incoming", "processing", "done", "failed", "rejected")
 _IGNORED = re.compile(r"^\.|\.tmp$|\.part$")
@@ -56,15 +47,6 @@ def safe_name(name: str) -> str:
     return cleaned[:200]
 
 
-def printable_name(name: str) -> str:
-    """``name`` as text that can be written to a log line or a JSON file.
-
-    A file name that is not valid UTF-8 reaches Python with its bad bytes as lone
-    surrogates, which cannot be encoded; they are shown as ``\\xNN`` instead.
-    """
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 @dataclass(frozen=True, slots=True)
 class Candidate:
     """A file seen in ``incoming/``: its name and what ``stat`` said of it."""
@@ -72,7 +54,6 @@ class Candidate:
     name: str
     size: int
     mtime_ns: int
-    ino: int = 0
 
 
 class JobLock:
@@ -132,8 +113,9 @@ class Claim:
 class Queue:
     """Owns the queue directory layout and every move between its folders."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, crash: CrashPoints | None = None) -> None:
         self.root = root
+        self._crash = crash or CrashPoints()  # test-only fault injection (settings.crash_point)
         for name in FOLDERS:
             setattr(self, name, root / name)
         self.tmp: Path
@@ -179,33 +161,22 @@ class Queue:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                found.append(Candidate(entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
+                found.append(Candidate(entry.name, st.st_size, st.st_mtime_ns))
         found.sort(key=lambda c: (c.mtime_ns, c.name))
         return found
 
     def read(self, name: str, max_bytes: int) -> bytes:
         """Read ``incoming/name`` without following links, refusing what is not a plain, small file.
 
-        ``O_NONBLOCK`` keeps a FIFO with no writer from blocking the open; ``fstat``
-        on the open descriptor then refuses it, so nothing is judged by a name that
-        could be swapped between the check and the read.
-
         Raises:
             ClaimLost: the file vanished (another daemon took it).
-            JobRejected: a symlink, a FIFO, a socket, a directory, a hard link, a file
-                the daemon may not read, or too large.
+            JobRejected: a symlink, a FIFO, a directory, a hard link, or too large.
         """
         path = self.incoming / name
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError as exc:
             raise ClaimLost(name) from exc
-        except PermissionError as exc:
-            raise JobRejected(
-                "the daemon may not read this file (permission denied)",
-                file=name,
-                hint="let the daemon's user or group read it",
-            ) from exc
         except OSError as exc:  # ELOOP: a symlink; ENXIO: a socket
             kind = "a symbolic link" if path.is_symlink() else "not a regular file"
             raise JobRejected(f"{kind}; only regular files are accepted", file=name) from exc
@@ -232,7 +203,8 @@ class Queue:
             except FileNotFoundError as exc:
                 raise ClaimLost(name) from exc
             fsync_dir(self.processing)
-            journal, state = Journal.open(self.processing / f"{job_id}.journal")
+            self._crash.passed("claim.renamed")
+            journal, state = Journal.open(self.processing / f"{job_id}.journal", crash=self._crash)
             journal.append("claimed", job_id=job_id, source=name, at=_now())
             state.job_id = job_id
         except BaseException:
@@ -265,7 +237,7 @@ class Queue:
         if not path.exists():
             lock.release()
             raise ClaimLost(job_id)
-        journal, state = Journal.open(self.processing / f"{job_id}.journal")
+        journal, state = Journal.open(self.processing / f"{job_id}.journal", crash=self._crash)
         if state.job_id is None:
             journal.append("claimed", job_id=job_id, source=path.name, at=_now())
             state.job_id = job_id
@@ -285,14 +257,8 @@ class Queue:
 
     def _reject(self, source: Path, name: str, error: JobRejected) -> Path:
         target_name = unique_name(self.rejected, safe_name(name))
-        error_file = self.rejected / f"{target_name}.error.json"
-        # The error first: a file in rejected/ always has its NAME.error.json.
-        atomic_write(error_file, _json(error.as_dict()))
-        try:
-            os.rename(source, self.rejected / target_name)
-        except FileNotFoundError:
-            error_file.unlink(missing_ok=True)  # another daemon took the file meanwhile
-            raise
+        atomic_write(self.rejected / f"{target_name}.error.json", _json(error.as_dict()))
+        os.rename(source, self.rejected / target_name)
         fsync_dir(self.rejected)
         return self.rejected / target_name
 
@@ -300,19 +266,59 @@ class Queue:
         """Write the result, then move the job to ``done/`` or ``failed/`` (the commit point)."""
         folder = self.done if succeeded else self.failed
         atomic_write(folder / f"{claim.job_id}.result.json", _json(result))
+        self._crash.passed("finish.result")
         target = folder / f"{claim.job_id}.json"
         os.rename(claim.path, target)
         fsync_dir(folder)
+        self._crash.passed("finish.moved")
         self._retire_journal(claim, folder, claim.job_id)
         return target
 
+    def retire_stranded(self) -> list[str]:
+        """Move the journals a crash left in ``processing/`` after their job reached ``done/`` or ``failed/``.
+
+        A crash after ``finish``'s commit rename leaves ``JOB.journal`` (and ``JOB.lock``)
+        behind; the job itself is finished. Each is handled under the job's lock, so a
+        live daemon finishing that job right now is never disturbed. Returns the job ids
+        whose journal was moved.
+        """
+        retired: list[str] = []
+        for journal in sorted(self.processing.glob("*.journal")):
+            job_id = journal.stem
+            if (self.processing / f"{job_id}.json").exists():
+                continue  # a job in processing/: running, or an orphan for adopt()
+            try:
+                lock = JobLock.acquire(self.processing / f"{job_id}.lock")
+            except ClaimLost:
+                continue
+            try:
+                folder = self._finished_folder(job_id)
+                if folder is not None and journal.exists():
+                    self._move_leftovers(job_id, folder, job_id)
+                    retired.append(job_id)
+            finally:
+                lock.release()
+        return retired
+
+    def _finished_folder(self, job_id: str) -> Path | None:
+        if (self.processing / f"{job_id}.json").exists():
+            return None
+        for folder in (self.done, self.failed):
+            if (folder / f"{job_id}.json").exists():
+                return folder
+        return None
+
     def _retire_journal(self, claim: Claim, folder: Path, stem: str) -> None:
         claim.journal.close()
+        self._move_leftovers(claim.job_id, folder, stem)
+        claim.lock.release()
+
+    def _move_leftovers(self, job_id: str, folder: Path, stem: str) -> None:
         for suffix in (".journal", ".cancel"):
-            leftover = self.processing / f"{claim.job_id}{suffix}"
+            leftover = self.processing / f"{job_id}{suffix}"
             if leftover.exists():
                 os.rename(leftover, folder / f"{stem}{suffix}")
-        claim.lock.release()
+        fsync_dir(folder)
 
 
 def _read_regular(fd: int, name: str, max_bytes: int) -> bytes:
@@ -345,8 +351,7 @@ def _read_regular(fd: int, name: str, max_bytes: int) -> bytes:
 
 
 def _json(value: Any) -> bytes:
-    text = json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n"
-    return text.encode("utf-8", "backslashreplace")  # a lone surrogate must not make it unwritable
+    return (json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n").encode()
 
 
 def _now() -> str:

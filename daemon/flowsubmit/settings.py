@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -13,7 +14,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["Settings", "example_toml"]
+__all__ = ["Settings", "crash_point", "example_toml"]
 
 
 class Settings(BaseSettings):
@@ -130,6 +131,16 @@ class Settings(BaseSettings):
         config = SettingsConfigDict(**{**cls.model_config, "toml_file": config_file})
         bound = type(cls.__name__, (cls,), {"model_config": config})
         return bound(**given)  # type: ignore[no-any-return]
+
+
+def crash_point() -> str | None:
+    """The hidden, test-only setting ``FLOWSUBMIT_TEST_CRASH_AT`` (``POINT`` or ``POINT:N``).
+
+    When set, the daemon kills itself with SIGKILL at that point (see ``faults.POINTS`` and
+    docs/operations.md). It is not a ``Settings`` field on purpose: no flag, no TOML key,
+    nothing in ``--help``; only the crash tests set it.
+    """
+    return os.environ.get("FLOWSUBMIT_TEST_CRASH_AT") or None
 
 
 def example_toml() -> str:

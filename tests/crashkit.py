@@ -1,0 +1,129 @@
+"""Helpers of the crash and outage tests: a background run driver, server queries, a raw daemon launcher."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.conftest import ROOT, Daemon
+from tests.driver import drive
+
+
+class BackgroundDriver:
+    """Moves every Scheduled run tagged ``tag`` to ``final`` as soon as it appears, in a thread.
+
+    Runs are driven once each; the thread stops on ``close()``. ``api_url`` points it at a
+    server other than the session one.
+    """
+
+    def __init__(self, tag: str, *, api_url: str | None = None, concurrency: int = 4) -> None:
+        self.tag = tag
+        self.api_url = api_url
+        self.concurrency = concurrency
+        self.driven: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=f"driver-{tag}", daemon=True)
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> BackgroundDriver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the thread and re-raise what killed it, if anything."""
+        self._stop.set()
+        self._thread.join(30)
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        try:
+            with _api(self.api_url):
+                asyncio.run(self._loop())
+        except BaseException as exc:  # surfaced by close()
+            self._error = exc
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                scheduled = await runs_tagged(self.tag, state=StateType.SCHEDULED)
+                fresh = [str(r.id) for r in scheduled if str(r.id) not in self.driven]
+                if fresh:
+                    await drive(fresh, concurrency=self.concurrency)
+                    self.driven.update(fresh)
+            except Exception:  # the server may be down in outage tests: try again
+                if self.api_url is None:
+                    raise
+            await asyncio.sleep(0.2)
+
+
+@contextmanager
+def _api(api_url: str | None) -> Iterator[None]:
+    if api_url is None:
+        yield
+        return
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        yield
+
+
+async def runs_tagged(tag: str, *, state: StateType | None = None) -> list[FlowRun]:
+    """Every run on the server carrying ``tag`` (optionally only those in ``state``)."""
+    state_filter = FlowRunFilterState(type=FlowRunFilterStateType(any_=[state])) if state else None
+    found: list[FlowRun] = []
+    async with get_client() as client:
+        while True:
+            page = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    tags=FlowRunFilterTags(all_=[tag]), state=state_filter
+                ),
+                offset=len(found),
+                limit=200,
+            )
+            found.extend(page)
+            if len(page) < 200:
+                return found
+
+
+def server_runs(tag: str, api_url: str | None = None) -> list[FlowRun]:
+    """``runs_tagged`` from synchronous test code."""
+    with _api(api_url):
+        return asyncio.run(runs_tagged(tag))
+
+
+def spawn_daemon(
+    queue: Path, log_path: Path, env: dict[str, str], settings: dict[str, Any]
+) -> Daemon:
+    """Start ``flowsubmit run`` with an explicit environment, without waiting for it to be ready."""
+    env = {
+        **env,
+        **{f"FLOWSUBMIT_{k.upper()}": str(v) for k, v in settings.items()},
+    }
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flowsubmit.cli", "run", "--queue", str(queue)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+    return Daemon(queue, process, log_path)
