@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from flowsubmit.errors import (
     ClaimLost,
     ClosedError,
@@ -13,13 +15,37 @@ from flowsubmit.errors import (
     WaitTimeout,
 )
 
+if TYPE_CHECKING:
+    from flowsubmit.submission import FlowSubmission, flow_submitter
+
 __all__ = [
     "ClaimLost",
     "ClosedError",
+    "FlowSubmission",
     "FlowsubmitError",
     "GatewayError",
     "JobRejected",
     "PermanentGatewayError",
     "TransientGatewayError",
     "WaitTimeout",
+    "flow_submitter",
 ]
+
+# The library API imports Prefect, whose settings are read at import: `import flowsubmit`
+# stays cheap (the CLI imports it before Prefect's environment is set), and these two
+# names are imported on first use.
+_LAZY = frozenset({"FlowSubmission", "flow_submitter"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from flowsubmit import submission
+
+        value = getattr(submission, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'flowsubmit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
