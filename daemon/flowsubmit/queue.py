@@ -24,7 +24,17 @@ from flowsubmit.faults import CrashPoints
 from flowsubmit.fsutil import atomic_write, fsync_dir, unique_name
 from flowsubmit.journal import Journal, JournalState
 
-__all__ = ["FOLDERS", "Candidate", "Claim", "JobLock", "Queue", "is_job_name", "new_job_id"]
+__all__ = [
+    "FOLDERS",
+    "Candidate",
+    "Claim",
+    "JobLock",
+    "Queue",
+    "is_job_name",
+    "new_job_id",
+    "printable_name",
+    "safe_name",
+]
 
 FOLDERS = ("tmp", "incoming", "processing", "done", "failed", "rejected")
 _IGNORED = re.compile(r"^\.|\.tmp$|\.part$")
@@ -47,6 +57,15 @@ def safe_name(name: str) -> str:
     return cleaned[:200]
 
 
+def printable_name(name: str) -> str:
+    """``name`` as text that can be written to a log line or a JSON file.
+
+    A file name that is not valid UTF-8 reaches Python with its bad bytes as lone
+    surrogates, which cannot be encoded; they are shown as ``\\xNN`` instead.
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True, slots=True)
 class Candidate:
     """A file seen in ``incoming/``: its name and what ``stat`` said of it."""
@@ -54,6 +73,7 @@ class Candidate:
     name: str
     size: int
     mtime_ns: int
+    ino: int = 0
 
 
 class JobLock:
@@ -161,22 +181,33 @@ class Queue:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                found.append(Candidate(entry.name, st.st_size, st.st_mtime_ns))
+                found.append(Candidate(entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
         found.sort(key=lambda c: (c.mtime_ns, c.name))
         return found
 
     def read(self, name: str, max_bytes: int) -> bytes:
         """Read ``incoming/name`` without following links, refusing what is not a plain, small file.
 
+        ``O_NONBLOCK`` keeps a FIFO with no writer from blocking the open; ``fstat``
+        on the open descriptor then refuses it, so nothing is judged by a name that
+        could be swapped between the check and the read.
+
         Raises:
             ClaimLost: the file vanished (another daemon took it).
-            JobRejected: a symlink, a FIFO, a directory, a hard link, or too large.
+            JobRejected: a symlink, a FIFO, a socket, a directory, a hard link, a file
+                the daemon may not read, or too large.
         """
         path = self.incoming / name
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError as exc:
             raise ClaimLost(name) from exc
+        except PermissionError as exc:
+            raise JobRejected(
+                "the daemon may not read this file (permission denied)",
+                file=name,
+                hint="let the daemon's user or group read it",
+            ) from exc
         except OSError as exc:  # ELOOP: a symlink; ENXIO: a socket
             kind = "a symbolic link" if path.is_symlink() else "not a regular file"
             raise JobRejected(f"{kind}; only regular files are accepted", file=name) from exc
@@ -257,8 +288,14 @@ class Queue:
 
     def _reject(self, source: Path, name: str, error: JobRejected) -> Path:
         target_name = unique_name(self.rejected, safe_name(name))
-        atomic_write(self.rejected / f"{target_name}.error.json", _json(error.as_dict()))
-        os.rename(source, self.rejected / target_name)
+        error_file = self.rejected / f"{target_name}.error.json"
+        # The error first: a file in rejected/ always has its NAME.error.json.
+        atomic_write(error_file, _json(error.as_dict()))
+        try:
+            os.rename(source, self.rejected / target_name)
+        except FileNotFoundError:
+            error_file.unlink(missing_ok=True)  # another daemon took the file meanwhile
+            raise
         fsync_dir(self.rejected)
         return self.rejected / target_name
 
@@ -351,7 +388,8 @@ def _read_regular(fd: int, name: str, max_bytes: int) -> bytes:
 
 
 def _json(value: Any) -> bytes:
-    return (json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n").encode()
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n"
+    return text.encode("utf-8", "backslashreplace")  # a lone surrogate must not make it unwritable
 
 
 def _now() -> str:

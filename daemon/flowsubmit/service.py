@@ -7,8 +7,11 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -20,7 +23,7 @@ from flowsubmit.executor import Executor
 from flowsubmit.faults import CrashPoints
 from flowsubmit.gateway import Gateway
 from flowsubmit.jobs import Job, parse_job
-from flowsubmit.queue import Candidate, Claim, Queue, new_job_id
+from flowsubmit.queue import Candidate, Claim, Queue, new_job_id, printable_name
 from flowsubmit.results import result_document
 from flowsubmit.sdnotify import Notifier
 from flowsubmit.settings import Settings, crash_point
@@ -30,6 +33,23 @@ from flowsubmit.watcher import wakeups
 __all__ = ["Service"]
 
 log = structlog.get_logger("flowsubmit.service")
+
+#: The scan hands the event loop back after this many files, so running jobs go on during a flood.
+_YIELD_EVERY = 50
+#: Time one scan may spend rejecting (three fsyncs each); the rest waits for the next scan, so a
+#: slot freed meanwhile goes to a good job first (the moves wake the watcher at once).
+_REJECT_BUDGET_S = 0.5
+
+
+@dataclass(slots=True)
+class _Verdict:
+    """What judging a file of ``incoming/`` found; valid while the file is unchanged."""
+
+    candidate: Candidate
+    #: Why the file is refused, or None for a good job waiting for a free slot.
+    error: JobRejected | None
+    #: When this exact file (name, size, mtime, inode) was first seen, on the monotonic clock.
+    since: float
 
 
 class Service:
@@ -49,7 +69,10 @@ class Service:
         self._stop = asyncio.Event()
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._executors: dict[str, Executor] = {}
-        self._unsettled: dict[str, Candidate] = {}
+        #: Verdicts on the files of incoming/ (pruned on every scan); owned by _scan.
+        self._verdicts: dict[str, _Verdict] = {}
+        #: Files whose judging raised (logged once per version of the file).
+        self._broken: dict[str, Candidate] = {}
         self._heartbeat = time.monotonic()
         self.counts = {"claimed": 0, "succeeded": 0, "failed": 0, "rejected": 0, "recovered": 0}
         self._gateway: Gateway | None = None
@@ -204,7 +227,7 @@ class Service:
             self._heartbeat = time.monotonic()
             self._adopt_orphans(tg)
             self._deliver_cancel_requests()
-            self._scan(tg)
+            await self._scan(tg)
             if not ready:
                 ready = True
                 log.info(
@@ -242,44 +265,103 @@ class Service:
             and self._prefect_down_since is None
         )
 
-    def _scan(self, tg: asyncio.TaskGroup) -> None:
-        for candidate in self.queue.scan():
-            if not self._has_capacity():
-                return
-            self._judge(candidate, tg)
+    async def _scan(self, tg: asyncio.TaskGroup) -> None:
+        """Judge every file of ``incoming/``, oldest first, then reject the bad ones that have settled.
 
-    def _judge(self, candidate: Candidate, tg: asyncio.TaskGroup) -> None:
+        A verdict is remembered while its file is unchanged, so a rescan of thousands
+        of waiting files reads only the new or changed ones. Bad files are judged even
+        when no slot is free, and rejected (three fsyncs each) only after the pass that
+        claims, and for at most ``_REJECT_BUDGET_S`` per scan, so good jobs never wait
+        behind bad ones (#6). The loop yields every ``_YIELD_EVERY`` files so that
+        running jobs go on during a flood.
+        """
+        candidates = self.queue.scan()
+        to_reject: list[str] = []
+        for i, candidate in enumerate(candidates):
+            if self._stop.is_set():
+                return
+            if self._guarded(candidate, partial(self._judge, candidate, tg)):
+                to_reject.append(candidate.name)
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+        present = {c.name for c in candidates}
+        for cache in (self._verdicts, self._broken):
+            for name in [n for n in cache if n not in present]:
+                del cache[name]
+        deadline = time.monotonic() + _REJECT_BUDGET_S
+        for i, name in enumerate(to_reject):
+            if time.monotonic() > deadline:
+                return
+            verdict = self._verdicts[name]
+            self._guarded(verdict.candidate, partial(self._reject, verdict))
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+
+    def _guarded(self, candidate: Candidate, judge: Callable[[], bool | None]) -> bool:
+        """Run one file's judging; a bug or an I/O error is logged (once per version) and skipped."""
+        try:
+            return bool(judge())
+        except Exception as exc:  # one file must never stop the daemon or the other files
+            if self._broken.get(candidate.name) != candidate:
+                self._broken[candidate.name] = candidate
+                log.error(
+                    "job.judge_failed",
+                    file=printable_name(candidate.name),
+                    error=str(exc),
+                    exc_info=exc,
+                )
+            return False
+
+    def _judge(self, candidate: Candidate, tg: asyncio.TaskGroup) -> bool:
+        """Claim a good job when a slot is free; True when the file is bad and has settled."""
+        known = self._verdicts.get(candidate.name)
+        if known is None or known.candidate != candidate:
+            known = _Verdict(candidate, None, time.monotonic())
+        elif known.error is None and not self._has_capacity():
+            return False  # a good job, read before: it waits for a free slot unread
+        if known.error is None:
+            known.error = self._try_claim(candidate, tg)
+            if known.error is None:
+                return False
+        self._verdicts[candidate.name] = known
+        return self._settled(known)
+
+    def _try_claim(self, candidate: Candidate, tg: asyncio.TaskGroup) -> JobRejected | None:
+        """Read, parse and claim the file; the rejection when it is bad, else None."""
         name = candidate.name
         try:
             data = self.queue.read(name, self.settings.max_job_bytes)
             job = parse_job(data, file=name, max_runs=self.settings.max_runs_per_job)
+            if not self._has_capacity():
+                self._verdicts[name] = _Verdict(candidate, None, time.monotonic())
+                return None
             claim = self.queue.claim(name, job.id or new_job_id())
         except ClaimLost:
-            return
+            self._verdicts.pop(name, None)  # gone, or its id is running right now: look again later
+            return None
         except JobRejected as exc:
-            if not self._settled(candidate):
-                return  # maybe still being written straight into incoming/: judge it later
-            self._reject(name, exc.with_file(name))
-            return
-        self._unsettled.pop(name, None)
+            return exc.with_file(printable_name(name))
+        self._verdicts.pop(name, None)
         self.counts["claimed"] += 1
         self._start_job(claim, job, tg, recovered=False)
+        return None
 
-    def _settled(self, candidate: Candidate) -> bool:
-        """True once the file has not changed for ``settle_s``."""
-        age_s = time.time() - candidate.mtime_ns / 1e9
-        seen = self._unsettled.get(candidate.name)
-        self._unsettled[candidate.name] = candidate
-        unchanged = seen is not None and (seen.size, seen.mtime_ns) == (
-            candidate.size,
-            candidate.mtime_ns,
-        )
-        return age_s >= self.settings.settle_s and (
-            unchanged or age_s >= 2 * self.settings.settle_s
-        )
+    def _settled(self, verdict: _Verdict) -> bool:
+        """True once the file has stayed unchanged for ``settle_s``: a bad file still being written is never rejected.
 
-    def _reject(self, name: str, error: JobRejected) -> None:
-        self._unsettled.pop(name, None)
+        Unchanged means this daemon saw the same size, mtime and inode for ``settle_s``,
+        or the mtime is at least twice ``settle_s`` old (a file that sat there before the
+        daemon started is judged on the first scan).
+        """
+        settle_s = self.settings.settle_s
+        seen_s = time.monotonic() - verdict.since
+        age_s = time.time() - verdict.candidate.mtime_ns / 1e9
+        return seen_s >= settle_s or age_s >= 2 * settle_s
+
+    def _reject(self, verdict: _Verdict) -> None:
+        name, error = verdict.candidate.name, verdict.error
+        assert error is not None
+        self._verdicts.pop(name, None)
         try:
             target = self.queue.reject(name, error)
         except FileNotFoundError:
@@ -287,7 +369,7 @@ class Service:
         self.counts["rejected"] += 1
         log.warning(
             "job.rejected",
-            file=name,
+            file=error.file,
             reason=error.reason,
             field=error.field,
             hint=error.hint,
