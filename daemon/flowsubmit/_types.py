@@ -45,6 +45,8 @@ class RunSnapshot:
     start_time: datetime | None = None
     end_time: datetime | None = None
     source: str = "poll"
+    #: When the state was entered, by the server's clock (the event's ``occurred``).
+    occurred: datetime | None = None
 
     @property
     def final(self) -> bool:

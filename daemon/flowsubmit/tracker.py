@@ -4,6 +4,18 @@ Modes: ``streaming`` (the websocket is open; a slow reconciliation read catches
 anything it lost) and ``polling`` (the stream is down; one batched read of all
 unfinished runs every ``poll_interval_s``, while resubscribing with backoff).
 Recording a final state is idempotent, so event and poll may race harmlessly.
+
+A final event is recorded as it arrives, without a confirming read (issue 3). The
+server emits a state-change event from inside the transaction that commits the
+state, with the state's own id, type, name and timestamp: a read can only lag
+behind it by milliseconds (measured in ``bench/tracking.py``), and one read per
+final event would cost more requests than the whole stream-up budget (under 0.05
+per run). The steady reconciliation stays as the safety net for lost events.
+
+Streaming costs no reads for new runs: a run whose events arrive on the open
+stream is *covered*. A run watched without a covering event (created before the
+stream opened, re-attached after a restart, found again by its idempotency key) is
+read once, batched with the others, ``new_run_grace_s`` after it is watched.
 """
 
 from __future__ import annotations
@@ -11,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Self
 
@@ -25,6 +38,14 @@ __all__ = ["Tracker", "TrackerMode"]
 
 log = structlog.get_logger("flowsubmit.tracker")
 
+#: Events of runs nobody watches yet (created a moment ago, or another job's) kept
+#: per stream session, so that a final event arriving before ``watch()`` is not lost.
+UNCLAIMED_MAX = 10_000
+#: The server starts streaming to a subscriber when it reads the filter message,
+#: shortly after the subscriber sends it: only events that occurred after this margin
+#: are certainly live, and so prove that every later event of their run will arrive.
+_LIVE_MARGIN = timedelta(seconds=0.25)
+
 
 class TrackerMode(StrEnum):
     """How the tracker currently learns about state changes."""
@@ -35,15 +56,20 @@ class TrackerMode(StrEnum):
 
 
 @dataclass
-class _Watch:
-    future: asyncio.Future[RunSnapshot]
+class _Run:
+    """What is known of one run: its watchers' future once watched, its final state once seen."""
+
+    future: asyncio.Future[RunSnapshot] | None = None
+    final: RunSnapshot | None = None
     start_time: datetime | None = None
     name: str | None = None
     seen_states: set[str] = field(default_factory=set)
+    #: A live event of this run arrived on the current stream session.
+    covered: bool = False
 
 
 class Tracker:
-    """Owns the tracked-run registry, the subscription task and the poll task.
+    """Owns the tracked-run registry, the subscription task, the poll task and the check task.
 
     ``watch(run_id)`` returns a future resolved with the run's final snapshot.
     Lifecycle: ``async with Tracker(gateway)``; ``aclose()`` cancels the tracker's
@@ -58,6 +84,7 @@ class Tracker:
         poll_interval_s: float = 5.0,
         reconcile_interval_s: float = 60.0,
         resubscribe_max_backoff_s: float = 30.0,
+        new_run_grace_s: float = 1.0,
         use_events: bool = True,
     ) -> None:
         self._gateway = gateway
@@ -65,10 +92,15 @@ class Tracker:
         self.poll_interval_s = poll_interval_s
         self.reconcile_interval_s = reconcile_interval_s
         self.resubscribe_max_backoff_s = resubscribe_max_backoff_s
+        self.new_run_grace_s = new_run_grace_s
         self._use_events = use_events
-        self._watches: dict[str, _Watch] = {}
+        self._watches: dict[str, _Run] = {}
+        self._unclaimed: OrderedDict[str, _Run] = OrderedDict()
+        self._unseen: set[str] = set()
+        self._live_since: datetime | None = None
         self._mode = TrackerMode.STARTING
         self._wake = asyncio.Event()
+        self._check = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
         self._closed = False
@@ -82,6 +114,7 @@ class Tracker:
             raise ClosedError("a Tracker cannot be reopened once closed; create a new one")
         if self._use_events:
             self._spawn(self._stream_loop(), "flowsubmit-tracker-stream")
+            self._spawn(self._check_loop(), "flowsubmit-tracker-check")
         else:
             self._set_mode(TrackerMode.POLLING, reason="events disabled")
         self._spawn(self._poll_loop(), "flowsubmit-tracker-poll")
@@ -99,10 +132,11 @@ class Tracker:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for watch in self._watches.values():
-            if not watch.future.done():
-                watch.future.cancel()
+        for run in self._watches.values():
+            if run.future is not None and not run.future.done():
+                run.future.cancel()
         self._watches.clear()
+        self._unclaimed.clear()
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -132,10 +166,18 @@ class Tracker:
         """Track a run; the same future is returned for the same id until it resolves."""
         if self._closed:
             raise ClosedError("the Tracker is closed")
-        watch = self._watches.get(flow_run_id)
-        if watch is None:
-            watch = self._watches[flow_run_id] = _Watch(asyncio.get_running_loop().create_future())
-        return watch.future
+        run = self._watches.get(flow_run_id)
+        if run is not None and run.future is not None:
+            return run.future
+        run = self._unclaimed.pop(flow_run_id, None) or _Run()
+        future = run.future = asyncio.get_running_loop().create_future()
+        self._watches[flow_run_id] = run
+        if run.final is not None:
+            self._resolve(flow_run_id, run, run.final)
+        elif not run.covered and self._mode is TrackerMode.STREAMING:
+            self._unseen.add(flow_run_id)
+            self._check.set()
+        return future
 
     async def wait(self, flow_run_id: str) -> RunSnapshot:
         """Wait for the run's final snapshot."""
@@ -149,21 +191,57 @@ class Tracker:
 
     def observe(self, snap: RunSnapshot) -> None:
         """Record one observation; final ones resolve the run's future (idempotent)."""
-        watch = self._watches.get(snap.flow_run_id)
-        if watch is None:
+        run = self._watches.get(snap.flow_run_id)
+        if run is None:
+            if snap.source == "event":
+                self._keep_unclaimed(snap)
             return
+        if self._note(run, snap) and snap.final:
+            self._resolve(snap.flow_run_id, run, snap)
+
+    def _note(self, run: _Run, snap: RunSnapshot) -> bool:
+        """Fold ``snap`` into ``run``; False when this state was seen already."""
+        if snap.source == "event" and self._is_live(snap):
+            run.covered = True
         if snap.state_id is not None:
-            if snap.state_id in watch.seen_states:
-                return
-            watch.seen_states.add(snap.state_id)
-        watch.start_time = watch.start_time or snap.start_time
-        watch.name = snap.flow_run_name or watch.name
-        if not snap.final:
-            return
-        del self._watches[snap.flow_run_id]
+            if snap.state_id in run.seen_states:
+                return False
+            run.seen_states.add(snap.state_id)
+        run.start_time = run.start_time or snap.start_time
+        run.name = snap.flow_run_name or run.name
+        return True
+
+    def _keep_unclaimed(self, snap: RunSnapshot) -> None:
+        run = self._unclaimed.get(snap.flow_run_id)
+        if run is None:
+            run = self._unclaimed[snap.flow_run_id] = _Run()
+            if len(self._unclaimed) > UNCLAIMED_MAX:
+                self._unclaimed.popitem(last=False)
+        if self._note(run, snap) and snap.final and run.final is None:
+            run.final = snap
+
+    def _resolve(self, flow_run_id: str, run: _Run, snap: RunSnapshot) -> None:
+        del self._watches[flow_run_id]
+        self._unseen.discard(flow_run_id)
         self.recorded[snap.source] = self.recorded.get(snap.source, 0) + 1
-        if not watch.future.done():
-            watch.future.set_result(_merged(snap, watch))
+        if run.future is not None and not run.future.done():
+            run.future.set_result(_merged(snap, run))
+
+    def _is_live(self, snap: RunSnapshot) -> bool:
+        since = self._live_since
+        return since is not None and snap.occurred is not None and snap.occurred >= since
+
+    def _begin_session(self) -> None:
+        """A stream (re)opened: coverage starts again, and everything unfinished is read once."""
+        self._live_since = datetime.now(UTC) + _LIVE_MARGIN
+        self._end_session()
+        self._set_mode(TrackerMode.STREAMING)
+        self.reconcile_soon()  # catch what ended while no stream was open
+
+    def _end_session(self) -> None:
+        """Events may have been lost from here on: no run stays covered (a final seen stays final)."""
+        for run in (*self._watches.values(), *self._unclaimed.values()):
+            run.covered = False
 
     # -- loops --------------------------------------------------------------------------------
 
@@ -172,12 +250,13 @@ class Tracker:
         while True:
             try:
                 async with self._gateway.run_events(self._tag) as events:
-                    self._set_mode(TrackerMode.STREAMING)
+                    self._begin_session()
                     backoff = 1.0
-                    self.reconcile_soon()  # catch what ended while no stream was open
                     async for snap in events:
                         self.observe(snap)
             except GatewayError as exc:
+                self._live_since = None
+                self._end_session()
                 self._set_mode(TrackerMode.POLLING, reason=str(exc))
             delay = backoff * random.uniform(0.8, 1.2)
             backoff = min(backoff * 2, self.resubscribe_max_backoff_s)
@@ -194,10 +273,22 @@ class Tracker:
                 async with asyncio.timeout(interval * random.uniform(0.9, 1.1)):
                     await self._wake.wait()
             self._wake.clear()
-            await self._poll_once()
+            await self._read(list(self._watches))
 
-    async def _poll_once(self) -> None:
-        ids = list(self._watches)
+    async def _check_loop(self) -> None:
+        """Read, once and in one batch, the newly watched runs the stream has not covered."""
+        while True:
+            await self._check.wait()
+            await asyncio.sleep(self.new_run_grace_s)
+            self._check.clear()
+            unseen, self._unseen = self._unseen, set()
+            if self._mode is not TrackerMode.STREAMING:
+                continue  # polling reads every unfinished run anyway
+            await self._read(
+                [i for i in unseen if (run := self._watches.get(i)) and not run.covered]
+            )
+
+    async def _read(self, ids: list[str]) -> None:
         if not ids:
             return
         try:
@@ -214,6 +305,8 @@ class Tracker:
         if mode is previous:
             return
         if mode is TrackerMode.POLLING:
+            # Poll at once: the poll loop may be asleep for a whole reconcile interval.
+            self.reconcile_soon()
             log.warning(
                 "tracker.fallback",
                 mode=mode.value,
@@ -227,18 +320,19 @@ class Tracker:
             log.info("tracker.streaming", mode=mode.value)
 
 
-def _merged(snap: RunSnapshot, watch: _Watch) -> RunSnapshot:
-    if (snap.start_time or not watch.start_time) and (snap.flow_run_name or not watch.name):
+def _merged(snap: RunSnapshot, run: _Run) -> RunSnapshot:
+    if (snap.start_time or not run.start_time) and (snap.flow_run_name or not run.name):
         return snap
     return RunSnapshot(
         flow_run_id=snap.flow_run_id,
         state_type=snap.state_type,
         state_name=snap.state_name,
-        flow_run_name=snap.flow_run_name or watch.name,
+        flow_run_name=snap.flow_run_name or run.name,
         state_id=snap.state_id,
-        start_time=snap.start_time or watch.start_time,
+        start_time=snap.start_time or run.start_time,
         end_time=snap.end_time,
         source=snap.source,
+        occurred=snap.occurred,
     )
 
 
