@@ -17,7 +17,12 @@ def test_demo_prints_the_runs_and_the_summary(tmp_path: Path) -> None:
     env = prefect_env(tmp_path)  # no PREFECT_API_URL: the demo starts its own server
     done = subprocess.run(
         [sys.executable, "-m", "flowsubmit.cli", "demo"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
@@ -27,8 +32,15 @@ def test_demo_prints_the_runs_and_the_summary(tmp_path: Path) -> None:
     assert sorted(line["state"] for line in finished) == ["Completed"] * 18 + ["Failed"] * 2
     recap = [line for line in lines if line.startswith(("✅", "❌"))]
     assert len(recap) == 20
-    assert [line.split("(table ")[1].rstrip(")") for line in recap if line.startswith("❌")] == ["7", "17"]
+    assert [line.split("(table ")[1].rstrip(")") for line in recap if line.startswith("❌")] == [
+        "7",
+        "17",
+    ]
     assert "Summary → 18/20 succeeded, 2 failed" in lines
     result_path = Path(lines[-1].removeprefix("result file: "))
     result = json.loads(result_path.read_text())
-    assert (result["status"], result["summary"]["succeeded"], result["summary"]["failed"]) == ("failed", 18, 2)
+    assert (result["status"], result["summary"]["succeeded"], result["summary"]["failed"]) == (
+        "failed",
+        18,
+        2,
+    )
