@@ -32,7 +32,7 @@ class Proxy:
     """A loopback TCP proxy in front of a Prefect server that can refuse and cut its websockets.
 
     Plain HTTP always passes; a connection whose first request asks for a websocket
-    upgrade is refused (closed at once) while ``refuse_websockets`` is set.
+    upgrade is refused (HTTP 503) while ``refuse_websockets`` is set.
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -73,6 +73,8 @@ class Proxy:
             return
         websocket = b"upgrade: websocket" in head.lower()
         if websocket and self.refuse_websockets:
+            # As a proxy or a server still starting answers: not a network error, an HTTP one.
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
             writer.close()
             return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
