@@ -49,7 +49,7 @@ async def test_same_job_index_and_attempt_twice_creates_one_run(served: LocalSer
 
 
 async def test_concurrent_creates_go_out_in_bulk(served: LocalServer) -> None:
-    """Thirty creates issued together become one bulk call (batch size 50) and thirty distinct runs."""
+    """Thirty creates issued together become one bulk call and thirty distinct runs."""
     tag = f"bulk-{uuid.uuid4().hex[:8]}"
     async with Gateway() as gateway:
         deployment = await gateway.resolve_deployment(DRIVEN)

@@ -166,7 +166,7 @@ class Gateway:
         *,
         outage_tolerance_s: float = 3600.0,
         max_inflight_submissions: int = 2,
-        submit_batch_size: int = 50,
+        submit_batch_size: int = 100,
         reconnection_attempts: int = 2,
     ) -> None:
         self.outage_tolerance_s = outage_tolerance_s
