@@ -20,6 +20,7 @@ from tests.conftest import ROOT, Daemon, result_of
 from tests.driver import drive, wait_for_runs
 from tests.flows import ETL, VAULT
 
+DEPLOYMENT_HINT = "`prefect deployment ls` lists the deployments"
 ID_RULE = (
     "an id is 1 to 128 characters: letters A-Z a-z, digits, '.', '_' and '-', "
     "starting with a letter or a digit"
@@ -201,9 +202,9 @@ def test_every_bad_file_is_rejected_with_its_error_and_good_ones_still_run(
         ),
         "t-nowhere.json": _rejection(
             "t-nowhere.json",
-            "unknown deployment 'no-such-flow/nope' (deployment 'no-such-flow/nope' not found "
-            "or unreadable: HTTP 404: Deployment not found)",
+            "deployment 'no-such-flow/nope' not found or unreadable: HTTP 404: Deployment not found",
             "deployment",
+            DEPLOYMENT_HINT,
         ),
         "t-badparam.json": _rejection("t-badparam.json", bad_param, "parameters.table"),
         "t-extraparam.json": _rejection(

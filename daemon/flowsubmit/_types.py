@@ -105,7 +105,7 @@ class GatewayProtocol(Protocol):
         """Read the current state of the given runs, in as few calls as possible."""
         ...
 
-    async def cancel_run(self, flow_run_id: str) -> None:
+    async def cancel_run(self, flow_run_id: str) -> RunSnapshot | None:
         """Ask Prefect to cancel a run."""
         ...
 

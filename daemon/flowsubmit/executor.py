@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -12,9 +11,14 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from flowsubmit._types import Deployment, GatewayProtocol, JobStatus, RunRequest, RunSnapshot
-from flowsubmit.errors import JobRejected, PermanentGatewayError, TransientGatewayError
+from flowsubmit.errors import (
+    GatewayError,
+    JobRejected,
+    PermanentGatewayError,
+    TransientGatewayError,
+)
 from flowsubmit.gateway import parameter_problem
-from flowsubmit.jobs import Job, RunSpec, Stage
+from flowsubmit.jobs import DEPLOYMENT_HINT, Job, RunSpec, Stage
 from flowsubmit.journal import Journal, JournalState, snapshot_record
 from flowsubmit.results import RunRecord, finished_message, result_document, summary_line
 from flowsubmit.tracker import Tracker
@@ -84,16 +88,24 @@ class Executor:
         return finished, len(self._records)
 
     def cancel(self) -> None:
-        """Stop the job now: runs still going are cancelled in Prefect, the job ends ``cancelled``."""
+        """Stop the job now: runs still going are cancelled in Prefect, the job ends ``cancelled``.
+
+        Idempotent: the service delivers a request on every scan while the file exists.
+        """
+        if self._cancel_requested:
+            return
         self._cancel_requested = True
-        if self._deadline is not None:
-            self._deadline.reschedule(asyncio.get_running_loop().time())
+        self._expire_deadline()
 
     def abort(self, reason: str) -> None:
         """Fail the job now with ``reason`` (Prefect unreachable for too long); runs are left alone."""
         if self._abort_reason is None:
             self._abort_reason = reason
-        if self._deadline is not None:
+        self._expire_deadline()
+
+    def _expire_deadline(self) -> None:
+        """End the job's ``asyncio.timeout`` scope now, unless it has already ended."""
+        if self._deadline is not None and not self._deadline.expired():
             self._deadline.reschedule(asyncio.get_running_loop().time())
 
     async def prepare(self) -> list[tuple[Stage, Deployment]]:
@@ -109,9 +121,7 @@ class Executor:
             try:
                 deployment = await self._gateway.resolve_deployment(stage.deployment)
             except PermanentGatewayError as exc:
-                raise JobRejected(
-                    f"unknown deployment {stage.deployment!r} ({exc})", field=field
-                ) from exc
+                raise JobRejected(str(exc), field=field, hint=DEPLOYMENT_HINT) from exc
             await self._check_work_queue(stage, deployment, stage_index)
             for spec in stage.expand(stage_index):
                 problem = parameter_problem(deployment, spec.parameters)
@@ -296,8 +306,24 @@ class Executor:
         return snap
 
     async def _cancel_unfinished(self) -> None:
+        """Ask Prefect to cancel every run not final yet; record those it ends at once."""
         for record in self._records.values():
-            if record.flow_run_id and record.state_type is None:
-                with contextlib.suppress(Exception):
-                    await self._gateway.cancel_run(record.flow_run_id)
-                log.info("run.cancelled", index=record.index, flow_run_id=record.flow_run_id)
+            if not record.flow_run_id or record.state_type is not None:
+                continue
+            run_id = record.flow_run_id
+            try:
+                snap = await self._gateway.cancel_run(run_id)
+            except GatewayError as exc:
+                log.warning(
+                    "run.cancel_failed", index=record.index, flow_run_id=run_id, error=str(exc)
+                )
+                snap = None
+            state = snap.state_name if snap else None
+            log.info("run.cancelled", index=record.index, flow_run_id=run_id, state=state)
+            if snap is not None and snap.final:
+                # A Scheduled run has nothing to stop: Prefect cancels it outright.
+                self._tracker.observe(snap)
+                spec = RunSpec(record.stage, record.index, record.parameters)
+                record.record(await self._final_state(run_id, record.deployment, spec))
+            else:
+                self._tracker.forget(run_id)  # its job no longer waits for it

@@ -25,6 +25,7 @@ from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.actions import DeploymentFlowRunCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import OrchestrationResult
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
 from prefect.events.schemas.events import Event
@@ -333,11 +334,30 @@ class Gateway:
             snapshots.extend(_snapshot_from_run(run) for run in runs)
         return snapshots
 
-    async def cancel_run(self, flow_run_id: str) -> None:
-        """Ask Prefect to cancel a run (its worker or runner stops it)."""
+    async def cancel_run(self, flow_run_id: str) -> RunSnapshot | None:
+        """Ask Prefect to cancel a run (its worker or runner stops it); return the state it is in.
+
+        Not forced, as ``prefect flow-run cancel`` does it: Prefect's orchestration then
+        refuses to cancel a run that has just reached a final state instead of
+        overwriting it, and moves a Scheduled run with no infrastructure straight to
+        Cancelled. ``None`` when Prefect did not say.
+        """
+        result: OrchestrationResult[Any] | None = None
         async for attempt in self._retrying("cancel_flow_run"):
             with attempt, _translate_errors("cancel flow run"):
-                await self.client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+                result = await self.client.set_flow_run_state(flow_run_id, Cancelling())
+        state = result.state if result is not None else None
+        if state is None:
+            return None
+        return RunSnapshot(
+            flow_run_id=flow_run_id,
+            state_type=state.type.value,
+            state_name=state.name or state.type.value.title(),
+            state_id=str(state.id),
+            end_time=state.timestamp if state.type.value in FINAL_STATE_TYPES else None,
+            source="cancel",
+            occurred=state.timestamp,
+        )
 
     @contextlib.asynccontextmanager
     async def run_events(self, tag: str) -> AsyncIterator[AsyncIterator[RunSnapshot]]:

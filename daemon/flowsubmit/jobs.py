@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from flowsubmit.errors import JobRejected
 
 __all__ = [
+    "DEPLOYMENT_HINT",
     "MAX_NESTING",
     "Job",
     "RunSpec",
@@ -37,7 +38,7 @@ _ID_RULE = (
     "an id is 1 to 128 characters: letters A-Z a-z, digits, '.', '_' and '-', "
     "starting with a letter or a digit"
 )
-_DEPLOYMENT_HINT = "`prefect deployment ls` lists the deployments"
+DEPLOYMENT_HINT = "`prefect deployment ls` lists the deployments"
 _OTHER_BOMS = (
     (codecs.BOM_UTF32_LE, "UTF-32"),
     (codecs.BOM_UTF32_BE, "UTF-32"),
@@ -201,7 +202,7 @@ class Job(Stage):
                 raise _FieldProblem(
                     "is missing: a job names the deployment to run",
                     field="deployment",
-                    hint=f"`flow-name/deployment-name`; {_DEPLOYMENT_HINT}",
+                    hint=f"`flow-name/deployment-name`; {DEPLOYMENT_HINT}",
                 )
             if self.run_count == 0:
                 raise _FieldProblem(
@@ -220,7 +221,7 @@ class Job(Stage):
                 raise _FieldProblem(
                     "is missing, and the job has no `deployment` either",
                     field=f"stages.{i}.deployment",
-                    hint=_DEPLOYMENT_HINT,
+                    hint=DEPLOYMENT_HINT,
                 )
             if stage.run_count == 0:
                 raise _FieldProblem(
@@ -514,7 +515,7 @@ def _pattern_rejection(name: str, value: str, field: str | None) -> JobRejected:
     return JobRejected(
         f"must be a flow name and a deployment name joined by one '/', not {_show(value)}",
         field=field,
-        hint=f"`flow-name/deployment-name`; {_DEPLOYMENT_HINT}",
+        hint=f"`flow-name/deployment-name`; {DEPLOYMENT_HINT}",
     )
 
 

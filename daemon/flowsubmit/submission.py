@@ -398,8 +398,8 @@ class FlowSubmission:
     async def cancel(self) -> list[str]:
         """Ask Prefect to cancel every run not final yet; ``wait()`` then collects their final states.
 
-        One batched read first: cancellation is forced, and would overwrite the state
-        of a run that ended a moment ago; those are recorded as they ended instead.
+        One batched read first, so that runs which ended a moment ago are recorded as
+        they ended (Prefect would refuse to cancel them anyway) and not asked again.
 
         Returns:
             The run ids cancellation was asked for.

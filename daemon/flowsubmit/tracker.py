@@ -179,6 +179,13 @@ class Tracker:
             self._check.set()
         return future
 
+    def forget(self, flow_run_id: str) -> None:
+        """Stop tracking a run (its job gave up on it); a pending ``watch`` future is cancelled."""
+        run = self._watches.pop(flow_run_id, None)
+        self._unseen.discard(flow_run_id)
+        if run is not None and run.future is not None and not run.future.done():
+            run.future.cancel()
+
     async def wait(self, flow_run_id: str) -> RunSnapshot:
         """Wait for the run's final snapshot."""
         return await asyncio.shield(self.watch(flow_run_id))

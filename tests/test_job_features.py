@@ -1,0 +1,139 @@
+"""Job features through the daemon on the real server: retries, stages, timeout and cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+from flowsubmit.cli import main as cli
+from tests.conftest import Daemon, enqueue, result_of
+from tests.driver import drive, wait_for_runs
+from tests.flows import DRIVEN, ETL
+
+
+async def _states_tagged(tag: str) -> list[str]:
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
+        )
+    return sorted(r.state.type.value for r in runs if r.state)
+
+
+def test_retries_resubmit_a_failed_run_with_a_new_attempt(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """With retries=1 a run that fails is created once more (new idempotency key); the result counts 2 attempts."""
+    daemon = start_daemon()
+    job_id = enqueue(
+        daemon.queue,
+        {
+            "deployment": ETL,
+            "retries": 1,
+            "runs": [
+                {"parameters": {"table": 1, "fail": True, "seconds": 0}},
+                {"parameters": {"table": 2, "seconds": 0}},
+            ],
+        },
+    )
+
+    folder, result = daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="result")
+
+    assert folder == "failed"
+    assert [(r["attempts"], r["state_name"]) for r in result["runs"]] == [
+        (2, "Failed"),
+        (1, "Completed"),
+    ]
+    assert [line["index"] for line in daemon.events("run.retrying")] == [0]
+    assert len(daemon.events("run.submitted")) == 3
+    assert asyncio.run(_states_tagged(f"flowsubmit-job:{job_id}")) == [
+        "COMPLETED",
+        "FAILED",
+        "FAILED",
+    ]
+
+
+def test_a_stage_starts_only_when_the_one_before_completed(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """Stage 1 runs after stage 0 completed in full; after a failed stage, later stages are never created."""
+    daemon = start_daemon()
+    good = enqueue(
+        daemon.queue,
+        {
+            "deployment": ETL,
+            "parameters": {"seconds": 0},
+            "stages": [{"matrix": {"table": [1, 2]}}, {"runs": [{"parameters": {"table": 3}}]}],
+        },
+    )
+    bad = enqueue(
+        daemon.queue,
+        {
+            "deployment": ETL,
+            "parameters": {"seconds": 0},
+            "stages": [
+                {"runs": [{"parameters": {"table": 4, "fail": True}}]},
+                {"runs": [{"parameters": {"table": 5}}]},
+            ],
+        },
+    )
+
+    folder, result = daemon.wait_for(lambda: result_of(daemon.queue, good), what="staged job")
+    assert folder == "done"
+    assert [(r["stage"], r["parameters"]["table"], r["state_name"]) for r in result["runs"]] == [
+        (0, 1, "Completed"),
+        (0, 2, "Completed"),
+        (1, 3, "Completed"),
+    ]
+    stage1_start = result["runs"][2]["start_time"]
+    assert all(r["end_time"] <= stage1_start for r in result["runs"][:2])
+
+    folder, result = daemon.wait_for(
+        lambda: result_of(daemon.queue, bad), what="failing staged job"
+    )
+    assert folder == "failed"
+    assert [(r["stage"], r["state_name"]) for r in result["runs"]] == [(0, "Failed")]
+    assert result["error"] == "stage 0 did not complete in full; 1 later stage(s) not started"
+    assert asyncio.run(_states_tagged(f"flowsubmit-job:{bad}")) == ["FAILED"]
+
+
+def test_timeout_cancels_the_runs_still_going(start_daemon: Callable[..., Daemon]) -> None:
+    """A job past its `timeout` ends timed_out in failed/; its runs that had not ended are cancelled in Prefect."""
+    daemon = start_daemon()
+    job_id = enqueue(
+        daemon.queue,
+        {
+            "deployment": DRIVEN,
+            "timeout": 3,
+            "runs": [{"parameters": {"table": 1}}, {"parameters": {"table": 2}}],
+        },
+    )
+    run_ids = asyncio.run(wait_for_runs(f"flowsubmit-job:{job_id}", 2))
+    asyncio.run(drive(run_ids[:1]))
+
+    folder, result = daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="timed out job")
+
+    assert (folder, result["status"]) == ("failed", "timed_out")
+    assert sorted(r["state_name"] for r in result["runs"]) == ["Cancelled", "Completed"]
+    assert [line["state"] for line in daemon.events("run.cancelled")] == ["Cancelled"]
+    assert asyncio.run(_states_tagged(f"flowsubmit-job:{job_id}")) == ["CANCELLED", "COMPLETED"]
+
+
+def test_cancel_command_stops_a_running_job(start_daemon: Callable[..., Daemon]) -> None:
+    """`flowsubmit cancel` makes the daemon cancel the job's unfinished runs and end it `cancelled`."""
+    daemon = start_daemon()
+    job_id = enqueue(
+        daemon.queue,
+        {"id": "cancel-me", "deployment": DRIVEN, "runs": [{"parameters": {"table": 1}}]},
+    )
+    asyncio.run(wait_for_runs(f"flowsubmit-job:{job_id}", 1))
+
+    assert cli(["cancel", "--queue", str(daemon.queue), job_id]) == 0
+    folder, result = daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="cancelled job")
+
+    assert (folder, result["status"]) == ("failed", "cancelled")
+    assert (daemon.queue / "failed" / f"{job_id}.cancel").exists()
+    assert [r["state_name"] for r in result["runs"]] == ["Cancelled"]
+    assert asyncio.run(_states_tagged(f"flowsubmit-job:{job_id}")) == ["CANCELLED"]
