@@ -103,25 +103,10 @@ def start_daemon(served: LocalServer, tmp_path: Path) -> Iterator[Callable[..., 
     """Factory: start ``flowsubmit run`` on a queue (``tmp_path/queue`` by default); stopped afterwards."""
     daemons: list[Daemon] = []
 
-    def start(queue: Path | None = None, **settings: str) -> Daemon:
-        queue = queue or tmp_path / "queue"
+    def start(queue: Path | None = None, **settings: object) -> Daemon:
         log_path = tmp_path / f"daemon-{len(daemons)}.log"
-        env = served.env(
-            **{
-                f"FLOWSUBMIT_{k.upper()}": str(v)
-                for k, v in {"poll_interval_s": 1, "rescan_interval_s": 0.5, **settings}.items()
-            }
-        )
-        with open(log_path, "wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "flowsubmit.cli", "run", "--queue", str(queue)],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-            )
-        daemon = Daemon(queue, process, log_path)
+        fast = {"poll_interval_s": 1, "rescan_interval_s": 0.5, **settings}
+        daemon = spawn_daemon(queue or tmp_path / "queue", log_path, served.env(), fast)
         daemons.append(daemon)
         daemon.wait_for_event("service.ready")
         return daemon
@@ -131,6 +116,23 @@ def start_daemon(served: LocalServer, tmp_path: Path) -> Iterator[Callable[..., 
         if daemon.process.poll() is None:
             daemon.process.kill()
             daemon.process.wait()
+
+
+def spawn_daemon(
+    queue: Path, log_path: Path, env: dict[str, str], settings: dict[str, Any]
+) -> Daemon:
+    """Start ``flowsubmit run`` on ``queue`` with ``env`` plus ``FLOWSUBMIT_<NAME>`` settings; do not wait."""
+    env = {**env, **{f"FLOWSUBMIT_{k.upper()}": str(v) for k, v in settings.items()}}
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flowsubmit.cli", "run", "--queue", str(queue)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+    return Daemon(queue, process, log_path)
 
 
 def enqueue(queue: Path, job: dict[str, Any] | bytes, *, env: dict[str, str] | None = None) -> str:

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -21,7 +17,6 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.conftest import ROOT, Daemon
 from tests.driver import drive
 
 
@@ -107,23 +102,3 @@ def server_runs(tag: str, api_url: str | None = None) -> list[FlowRun]:
     """``runs_tagged`` from synchronous test code."""
     with _api(api_url):
         return asyncio.run(runs_tagged(tag))
-
-
-def spawn_daemon(
-    queue: Path, log_path: Path, env: dict[str, str], settings: dict[str, Any]
-) -> Daemon:
-    """Start ``flowsubmit run`` with an explicit environment, without waiting for it to be ready."""
-    env = {
-        **env,
-        **{f"FLOWSUBMIT_{k.upper()}": str(v) for k, v in settings.items()},
-    }
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flowsubmit.cli", "run", "--queue", str(queue)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=ROOT,
-        )
-    return Daemon(queue, process, log_path)

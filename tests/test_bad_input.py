@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 import pytest
 
 from flowsubmit.localserver import LocalServer
-from tests.conftest import ROOT, Daemon, result_of
+from tests.conftest import Daemon, result_of, spawn_daemon
 from tests.driver import drive, wait_for_runs
 from tests.flows import ETL, VAULT
 
@@ -32,23 +30,8 @@ def _spawn(
     served: LocalServer, queue: Path, log_path: Path, env: dict[str, str], **settings: object
 ) -> Daemon:
     """Start ``flowsubmit run`` on ``queue`` with extra environment and settings; wait until ready."""
-    full_env = served.env(
-        **env,
-        **{
-            f"FLOWSUBMIT_{k.upper()}": str(v)
-            for k, v in {"poll_interval_s": 1, "rescan_interval_s": 0.5, **settings}.items()
-        },
-    )
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flowsubmit.cli", "run", "--queue", str(queue)],
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=ROOT,
-        )
-    daemon = Daemon(queue, process, log_path)
+    fast = {"poll_interval_s": 1, "rescan_interval_s": 0.5, **settings}
+    daemon = spawn_daemon(queue, log_path, served.env(**env), fast)
     daemon.wait_for_event("service.ready")
     return daemon
 

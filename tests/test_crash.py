@@ -27,8 +27,8 @@ from flowsubmit.executor import job_tag
 from flowsubmit.journal import Journal, replay
 from flowsubmit.localserver import LocalServer
 from flowsubmit.queue import JobLock, Queue
-from tests.conftest import ROOT, Daemon, result_of
-from tests.crashkit import BackgroundDriver, server_runs, spawn_daemon
+from tests.conftest import ROOT, Daemon, result_of, spawn_daemon
+from tests.crashkit import BackgroundDriver, server_runs
 from tests.flows import DRIVEN
 
 RUNS = 30

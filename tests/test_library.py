@@ -17,10 +17,11 @@ from structlog.testing import capture_logs
 from flowsubmit import (
     ClosedError,
     PermanentGatewayError,
+    TransientGatewayError,
     WaitTimeout,
     flow_submitter,
 )
-from flowsubmit.localserver import LocalServer
+from flowsubmit.localserver import LocalServer, free_port
 from flowsubmit.submission import submission_key
 from tests.driver import drive, wait_for_runs
 from tests.flows import DRIVEN, ETL
@@ -295,6 +296,18 @@ async def test_unknown_deployment_raises_a_clear_error_from_submit() -> None:
     assert info.value.deployment == "no-such-flow/no-such-deployment"
     assert ghost.run_ids == []
     assert not ghost.connected
+
+
+async def test_unreachable_prefect_raises_once_the_outage_tolerance_is_spent() -> None:
+    """With nothing listening, submit() retries for `outage_tolerance_s`, then raises TransientGatewayError."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
+        nowhere = flow_submitter(DRIVEN, outage_tolerance_s=1.0)
+        with pytest.raises(TransientGatewayError, match="Prefect unreachable"):
+            await nowhere.submit(table=1)
+    assert nowhere.run_ids == []
+    assert not nowhere.connected
 
 
 async def test_wait_timeout_on_a_run_that_never_starts_carries_partial_results() -> None:

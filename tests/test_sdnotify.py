@@ -11,7 +11,7 @@ import pytest
 
 from flowsubmit.localserver import LocalServer
 from flowsubmit.sdnotify import Notifier
-from tests.crashkit import spawn_daemon
+from tests.conftest import spawn_daemon
 
 
 @pytest.fixture

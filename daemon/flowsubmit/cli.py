@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from flowsubmit import logs
 from flowsubmit.errors import JobRejected
-from flowsubmit.jobs import job_schema, parse_job
+from flowsubmit.jobs import Job, job_schema, parse_job
 from flowsubmit.queue import FOLDERS, Queue, new_job_id
 from flowsubmit.settings import Settings
 
@@ -127,24 +127,30 @@ def _read_source(file: str) -> tuple[str, bytes]:
     return file, Path(file).read_bytes()
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
-    name, data = _read_source(args.file)
+def _parse_source(file: str) -> tuple[str, bytes, Job] | None:
+    """Read and parse a job file (or stdin); print the rejection and return None if invalid."""
+    name, data = _read_source(file)
     try:
-        job = parse_job(data, file=name, max_runs=Settings().max_runs_per_job)
+        return name, data, parse_job(data, file=name, max_runs=Settings().max_runs_per_job)
     except JobRejected as exc:
         print(f"invalid: {exc.message}", file=sys.stderr)
+        return None
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    parsed = _parse_source(args.file)
+    if parsed is None:
         return EXIT_USAGE
+    name, _, job = parsed
     print(f"ok: {name}: {job.total_runs} runs")
     return EXIT_OK
 
 
 def _cmd_enqueue(args: argparse.Namespace) -> int:
-    name, data = _read_source(args.file)
-    try:
-        job = parse_job(data, file=name, max_runs=Settings().max_runs_per_job)
-    except JobRejected as exc:
-        print(f"invalid: {exc.message}", file=sys.stderr)
+    parsed = _parse_source(args.file)
+    if parsed is None:
         return EXIT_USAGE
+    _, data, job = parsed
     if job.id is None:
         # Give the drop its id now, so that the id printed is the id the daemon uses.
         job_id = new_job_id()

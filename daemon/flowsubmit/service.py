@@ -366,6 +366,10 @@ class Service:
             target = self.queue.reject(name, error)
         except FileNotFoundError:
             return  # another daemon moved it first
+        self._rejected(error, target)
+
+    def _rejected(self, error: JobRejected, target: Path) -> None:
+        """Count and log one rejection (the file is already in ``rejected/``)."""
         self.counts["rejected"] += 1
         log.warning(
             "job.rejected",
@@ -447,16 +451,7 @@ class Service:
             prepared = await executor.prepare()
         except JobRejected as exc:
             error = exc.with_file(claim.source)
-            target = self.queue.reject_claimed(claim, error)
-            self.counts["rejected"] += 1
-            log.warning(
-                "job.rejected",
-                file=claim.source,
-                reason=error.reason,
-                field=error.field,
-                hint=error.hint,
-                moved_to=str(target),
-            )
+            self._rejected(error, self.queue.reject_claimed(claim, error))
             return
         outcome = await executor.run(prepared)
         succeeded = outcome.status is JobStatus.SUCCEEDED

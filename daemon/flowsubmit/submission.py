@@ -64,6 +64,7 @@ def flow_submitter(
     job_variables: Mapping[str, Any] | None = None,
     work_queue_name: str | None = None,
     submission_id: str | None = None,
+    outage_tolerance_s: float = 3600.0,
 ) -> FlowSubmission:
     """Start a submission of runs of ``deployment``; nothing talks to Prefect until the first call.
 
@@ -78,6 +79,8 @@ def flow_submitter(
         submission_id: names the submission in keys, tags and logs (default: a new
             uuid). Reusing one after a crash, with the same ``submit()`` calls in
             the same order, finds the runs created before instead of creating more.
+        outage_tolerance_s: how long a call keeps retrying while Prefect is
+            unreachable before it raises ``TransientGatewayError``.
 
     Example::
 
@@ -94,6 +97,7 @@ def flow_submitter(
         job_variables=job_variables,
         work_queue_name=work_queue_name,
         submission_id=submission_id,
+        outage_tolerance_s=outage_tolerance_s,
     )
 
 
@@ -137,6 +141,7 @@ class FlowSubmission:
         job_variables: Mapping[str, Any] | None = None,
         work_queue_name: str | None = None,
         submission_id: str | None = None,
+        outage_tolerance_s: float = 3600.0,
     ) -> None:
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1 (or None for no cap)")
@@ -146,6 +151,7 @@ class FlowSubmission:
         self.submission_id = submission_id or uuid.uuid4().hex
         self.tag = submission_tag(self.submission_id)
         self.poll_interval = poll_interval
+        self.outage_tolerance_s = outage_tolerance_s
         self.max_concurrency = max_concurrency
         self._tags = tuple(tags)
         self._job_variables = dict(job_variables or {})
@@ -460,7 +466,9 @@ class FlowSubmission:
         """Gateway, deployment, then the subscription; every unfinished run is watched again."""
         stack = contextlib.AsyncExitStack()
         try:
-            gateway = await stack.enter_async_context(Gateway())
+            gateway = await stack.enter_async_context(
+                Gateway(outage_tolerance_s=self.outage_tolerance_s)
+            )
             if self._resolved is None:
                 self._resolved = await gateway.resolve_deployment(self.deployment)
             tracker = await stack.enter_async_context(
