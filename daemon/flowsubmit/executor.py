@@ -290,13 +290,16 @@ class Executor:
         waiting = asyncio.shield(self._tracker.watch(run_id))
         if self._recovered:
             self._tracker.reconcile_soon()  # it may have ended while no daemon listened
-        snap = await waiting
+        return self._record_final(await waiting, deployment, spec)
+
+    def _record_final(self, snap: RunSnapshot, deployment: str, spec: RunSpec) -> RunSnapshot:
+        """Journal a run's final state, then log it: the one canonical line per run attempt."""
         self._journal.append("final", **snapshot_record(snap))
-        self._state.finals[run_id] = snap
+        self._state.finals[snap.flow_run_id] = snap
         log.info(
             "run.finished",
             index=spec.index,
-            flow_run_id=run_id,
+            flow_run_id=snap.flow_run_id,
             flow_run_name=snap.flow_run_name,
             state=snap.state_name,
             state_type=snap.state_type,
@@ -320,10 +323,8 @@ class Executor:
                 snap = None
             state = snap.state_name if snap else None
             log.info("run.cancelled", index=record.index, flow_run_id=run_id, state=state)
+            self._tracker.forget(run_id)  # its job no longer waits for it
             if snap is not None and snap.final:
                 # A Scheduled run has nothing to stop: Prefect cancels it outright.
-                self._tracker.observe(snap)
                 spec = RunSpec(record.stage, record.index, record.parameters)
-                record.record(await self._final_state(run_id, record.deployment, spec))
-            else:
-                self._tracker.forget(run_id)  # its job no longer waits for it
+                record.record(self._record_final(snap, record.deployment, spec))
