@@ -11,7 +11,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from flowsubmit.cli import main as cli
 from tests.conftest import Daemon, enqueue, result_of
 from tests.driver import drive, wait_for_runs
-from tests.flows import DRIVEN, ETL
+from tests.flows import DRIVEN, ETL, SLEEPER
 
 
 async def _states_tagged(tag: str) -> list[str]:
@@ -119,6 +119,28 @@ def test_timeout_cancels_the_runs_still_going(start_daemon: Callable[..., Daemon
     assert sorted(r["state_name"] for r in result["runs"]) == ["Cancelled", "Completed"]
     assert [line["state"] for line in daemon.events("run.cancelled")] == ["Cancelled"]
     assert asyncio.run(_states_tagged(f"flowsubmit-job:{job_id}")) == ["CANCELLED", "COMPLETED"]
+
+
+def test_timeout_stops_a_running_run_and_records_it_cancelled(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """A run still executing at the timeout is stopped by its runner; the result records it Cancelled."""
+    daemon = start_daemon()
+    job_id = enqueue(
+        daemon.queue,
+        {"deployment": SLEEPER, "timeout": 5, "runs": [{"parameters": {"seconds": 120}}]},
+    )
+
+    folder, result = daemon.wait_for(
+        lambda: result_of(daemon.queue, job_id), timeout_s=120, what="timed out job"
+    )
+
+    assert (folder, result["status"]) == ("failed", "timed_out")
+    assert [(r["state_type"], r["state_name"]) for r in result["runs"]] == [
+        ("CANCELLED", "Cancelled")
+    ]
+    assert [line["state"] for line in daemon.events("run.cancelled")] == ["Cancelling"]
+    assert asyncio.run(_states_tagged(f"flowsubmit-job:{job_id}")) == ["CANCELLED"]
 
 
 def test_cancel_command_stops_a_running_job(start_daemon: Callable[..., Daemon]) -> None:

@@ -28,6 +28,10 @@ __all__ = ["Executor", "JobOutcome", "idempotency_key", "job_tag"]
 log = structlog.get_logger("flowsubmit.executor")
 
 
+#: After cancelling a job's runs, how long it waits for them to reach a final state.
+CANCEL_GRACE_S = 10.0
+
+
 def idempotency_key(deployment_id: str, job_id: str, stage: int, index: int, attempt: int) -> str:
     """The key of one creation. It carries the deployment id because Prefect scopes keys per flow."""
     return f"flowsubmit/{deployment_id}/{job_id}/{stage}/{index}/{attempt}"
@@ -309,22 +313,47 @@ class Executor:
         return snap
 
     async def _cancel_unfinished(self) -> None:
-        """Ask Prefect to cancel every run not final yet; record those it ends at once."""
+        """Ask Prefect to cancel every run not final yet, then give them ``CANCEL_GRACE_S`` to end.
+
+        A Scheduled run has nothing to stop and ends Cancelled at once; a running one
+        ends when its worker or runner has stopped it. What has not ended by then is
+        left to Prefect and recorded without a final state.
+        """
+        stopping: dict[str, RunRecord] = {}
         for record in self._records.values():
-            if not record.flow_run_id or record.state_type is not None:
-                continue
-            run_id = record.flow_run_id
-            try:
-                snap = await self._gateway.cancel_run(run_id)
-            except GatewayError as exc:
-                log.warning(
-                    "run.cancel_failed", index=record.index, flow_run_id=run_id, error=str(exc)
+            if record.flow_run_id and record.state_type is None:
+                snap = await self._cancel(record, record.flow_run_id)
+                if snap is not None and snap.final:
+                    self._tracker.forget(record.flow_run_id)
+                    record.record(self._record_final(snap, record.deployment, _spec_of(record)))
+                else:
+                    stopping[record.flow_run_id] = record
+        if stopping:
+            await self._collect_cancelled(stopping)
+
+    async def _cancel(self, record: RunRecord, run_id: str) -> RunSnapshot | None:
+        try:
+            snap = await self._gateway.cancel_run(run_id)
+        except GatewayError as exc:
+            log.warning("run.cancel_failed", index=record.index, flow_run_id=run_id, error=str(exc))
+            return None
+        log.info(
+            "run.cancelled", index=record.index, flow_run_id=run_id, state=snap and snap.state_name
+        )
+        return snap
+
+    async def _collect_cancelled(self, stopping: dict[str, RunRecord]) -> None:
+        futures = {self._tracker.watch(run_id): run_id for run_id in stopping}
+        done, _ = await asyncio.wait(futures, timeout=CANCEL_GRACE_S)
+        for future, run_id in futures.items():
+            record = stopping[run_id]
+            if future in done and not future.cancelled():
+                record.record(
+                    self._record_final(future.result(), record.deployment, _spec_of(record))
                 )
-                snap = None
-            state = snap.state_name if snap else None
-            log.info("run.cancelled", index=record.index, flow_run_id=run_id, state=state)
-            self._tracker.forget(run_id)  # its job no longer waits for it
-            if snap is not None and snap.final:
-                # A Scheduled run has nothing to stop: Prefect cancels it outright.
-                spec = RunSpec(record.stage, record.index, record.parameters)
-                record.record(self._record_final(snap, record.deployment, spec))
+            else:
+                self._tracker.forget(run_id)  # its job no longer waits for it
+
+
+def _spec_of(record: RunRecord) -> RunSpec:
+    return RunSpec(record.stage, record.index, record.parameters)
