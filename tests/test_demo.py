@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,42 @@ def test_demo_prints_the_runs_and_the_summary(tmp_path: Path) -> None:
         18,
         2,
     )
+
+
+def _processes_with(marker: str) -> list[int]:
+    """PIDs whose environment contains ``marker`` (the demo's Prefect home)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
+    """SIGINT mid-demo exits 130 and leaves no server, served flow or daemon behind."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flowsubmit.cli", "demo"],
+        env=prefect_env(tmp_path),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    home = None
+    for line in process.stdout:
+        if line.startswith("starting a local Prefect server (SQLite in "):
+            home = "PREFECT_HOME=" + line.split("SQLite in ")[1].split(")")[0]
+        if line.startswith("enqueued job"):
+            break
+    assert home is not None
+    assert len(_processes_with(home)) >= 3  # server, served flow, daemon (and their children)
+
+    process.send_signal(signal.SIGINT)
+    assert process.wait(60) == 130
+    assert "interrupted: everything the demo started has been stopped" in process.stderr.read()  # type: ignore[union-attr]
+    assert _processes_with(home) == []

@@ -217,7 +217,11 @@ def _cmd_schema(_: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flowsubmit.demo import run_demo
 
-    return run_demo(runs=args.runs, log_format=args.log_format)
+    try:
+        return run_demo(runs=args.runs, log_format=args.log_format)
+    except KeyboardInterrupt:
+        print("interrupted: everything the demo started has been stopped", file=sys.stderr)
+        return 130
 
 
 _COMMANDS: dict[str, Any] = {

@@ -132,7 +132,11 @@ class LocalServer:
             self._tmp.cleanup()
 
     def __enter__(self) -> LocalServer:
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # Ctrl-C while starting: leave no server behind
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
