@@ -34,8 +34,13 @@ def _message_first(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
     return event_dict
 
 
-def configure(fmt: Literal["json", "console"] = "json", level: str = "info") -> None:
-    """Configure structlog once for the process; called by the CLI and the demo only."""
+def configure(
+    fmt: Literal["json", "console"] = "json", level: str = "info", *, cache: bool = True
+) -> None:
+    """Configure structlog once for the process; called by the CLI and the demo only.
+
+    ``cache=False`` keeps loggers re-reading the configuration (tests reconfigure).
+    """
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -54,7 +59,7 @@ def configure(fmt: Literal["json", "console"] = "json", level: str = "info") -> 
         processors=[*shared, *renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
 
 
