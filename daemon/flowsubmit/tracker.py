@@ -298,10 +298,15 @@ class Tracker:
     async def _read(self, ids: list[str]) -> None:
         if not ids:
             return
+        # The poll loop is the retry loop: one read may not sit out a whole outage inside
+        # the gateway's (and Prefect's client's) retries, or polling resumes late after it.
+        limit_s = max(2 * self.poll_interval_s, 10.0)
         try:
-            snaps = await self._gateway.read_runs(ids)
-        except GatewayError as exc:
-            log.warning("tracker.poll_failed", error=str(exc), pending=len(ids))
+            async with asyncio.timeout(limit_s):
+                snaps = await self._gateway.read_runs(ids)
+        except (GatewayError, TimeoutError) as exc:
+            error = str(exc) or f"no answer within {limit_s:g} s"
+            log.warning("tracker.poll_failed", error=error, pending=len(ids))
             return
         for snap in snaps:
             self.observe(snap)
