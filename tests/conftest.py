@@ -99,23 +99,33 @@ class Daemon:
 
 
 @pytest.fixture
-def start_daemon(served: LocalServer, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Factory: start ``flowsubmit run`` on a queue (``tmp_path/queue`` by default); stopped afterwards."""
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Factory: start ``flowsubmit run`` with ``env`` (fast poll and rescan), not waiting; killed afterwards."""
     daemons: list[Daemon] = []
 
-    def start(queue: Path | None = None, **settings: object) -> Daemon:
+    def start(env: dict[str, str], queue: Path | None = None, **settings: object) -> Daemon:
         log_path = tmp_path / f"daemon-{len(daemons)}.log"
         fast = {"poll_interval_s": 1, "rescan_interval_s": 0.5, **settings}
-        daemon = spawn_daemon(queue or tmp_path / "queue", log_path, served.env(), fast)
-        daemons.append(daemon)
-        daemon.wait_for_event("service.ready")
-        return daemon
+        daemons.append(spawn_daemon(queue or tmp_path / "queue", log_path, env, fast))
+        return daemons[-1]
 
     yield start
     for daemon in daemons:
         if daemon.process.poll() is None:
             daemon.process.kill()
             daemon.process.wait()
+
+
+@pytest.fixture
+def start_daemon(served: LocalServer, spawn: Callable[..., Daemon]) -> Callable[..., Daemon]:
+    """Factory: ``flowsubmit run`` against the session server, on ``tmp_path/queue`` by default, once ready."""
+
+    def start(queue: Path | None = None, **settings: object) -> Daemon:
+        daemon = spawn(served.env(), queue, **settings)
+        daemon.wait_for_event("service.ready")
+        return daemon
+
+    return start
 
 
 def spawn_daemon(

@@ -27,7 +27,7 @@ from flowsubmit.executor import job_tag
 from flowsubmit.journal import Journal, replay
 from flowsubmit.localserver import LocalServer
 from flowsubmit.queue import JobLock, Queue
-from tests.conftest import ROOT, Daemon, result_of, spawn_daemon
+from tests.conftest import ROOT, Daemon, result_of
 from tests.crashkit import BackgroundDriver, server_runs
 from tests.flows import DRIVEN
 
@@ -232,24 +232,6 @@ def other_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServ
         yield server
     finally:
         server.close()
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Factory: ``spawn_daemon`` on ``tmp_path/queue`` with a given environment; killed afterwards."""
-    daemons: list[Daemon] = []
-
-    def start(env: dict[str, str], **settings: Any) -> Daemon:
-        log_path = tmp_path / f"daemon-{len(daemons)}.log"
-        settings = {"poll_interval_s": 1, "rescan_interval_s": 0.5, **settings}
-        daemons.append(spawn_daemon(tmp_path / "queue", log_path, env, settings))
-        return daemons[-1]
-
-    yield start
-    for daemon in daemons:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait()
 
 
 def test_outage_beyond_tolerance_fails_the_job_with_a_clear_reason(
