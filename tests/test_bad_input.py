@@ -7,7 +7,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -268,19 +268,14 @@ PREFECT_KEY = "pnu_bogusbogusbogusbogusbogusbogus0001"
 
 
 def test_secrets_never_reach_logs_or_results_and_files_are_private(
-    served: LocalServer, tmp_path: Path
+    served: LocalServer, spawn: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     """Secret-like parameters and PREFECT_API_KEY appear in no log line, result or error file; the daemon warns on a world-writable queue and creates private files."""
     queue = tmp_path / "queue"
     queue.mkdir()
     queue.chmod(0o777)
-    daemon = _spawn(
-        served,
-        queue,
-        tmp_path / "daemon.log",
-        {"PREFECT_API_KEY": PREFECT_KEY},
-        run_tag="secrets-test",
-    )
+    daemon = spawn(served.env(PREFECT_API_KEY=PREFECT_KEY), queue, run_tag="secrets-test")
+    daemon.wait_for_event("service.ready")
     incoming = queue / "incoming"
     (incoming / "vault.json").write_text(
         json.dumps({"id": "vault-1", "deployment": VAULT, "runs": [{"parameters": SECRETS}]})
@@ -329,12 +324,13 @@ def test_secrets_never_reach_logs_or_results_and_files_are_private(
     }
 
 
-def test_five_thousand_files_at_once_are_all_judged(served: LocalServer, tmp_path: Path) -> None:
+def test_five_thousand_files_at_once_are_all_judged(
+    served: LocalServer, spawn: Callable[..., Daemon], tmp_path: Path
+) -> None:
     """5,000 files dropped at once, 4,990 of them bad in 6 ways: every bad one rejected with its error, every good one runs."""
     queue = tmp_path / "queue"
-    daemon = _spawn(
-        served, queue, tmp_path / "daemon.log", {}, settle_s=0.5, max_concurrent_jobs=10
-    )
+    daemon = spawn(served.env(), queue, settle_s=0.5, max_concurrent_jobs=10)
+    daemon.wait_for_event("service.ready")
     kinds = {
         "junk": (b"junk", "not valid JSON: Expecting value at line 1 column 1"),
         "empty": (b"", "the file is empty"),
