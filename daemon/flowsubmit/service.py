@@ -17,6 +17,7 @@ from pathlib import Path
 import structlog
 from structlog.contextvars import bound_contextvars
 
+from flowsubmit._aio import wait_event
 from flowsubmit._types import JobStatus
 from flowsubmit.errors import ClaimLost, GatewayError, JobRejected
 from flowsubmit.executor import Executor
@@ -181,9 +182,7 @@ class Service:
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once on ``stop()``."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stop.wait()
+        await wait_event(self._stop, seconds)
 
     async def _watch_prefect(self, gateway: Gateway) -> None:
         """One health check per ``poll_interval_s``: stop claiming while Prefect is down, and
@@ -494,9 +493,7 @@ class Service:
         while not self._stop.is_set():
             if time.monotonic() - self._heartbeat < stale_after_s:
                 self.notifier.watchdog()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval_s):
-                    await self._stop.wait()
+            await self._sleep(interval_s)
 
 
 async def _answers(gateway: Gateway, timeout_s: float) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import Any, Self
 
 import structlog
 
+from flowsubmit._aio import wait_event
 from flowsubmit._types import GatewayProtocol, RunSnapshot
 from flowsubmit.errors import ClosedError, GatewayError
 
@@ -145,10 +147,7 @@ class Tracker:
 
     async def wait_connected(self, timeout_s: float) -> bool:
         """Wait until the stream is open (or polling has taken over); False on timeout."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._connected.wait()
-        return self._connected.is_set()
+        return await wait_event(self._connected, timeout_s)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -276,9 +275,7 @@ class Tracker:
                 if self._mode is not TrackerMode.STREAMING
                 else self.reconcile_interval_s
             )
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval * random.uniform(0.9, 1.1)):
-                    await self._wake.wait()
+            await wait_event(self._wake, interval * random.uniform(0.9, 1.1))
             self._wake.clear()
             await self._read(list(self._watches))
 
@@ -333,18 +330,11 @@ class Tracker:
 
 
 def _merged(snap: RunSnapshot, run: _Run) -> RunSnapshot:
-    if (snap.start_time or not run.start_time) and (snap.flow_run_name or not run.name):
-        return snap
-    return RunSnapshot(
-        flow_run_id=snap.flow_run_id,
-        state_type=snap.state_type,
-        state_name=snap.state_name,
+    """The final snapshot, completed with the start time and name seen on earlier states."""
+    return dataclasses.replace(
+        snap,
         flow_run_name=snap.flow_run_name or run.name,
-        state_id=snap.state_id,
         start_time=snap.start_time or run.start_time,
-        end_time=snap.end_time,
-        source=snap.source,
-        occurred=snap.occurred,
     )
 
 

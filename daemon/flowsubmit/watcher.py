@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
 from watchfiles import BaseFilter, Change, awatch
 from watchfiles._rust_notify import WatchfilesRustInternalError
+
+from flowsubmit._aio import wait_event
 
 __all__ = ["JobFileFilter", "wakeups"]
 
@@ -59,6 +60,4 @@ async def wakeups(
             return
         log.warning("watcher.restarted", error=failed, retry_in_s=rescan_interval_s)
         yield None
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(rescan_interval_s):
-                await stop.wait()
+        await wait_event(stop, rescan_interval_s)
