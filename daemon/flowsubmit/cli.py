@@ -30,10 +30,14 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--config", type=Path, help="TOML file of settings")
     for name, field in Settings.model_fields.items():
-        if name == "queue":
+        if name in ("queue", "producers"):  # producers: TOML tables (or JSON in the env) only
             continue
         flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
+        if field.annotation == list[str]:  # repeat the flag: --allowed-deployments 'etl/*' ...
+            group.add_argument(
+                flag, dest=name, action="append", help=f"{field.description} Repeatable."
+            )
+        elif field.annotation is bool:
             group.add_argument(
                 flag,
                 dest=name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -13,6 +14,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from flowsubmit.policy import ProducerRule
 
 __all__ = ["Settings", "crash_point", "example_toml"]
 
@@ -105,6 +108,26 @@ class Settings(BaseSettings):
         default=False,
         description="Watch incoming/ by polling instead of inotify (NFS, some bind mounts).",
     )
+    # The queue is a privilege boundary (#14): what a job may ask for is the daemon's choice.
+    allowed_deployments: list[str] = Field(
+        default=["*"],
+        description=(
+            "Glob patterns of `flow/deployment` names a job may run (`*` also matches `/`). "
+            'The default ["*"] lets the queue launch any deployment (a warning at start-up).'
+        ),
+    )
+    allowed_job_variables: list[str] = Field(
+        default=[],
+        description="`job_variables` keys a job may set; by default none (a job setting any is rejected).",
+    )
+    producers: list[ProducerRule] = Field(
+        default=[],
+        description=(
+            "[[producers]] rules: by `user`, `uid` or `group` of the job file's owner, their own "
+            "`allowed_deployments` / `allowed_job_variables`, which narrow (never widen) the "
+            "global ones. TOML, or JSON in FLOWSUBMIT_PRODUCERS; no flag."
+        ),
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -158,10 +181,20 @@ def example_toml() -> str:
         lines.append(f"# {field.description}")
         if field.default is None:
             lines.append(f'# {name} = "/var/spool/flowsubmit"')
+        elif name == "producers":
+            lines.extend(_PRODUCERS_EXAMPLE)  # tables: shown as an example, not as `producers = []`
         else:
             lines.append(f"{name} = {_toml_value(field.default)}")
         lines.append("")
     return "\n".join(lines)
+
+
+_PRODUCERS_EXAMPLE = (
+    "# [[producers]]",
+    '# user = "etl-cron"',
+    '# allowed_deployments = ["etl/*"]',
+    "# allowed_job_variables = []",
+)
 
 
 def _toml_value(value: Any) -> str:
@@ -169,4 +202,6 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return f'"{value}"'
+    if isinstance(value, list):
+        return json.dumps(value)  # a list of plain strings is the same in JSON and TOML
     return repr(value)

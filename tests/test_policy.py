@@ -1,0 +1,205 @@
+"""The policy as pure logic: which producer may ask for which deployments, job variables and tags (no server)."""
+
+from __future__ import annotations
+
+import grp
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from flowsubmit.errors import JobRejected
+from flowsubmit.jobs import Job
+from flowsubmit.policy import (
+    Policy,
+    Producer,
+    ProducerRule,
+    check_reserved_tags,
+    current_producer,
+    producer_of,
+)
+from flowsubmit.settings import Settings
+
+ETL_CRON = Producer(1001, "etl-cron", 1001)
+ALICE = Producer(1002, "alice", 1002)
+
+
+def _job(**fields: Any) -> Job:
+    return Job.model_validate({"deployment": "etl/nightly", "runs": [{}], **fields})
+
+
+def _refusal(policy: Policy, job: Job, producer: Producer = ETL_CRON) -> str:
+    with pytest.raises(JobRejected) as caught:
+        policy.check(job, producer)
+    return caught.value.message
+
+
+def _rules(*rules: dict[str, Any]) -> tuple[ProducerRule, ...]:
+    return tuple(ProducerRule.model_validate(rule) for rule in rules)
+
+
+def test_default_policy_allows_any_deployment_and_warns() -> None:
+    """The default lets any deployment through, and says so (the start-up warning's condition)."""
+    policy = Policy()
+    policy.check(_job(deployment="billing/export"), ETL_CRON)
+    assert policy.launches_anything
+    assert not Policy(allowed_deployments=("etl/*",)).launches_anything
+
+
+def test_default_policy_refuses_any_job_variable_naming_key_and_setting() -> None:
+    """By default a job setting any job variable is refused, naming the key and the setting."""
+    message = _refusal(Policy(), _job(job_variables={"image": "evil:latest"}))
+    assert message == (
+        "field 'job_variables.image': \"image\" is not allowed (allowed_job_variables: none)"
+    )
+    Policy(allowed_job_variables=("image",)).check(_job(job_variables={"image": "x"}), ETL_CRON)
+
+
+def test_deployment_outside_the_global_patterns_is_refused() -> None:
+    """A deployment no global pattern matches is refused with the patterns in the hint."""
+    policy = Policy(allowed_deployments=("etl/*", "ops/backup"))
+    policy.check(_job(deployment="ops/backup"), ETL_CRON)
+    message = _refusal(policy, _job(deployment="billing/export"))
+    assert message == (
+        "field 'deployment': \"billing/export\" is not allowed "
+        "(allowed_deployments: etl/*, ops/backup)"
+    )
+
+
+def test_a_producer_rule_narrows_its_user_only() -> None:
+    """A [[producers]] rule for etl-cron narrows etl-cron, with the issue's exact message; alice keeps the global policy."""
+    policy = Policy(producers=_rules({"user": "etl-cron", "allowed_deployments": ["etl/*"]}))
+    job = _job(deployment="billing/export")
+    assert _refusal(policy, job) == (
+        "field 'deployment': \"billing/export\" is not allowed for user etl-cron "
+        "(allowed_deployments: etl/*)"
+    )
+    policy.check(job, ALICE)
+    policy.check(_job(deployment="etl/nightly"), ETL_CRON)
+
+
+def test_a_rule_never_widens_the_global_policy() -> None:
+    """A rule that lists more than the global settings allow still gets only what the global settings allow."""
+    policy = Policy(
+        allowed_deployments=("etl/*",),
+        producers=_rules(
+            {"uid": 1001, "allowed_deployments": ["*"], "allowed_job_variables": ["image"]}
+        ),
+    )
+    assert _refusal(policy, _job(deployment="billing/export")).endswith(
+        "is not allowed (allowed_deployments: etl/*)"
+    )
+    assert _refusal(policy, _job(job_variables={"image": "x"})).endswith(
+        "(allowed_job_variables: none)"
+    )
+
+
+def test_every_matching_rule_applies() -> None:
+    """A uid rule and a group rule that both match a producer both narrow it; the refusal names the rule."""
+    group = grp.getgrgid(os.getgid()).gr_name
+    me = Producer(4242, "someone", os.getgid())
+    policy = Policy(
+        allowed_job_variables=("image", "env"),
+        producers=_rules(
+            {"uid": 4242, "allowed_job_variables": ["image", "env"]},
+            {"group": group, "allowed_job_variables": ["env"]},
+        ),
+    )
+    policy.check(_job(job_variables={"env": {}}), me)
+    assert _refusal(policy, _job(job_variables={"image": "x"}), me) == (
+        f"field 'job_variables.image': \"image\" is not allowed for group {group} "
+        "(allowed_job_variables: env)"
+    )
+    policy.check(_job(job_variables={"image": "x"}), Producer(4243, None, None))
+
+
+def test_every_stage_is_checked_as_it_will_run() -> None:
+    """Each stage's own deployment and job variables are checked under its field; a job-level deployment all stages override is never run."""
+    policy = Policy(allowed_deployments=("etl/*",), allowed_job_variables=("env",))
+    stages = [{"runs": [{}]}, {"deployment": "billing/export", "runs": [{}]}]
+    assert _refusal(policy, _job(stages=stages, runs=[])).startswith(
+        "field 'stages.1.deployment': \"billing/export\" is not allowed"
+    )
+    inherit = [{"runs": [{}]}, {"runs": [{}], "job_variables": {"image": "x"}}]
+    assert _refusal(policy, _job(stages=inherit, runs=[])).startswith(
+        "field 'stages.1.job_variables.image': \"image\" is not allowed"
+    )
+    overridden = [{"deployment": "etl/a", "runs": [{}]}]
+    policy.check(_job(deployment="billing/export", stages=overridden, runs=[]), ETL_CRON)
+    inherited = [{"runs": [{}]}]
+    assert _refusal(
+        policy, _job(deployment="billing/export", stages=inherited, runs=[])
+    ).startswith("field 'deployment':")
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"tags": ["nightly", "flowsubmit-producer:root"]}, "tags.1"),
+        ({"runs": [{}, {"tags": ["flowsubmit-job:other"]}]}, "runs.1.tags.0"),
+        ({"runs": [], "stages": [{"tags": ["flowsubmit-x"], "runs": [{}]}]}, "stages.0.tags.0"),
+        (
+            {"runs": [], "stages": [{"runs": [{"tags": ["flowsubmit-"]}]}]},
+            "stages.0.runs.0.tags.0",
+        ),
+    ],
+)
+def test_reserved_tags_are_refused_wherever_they_are_set(
+    fields: dict[str, Any], field: str
+) -> None:
+    """A ``flowsubmit-*`` tag is refused at job, run, stage and stage-run level, even by a permissive policy."""
+    job = _job(**fields)
+    with pytest.raises(JobRejected) as caught:
+        check_reserved_tags(job)
+    assert caught.value.field == field
+    assert caught.value.hint == "tags starting with 'flowsubmit-' are set by flowsubmit itself"
+    assert _refusal(Policy(), job).startswith(f"field {field!r}: ")
+    check_reserved_tags(_job(tags=["flowsubmit", "my-flowsubmit-tag"]))
+
+
+def test_producer_of_a_file_is_its_owner(tmp_path: Path) -> None:
+    """The producer is the file's owner, named where the uid resolves; an unknown uid is its number, also in the tag."""
+    path = tmp_path / "job.json"
+    path.write_text("{}")
+    mine = producer_of(path.stat())
+    assert mine == current_producer()
+    assert mine.uid == os.geteuid() and mine.user is not None
+    assert mine.as_dict() == {"uid": os.geteuid(), "user": mine.user}
+    assert mine.tag == f"flowsubmit-producer:{mine.user}"
+    stranger = Producer(54321)
+    assert (stranger.name, stranger.tag) == ("54321", "flowsubmit-producer:54321")
+    assert stranger.as_dict() == {"uid": 54321, "user": None}
+
+
+def test_a_rule_names_exactly_one_producer() -> None:
+    """A [[producers]] rule with no matcher, or two, is a settings error."""
+    with pytest.raises(ValidationError, match="exactly one of user, uid or group"):
+        ProducerRule.model_validate({"allowed_deployments": ["etl/*"]})
+    with pytest.raises(ValidationError, match=r"\(this one gives user, uid\)"):
+        ProducerRule.model_validate({"user": "a", "uid": 1})
+
+
+def test_policy_settings_come_from_toml_env_and_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lists come from TOML ([[producers]] tables), from JSON in FLOWSUBMIT_*, and from flags, each winning over the one before."""
+    config = tmp_path / "flowsubmit.toml"
+    config.write_text(
+        'allowed_deployments = ["etl/*"]\n'
+        'allowed_job_variables = ["env"]\n'
+        "[[producers]]\n"
+        'user = "etl-cron"\n'
+        'allowed_deployments = ["etl/nightly"]\n'
+    )
+    policy = Policy.from_settings(Settings.load(config))
+    assert policy == Policy(
+        ("etl/*",), ("env",), _rules({"user": "etl-cron", "allowed_deployments": ["etl/nightly"]})
+    )
+    monkeypatch.setenv("FLOWSUBMIT_ALLOWED_DEPLOYMENTS", '["ops/*"]')
+    monkeypatch.setenv("FLOWSUBMIT_PRODUCERS", '[{"group": "etl"}]')
+    from_env = Policy.from_settings(Settings.load(config))
+    assert from_env == Policy(("ops/*",), ("env",), _rules({"group": "etl"}))
+    flags = Settings.load(config, allowed_job_variables=["image", "env"])
+    assert Policy.from_settings(flags).allowed_job_variables == ("image", "env")
