@@ -170,22 +170,17 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from flowsubmit.journal import replay
-
     queue = Queue(args.queue)
     if not queue.incoming.is_dir():
         print(f"flowsubmit status: {args.queue} is not a queue directory", file=sys.stderr)
         return EXIT_ERROR
     counts = {folder: len(_job_files(args.queue / folder)) for folder in FOLDERS if folder != "tmp"}
     print("  ".join(f"{folder}: {n}" for folder, n in counts.items()))
-    for path in _job_files(queue.processing):
-        state = replay(path.with_suffix(".journal"))
-        try:
-            total: int | str = parse_job(path.read_bytes(), max_runs=10**9).total_runs
-        except JobRejected:
-            total = "?"
+    for path in queue.running():
+        progress = queue.progress(path.stem)
+        total = "?" if progress.total is None else progress.total
         print(
-            f"  {path.stem}: {len(state.finals)}/{total} runs finished, {len(state.created)} created"
+            f"  {path.stem}: {progress.finished}/{total} runs finished, {progress.created} created"
         )
     return EXIT_OK
 
@@ -202,13 +197,10 @@ def _job_files(folder: Path) -> list[Path]:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    from flowsubmit.fsutil import atomic_write
-
     queue = Queue(args.queue)
-    if not (queue.processing / f"{args.job_id}.json").exists():
+    if not queue.request_cancel(args.job_id):
         print(f"flowsubmit cancel: no job {args.job_id!r} in {queue.processing}", file=sys.stderr)
         return EXIT_ERROR
-    atomic_write(queue.processing / f"{args.job_id}.cancel", b"cancel requested\n")
     print(f"cancel requested for {args.job_id}")
     return EXIT_OK
 

@@ -22,13 +22,14 @@ from typing import Any, Self
 from flowsubmit.errors import ClaimLost, JobRejected
 from flowsubmit.faults import CrashPoints
 from flowsubmit.fsutil import atomic_write, fsync_dir, unique_name
-from flowsubmit.journal import Journal, JournalState
+from flowsubmit.journal import Journal, JournalState, replay
 
 __all__ = [
     "FOLDERS",
     "Candidate",
     "Claim",
     "JobLock",
+    "JobProgress",
     "Queue",
     "is_job_name",
     "new_job_id",
@@ -39,6 +40,8 @@ __all__ = [
 FOLDERS = ("tmp", "incoming", "processing", "done", "failed", "rejected")
 _IGNORED = re.compile(r"^\.|\.tmp$|\.part$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: ``processing/JOB.cancel`` asks the daemon owning JOB to cancel it; it follows the job out.
+_CANCEL_SUFFIX = ".cancel"
 
 
 def is_job_name(name: str) -> bool:
@@ -74,6 +77,17 @@ class Candidate:
     size: int
     mtime_ns: int
     ino: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """How far a job in ``processing/`` has come, as its journal says."""
+
+    job_id: str
+    finished: int
+    created: int
+    #: Runs the job file asks for; None when the file cannot be parsed.
+    total: int | None
 
 
 class JobLock:
@@ -253,9 +267,38 @@ class Queue:
                     hint="an id makes a job exactly-once; drop it without `id`, or with a new one, to run it again",
                 )
 
+    # -- cancel requests and progress ---------------------------------------------------
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Ask the daemon owning ``job_id`` to cancel it; False when no such job is in ``processing/``."""
+        if not (self.processing / f"{job_id}.json").exists():
+            return False
+        atomic_write(self.processing / f"{job_id}{_CANCEL_SUFFIX}", b"cancel requested\n")
+        return True
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """True while a cancel request for ``job_id`` waits in ``processing/``."""
+        return (self.processing / f"{job_id}{_CANCEL_SUFFIX}").exists()
+
+    def running(self) -> list[Path]:
+        """The job files of ``processing/``, sorted by name."""
+        return sorted(p for p in self.processing.glob("*.json") if not p.name.startswith("."))
+
+    def progress(self, job_id: str) -> JobProgress:
+        """What ``processing/JOB.journal`` says of the job: runs created and finished, of how many."""
+        from flowsubmit.jobs import parse_job  # pydantic models: only the CLI's status needs them
+
+        path = self.processing / f"{job_id}.json"
+        state = replay(path.with_suffix(".journal"))
+        try:
+            total: int | None = parse_job(path.read_bytes(), max_runs=10**9).total_runs
+        except (JobRejected, OSError):
+            total = None
+        return JobProgress(job_id, len(state.finals), len(state.created), total)
+
     def orphans(self) -> list[str]:
         """Job ids in ``processing/`` (candidates for recovery; the lock decides who adopts them)."""
-        return sorted(p.stem for p in self.processing.glob("*.json") if not p.name.startswith("."))
+        return [p.stem for p in self.running()]
 
     def adopt(self, job_id: str) -> Claim:
         """Take over ``processing/JOB_ID.json`` whose owner is gone.
@@ -351,7 +394,7 @@ class Queue:
         claim.lock.release()
 
     def _move_leftovers(self, job_id: str, folder: Path, stem: str) -> None:
-        for suffix in (".journal", ".cancel"):
+        for suffix in (".journal", _CANCEL_SUFFIX):
             leftover = self.processing / f"{job_id}{suffix}"
             if leftover.exists():
                 os.rename(leftover, folder / f"{stem}{suffix}")

@@ -404,7 +404,7 @@ class Service:
 
     def _deliver_cancel_requests(self) -> None:
         for job_id, executor in self._executors.items():
-            if (self.queue.processing / f"{job_id}.cancel").exists():
+            if self.queue.cancel_requested(job_id):
                 executor.cancel()
 
     # -- one job --------------------------------------------------------------------------------
@@ -503,8 +503,3 @@ async def _answers(gateway: Gateway, timeout_s: float) -> bool:
             return await gateway.healthy()
     except (TimeoutError, GatewayError):
         return False
-
-
-def run_service(queue: Path, settings: Settings) -> None:
-    """Blocking entry point used by the CLI."""
-    asyncio.run(Service(settings.model_copy(update={"queue": queue})).run())

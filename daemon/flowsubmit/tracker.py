@@ -185,10 +185,6 @@ class Tracker:
         if run is not None and run.future is not None and not run.future.done():
             run.future.cancel()
 
-    async def wait(self, flow_run_id: str) -> RunSnapshot:
-        """Wait for the run's final snapshot."""
-        return await asyncio.shield(self.watch(flow_run_id))
-
     def reconcile_soon(self) -> None:
         """Ask for a batched read of every unfinished run now."""
         self._wake.set()

@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
-from watchfiles import BaseFilter, Change, awatch
+from watchfiles import Change, awatch
 from watchfiles._rust_notify import WatchfilesRustInternalError
 
 from flowsubmit._aio import wait_event
+from flowsubmit.queue import is_job_name
 
-__all__ = ["JobFileFilter", "wakeups"]
+__all__ = ["job_file_changed", "wakeups"]
 
 log = structlog.get_logger("flowsubmit.watcher")
 
 
-class JobFileFilter(BaseFilter):
-    """Only ``*.json`` files; dotfiles, ``*.tmp`` and ``*.part`` are ignored."""
-
-    ignore_entity_patterns = (r"^\.", r"\.tmp$", r"\.part$")
-
-    def __call__(self, change: Change, path: str) -> bool:
-        return path.endswith(".json") and super().__call__(change, path)
+def job_file_changed(change: Change, path: str) -> bool:
+    """True for events on files the queue would scan (the queue's own rule, ``is_job_name``)."""
+    return is_job_name(os.path.basename(path))
 
 
 async def wakeups(
@@ -44,7 +42,7 @@ async def wakeups(
         try:
             async for _ in awatch(
                 folder,
-                watch_filter=JobFileFilter(),
+                watch_filter=job_file_changed,
                 stop_event=stop,
                 yield_on_timeout=True,
                 rust_timeout=max(1, int(rescan_interval_s * 1000)),
