@@ -149,7 +149,7 @@ def enqueue(queue: Path, job: dict[str, Any] | bytes, *, env: dict[str, str] | N
     """``flowsubmit enqueue`` a job (as a subprocess, the way producers do); return its id."""
     data = job if isinstance(job, bytes) else json.dumps(job).encode()
     done = subprocess.run(
-        [sys.executable, "-m", "flowsubmit.cli", "enqueue", "--queue", str(queue), "-"],
+        [sys.executable, "-m", "flowsubmit.cli", "enqueue", "--create", "--queue", str(queue), "-"],
         input=data,
         capture_output=True,
         check=True,

@@ -9,6 +9,7 @@ import pytest
 
 from flowsubmit.cli import main
 from flowsubmit.jobs import job_schema
+from flowsubmit.queue import Queue
 
 JOB = {
     "deployment": "etl/etl-deployment",
@@ -34,7 +35,7 @@ def test_validate_names_the_file_field_and_problem(
     assert main(["validate", str(path)]) == 2
     assert (
         capsys.readouterr().err
-        == f"invalid: {path}: field 'max_concurency': unknown key (did you mean 'max_concurrency'?)\n"
+        == f"flowsubmit: {path}: field 'max_concurency': unknown key (did you mean 'max_concurrency'?)\n"
     )
 
 
@@ -45,7 +46,7 @@ def test_enqueue_drops_atomically_and_prints_the_id_the_daemon_will_use(
     path = tmp_path / "job.json"
     path.write_text(json.dumps(JOB))
     queue = tmp_path / "queue"
-    assert main(["enqueue", "--queue", str(queue), str(path)]) == 0
+    assert main(["enqueue", "--create", "--queue", str(queue), str(path)]) == 0
     job_id = capsys.readouterr().out.strip()
     assert job_id.startswith("job-")
     (dropped,) = (queue / "incoming").iterdir()
@@ -58,7 +59,7 @@ def test_enqueue_keeps_an_explicit_id(tmp_path: Path, capsys: pytest.CaptureFixt
     """A job with `id` is dropped as is, under that id."""
     path = tmp_path / "job.json"
     path.write_bytes(json.dumps({"id": "nightly-1", **JOB}).encode())
-    assert main(["enqueue", "--queue", str(tmp_path / "q"), str(path)]) == 0
+    assert main(["enqueue", "--create", "--queue", str(tmp_path / "q"), str(path)]) == 0
     assert capsys.readouterr().out == "nightly-1\n"
     assert (tmp_path / "q" / "incoming" / "nightly-1.json").read_bytes() == path.read_bytes()
 
@@ -84,7 +85,7 @@ def test_status_counts_jobs_per_folder(tmp_path: Path, capsys: pytest.CaptureFix
 def test_cancel_writes_a_request_for_a_running_job(tmp_path: Path) -> None:
     """cancel leaves processing/JOB.cancel for the daemon; an unknown job is an error."""
     queue = tmp_path / "q"
-    (queue / "processing").mkdir(parents=True)
+    Queue(queue).ensure()
     (queue / "processing" / "j1.json").write_text("{}")
     assert main(["cancel", "--queue", str(queue), "j1"]) == 0
     assert (queue / "processing" / "j1.cancel").exists()
@@ -95,3 +96,51 @@ def test_schema_prints_the_job_schema(capsys: pytest.CaptureFixture[str]) -> Non
     """schema prints exactly the generated JSON Schema."""
     assert main(["schema"]) == 0
     assert json.loads(capsys.readouterr().out) == job_schema()
+
+
+def test_validate_lists_every_problem_of_every_file_in_file_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several files and a glob: each problem on its own line, in file order, stage matrix errors prefixed."""
+    monkeypatch.chdir(tmp_path)
+    Path("a.json").write_text(
+        '{"retries": 50, "deployment": "a/b", "stages": [{"runs": [{}]}, {"matrix": {"x": []}}],'
+        ' "max_concurency": 3}'
+    )
+    Path("b.json").write_text(json.dumps(JOB))
+    assert main(["validate", "*.json", "missing.json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "ok: b.json: 3 runs\n"
+    assert err.splitlines() == [
+        "flowsubmit: a.json: field 'retries': must be at most 10, not 50",
+        "flowsubmit: a.json: field 'stages.1.matrix.x': is an empty list, so the matrix would have no runs",
+        "flowsubmit: a.json: field 'max_concurency': unknown key (did you mean 'max_concurrency'?)",
+        "flowsubmit: missing.json: no such file",
+    ]
+    assert main(["validate", "--json", "b.json", "a.json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert [(f["file"], f["ok"], f["runs"], len(f["problems"])) for f in report["files"]] == [
+        ("b.json", True, 3, 0),
+        ("a.json", False, None, 3),
+    ]
+    assert report["ok"] is False
+    assert report["files"][1]["problems"][1]["field"] == "stages.1.matrix.x"
+
+
+def test_enqueue_refuses_a_missing_queue_and_an_id_that_already_ran(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --create a missing queue is refused; an id already in done/ is refused naming where."""
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"id": "nightly-1", **JOB}))
+    queue = tmp_path / "q"
+    assert main(["enqueue", "--queue", str(queue), str(path)]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == f"flowsubmit: queue {queue}: does not exist"
+    assert not queue.exists()
+    Queue(queue).ensure()
+    (queue / "done" / "nightly-1.json").write_text("{}")
+    assert main(["enqueue", "--queue", str(queue), str(path)]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"flowsubmit: {path}: field 'id': duplicate job id: 'nightly-1' already ran as done/nightly-1.json"
+    )
+    assert list((queue / "incoming").iterdir()) == []

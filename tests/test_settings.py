@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
+from flowsubmit.errors import SettingsError
 from flowsubmit.settings import Settings
 
 
@@ -28,14 +28,42 @@ def test_flags_win_over_env_which_win_over_the_file(
 
 
 def test_unknown_key_in_the_file_is_an_error(tmp_path: Path) -> None:
-    """A typo in the TOML file is refused, not silently ignored."""
+    """A typo in the TOML file is refused, naming the file, the key and the closest known key."""
     config = tmp_path / "flowsubmit.toml"
     config.write_text("pol_interval_s = 1\n")
-    with pytest.raises(ValidationError, match="pol_interval_s"):
+    with pytest.raises(SettingsError) as caught:
         Settings.load(config)
+    assert (caught.value.source, caught.value.reason, caught.value.hint) == (
+        f"{config}: pol_interval_s",
+        "unknown setting",
+        "did you mean 'poll_interval_s'?",
+    )
 
 
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     """--config naming a file that does not exist fails clearly."""
-    with pytest.raises(FileNotFoundError, match="config file not found"):
+    with pytest.raises(SettingsError) as caught:
         Settings.load(tmp_path / "nope.toml")
+    assert str(caught.value) == f"--config {tmp_path / 'nope.toml'}: no such file"
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("flag", "--max-concurrent-jobs: must be at least 1, not '0'"),
+        ("env", "FLOWSUBMIT_MAX_CONCURRENT_JOBS: must be at least 1, not '0'"),
+        ("file", "{config}: max_concurrent_jobs: must be at least 1, not 0"),
+    ],
+)
+def test_a_bad_value_names_its_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, message: str
+) -> None:
+    """A bad value is reported with the flag, variable or file and key it came from."""
+    config = tmp_path / "flowsubmit.toml"
+    config.write_text("max_concurrent_jobs = 0\n" if source == "file" else "")
+    if source == "env":
+        monkeypatch.setenv("FLOWSUBMIT_MAX_CONCURRENT_JOBS", "0")
+    flags = {"max_concurrent_jobs": "0"} if source == "flag" else {}
+    with pytest.raises(SettingsError) as caught:
+        Settings.load(config, **flags)
+    assert str(caught.value) == message.format(config=config)

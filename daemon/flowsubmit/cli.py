@@ -1,26 +1,40 @@
-"""The ``flowsubmit`` command line: run, enqueue, validate, status, cancel, schema, demo."""
+"""The ``flowsubmit`` command line: run, enqueue, validate, status, cancel, schema, demo.
+
+Every command is a ``_cmd_*`` function registered in ``_COMMANDS``; ``main`` runs it
+through ``cli_errors.guarded``, the one error path (docs/cli.md lists the exit codes).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from flowsubmit import logs
+from flowsubmit.cli_errors import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    Parser,
+    guarded,
+)
 from flowsubmit.errors import JobRejected
-from flowsubmit.jobs import Job, job_schema, parse_job
+from flowsubmit.jobs import Job, check_job, job_schema, parse_job
 from flowsubmit.queue import FOLDERS, Queue, new_job_id
 from flowsubmit.settings import Settings
 
-__all__ = ["main"]
+__all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+# -- the parser -------------------------------------------------------------------------
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -28,22 +42,21 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "settings (also FLOWSUBMIT_<NAME> and the --config TOML file)"
     )
-    group.add_argument("--config", type=Path, help="TOML file of settings")
-    for name, field in Settings.model_fields.items():
+    for name, setting in Settings.model_fields.items():
         if name in ("queue", "producers"):  # producers: TOML tables (or JSON in the env) only
             continue
         flag = "--" + name.replace("_", "-")
-        if field.annotation == list[str]:  # repeat the flag: --allowed-deployments 'etl/*' ...
+        if setting.annotation == list[str]:  # repeat the flag: --allowed-deployments 'etl/*' ...
             group.add_argument(
-                flag, dest=name, action="append", help=f"{field.description} Repeatable."
+                flag, dest=name, action="append", help=f"{setting.description} Repeatable."
             )
-        elif field.annotation is bool:
+        elif setting.annotation is bool:
             group.add_argument(
                 flag,
                 dest=name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=field.description,
+                help=setting.description,
             )
         else:
             group.add_argument(
@@ -51,52 +64,144 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                 dest=name,
                 default=None,
                 metavar=name.upper(),
-                help=f"{field.description} (default: {field.default})",
+                help=f"{setting.description} (default: {setting.default})",
             )
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    flags = {name: getattr(args, name, None) for name in Settings.model_fields}
-    return Settings.load(getattr(args, "config", None), **flags)
+def _common() -> argparse.ArgumentParser:
+    """Options every subcommand takes."""
+    common = Parser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="on an error, show the Python traceback too",
+    )
+    return common
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _queue_options(*, config: bool = True) -> argparse.ArgumentParser:
+    """``--queue`` (and ``--config``), for every subcommand that works on a queue."""
+    options = Parser(add_help=False)
+    options.add_argument(
+        "--queue",
+        type=Path,
+        metavar="DIR",
+        help="the queue directory (default: $FLOWSUBMIT_QUEUE, or `queue` in the --config file)",
+    )
+    if config:
+        _config_option(options)
+    return options
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML file of settings (docs/cli.md)"
+    )
+
+
+def _command(
+    commands: Any,
+    name: str,
+    help: str,
+    example: str,
+    *parents: argparse.ArgumentParser,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """Add a subcommand whose ``--help`` ends with an example."""
+    return commands.add_parser(  # type: ignore[no-any-return]
+        name,
+        help=help,
+        description=description or help[:1].upper() + help[1:] + ".",
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_common(), *parents],
+    )
+
+
+def _parser() -> Parser:
+    parser = Parser(
         prog="flowsubmit",
         description="Fan out job files into Prefect deployment runs, and fan their final states back in.",
+        epilog="exit codes: 0 success, 1 runtime failure, 2 bad usage or input (docs/cli.md)",
+        parents=[_common()],
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = commands.add_parser("run", help="run the daemon in the foreground")
-    run.add_argument("--queue", type=Path, help="queue directory")
+    run = _command(
+        commands,
+        "run",
+        "run the daemon in the foreground",
+        "PREFECT_API_URL=http://127.0.0.1:4200/api flowsubmit run --queue /var/spool/flowsubmit",
+        _queue_options(),
+    )
     _add_settings_flags(run)
 
-    enqueue = commands.add_parser(
-        "enqueue", help="validate a job and drop it atomically into the queue"
+    enqueue = _command(
+        commands,
+        "enqueue",
+        "validate a job and drop it atomically into the queue; prints its job id",
+        "flowsubmit enqueue --queue /var/spool/flowsubmit nightly.json",
+        _queue_options(),
     )
-    enqueue.add_argument("--queue", type=Path, required=True)
-    enqueue.add_argument("file", help="job file, or - for standard input")
-
-    validate = commands.add_parser(
-        "validate", help="check a job file (exit 0, or 2 with the error)"
+    enqueue.add_argument("file", metavar="FILE", help="job file, or - for standard input")
+    enqueue.add_argument(
+        "--create", action="store_true", help="make the queue directory if it does not exist"
     )
-    validate.add_argument("file")
 
-    status = commands.add_parser(
-        "status", help="jobs per folder, and the progress of those in processing"
+    validate = _command(
+        commands,
+        "validate",
+        "check job files; every problem is listed (exit 0, or 2 if any file is bad)",
+        "flowsubmit validate jobs/*.json",
     )
-    status.add_argument("--queue", type=Path, required=True)
-
-    cancel = commands.add_parser("cancel", help="ask the daemon to cancel a job's runs")
-    cancel.add_argument("--queue", type=Path, required=True)
-    cancel.add_argument("job_id")
-
-    commands.add_parser("schema", help="print the job JSON Schema")
-
-    demo = commands.add_parser(
-        "demo", help="local Prefect server + example flow + daemon + a 20-run job"
+    validate.add_argument(
+        "files", nargs="+", metavar="FILE", help="job files or glob patterns; - for standard input"
     )
-    demo.add_argument("--runs", type=int, default=20)
+    validate.add_argument(
+        "--json", action="store_true", help="print one JSON document (for editors and CI)"
+    )
+    _config_option(validate)
+
+    _command(
+        commands,
+        "status",
+        "jobs per folder, and the progress of those in processing",
+        "flowsubmit status --queue /var/spool/flowsubmit",
+        _queue_options(),
+    )
+
+    cancel = _command(
+        commands,
+        "cancel",
+        "ask the daemon to cancel a job's runs",
+        "flowsubmit cancel --queue /var/spool/flowsubmit nightly-tables-2026-11-26",
+        _queue_options(),
+    )
+    cancel.add_argument("job_id", metavar="JOB_ID")
+
+    _command(commands, "schema", "print the job JSON Schema", "flowsubmit schema > job.schema.json")
+
+    demo = _command(
+        commands,
+        "demo",
+        "start a local Prefect server, serve an example flow, run the daemon and one example job",
+        "flowsubmit demo --runs 8",
+        description=(
+            "Starts a local Prefect server (SQLite in a temporary home, loopback only), serves the\n"
+            "example flow process-table-etl, runs the daemon on a temporary queue, enqueues one job\n"
+            "of N runs (tables 1 to N; tables 7 and 17, when N reaches them, fail on purpose),\n"
+            "prints the daemon's logs and the summary, then stops everything it started.\n"
+            "The queue, with the result file, is kept."
+        ),
+    )
+    demo.add_argument(
+        "--runs",
+        type=int,
+        default=20,
+        metavar="N",
+        help="runs in the example job (default: 20)",
+    )
     demo.add_argument(
         "--log-format", choices=["json", "console"], default="json", help="the daemon's log format"
     )
@@ -104,57 +209,191 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit code."""
+    """Console entry point; returns the exit code (0 success, 1 runtime failure, 2 bad usage or input)."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    return guarded(lambda: _dispatch(arguments), debug="--debug" in arguments)
+
+
+def _dispatch(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    return int(_COMMANDS[args.command](args))
+
+
+# -- shared pieces ------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings from the flags this command has, the environment and ``--config``."""
+    flags = {name: getattr(args, name, None) for name in Settings.model_fields}
+    return Settings.load(getattr(args, "config", None), **flags)
+
+
+def _open_queue(settings: Settings, *, create: bool = False, hint: str | None = None) -> Queue:
+    """The queue named by the settings, checked to be one; ``create`` makes what is missing.
+
+    Raises:
+        CliError: no queue given, or a path that is not a queue directory (exit 2), or
+            one that may not be created (exit 1).
+    """
+    root = settings.queue
+    if root is None:
+        raise CliError(
+            "--queue", "no queue directory given", hint="give --queue DIR or set FLOWSUBMIT_QUEUE"
+        )
+    queue = Queue(root)
+    if create:
+        _create(queue)
+    if not root.is_dir():
+        why = "is not a directory" if root.exists() else "does not exist"
+        raise CliError(f"queue {root}", why, hint=hint)
+    for name in FOLDERS:
+        folder = root / name
+        if not folder.is_dir():
+            why = (
+                f"{name}/ is not a directory"
+                if folder.exists()
+                else f"is not a queue directory (it has no {name}/)"
+            )
+            raise CliError(f"queue {root}", why, hint=hint)
+    return queue
+
+
+def _create(queue: Queue) -> None:
     try:
-        return int(_COMMANDS[args.command](args))
-    except (ValidationError, FileNotFoundError) as exc:
-        print(f"flowsubmit: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        queue.ensure()
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise CliError(
+            f"queue {queue.root}", f"{Path(exc.filename).name}/ is not a directory"
+        ) from exc
+    except PermissionError as exc:
+        raise CliError(
+            f"queue {queue.root}", f"may not create {exc.filename} (permission denied)", code=1
+        ) from exc
+
+
+def _read_job_file(name: str, max_bytes: int) -> bytes:
+    """The bytes of a job file (``-``: standard input), at most ``max_bytes``.
+
+    Raises:
+        JobRejected: the file cannot be read (missing, a directory, permission) or is too large.
+    """
+    try:
+        if name == "-":
+            if sys.stdin is None:
+                raise JobRejected("standard input is closed", file="<stdin>")
+            data = sys.stdin.buffer.read(max_bytes + 1)
+        else:
+            with open(name, "rb") as source:
+                data = source.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise JobRejected("no such file", file=name) from None
+    except IsADirectoryError:
+        raise JobRejected(
+            "is a directory", file=name, hint=f"give the files in it: {name.rstrip('/')}/*.json"
+        ) from None
+    except PermissionError:
+        raise JobRejected("permission denied", file=name) from None
+    except OSError as exc:
+        raise JobRejected(f"cannot be read: {exc.strerror or exc}", file=name) from None
+    if len(data) > max_bytes:
+        raise JobRejected(
+            f"the file is larger than max_job_bytes ({max_bytes})", file=_display(name)
+        )
+    return data
+
+
+def _display(name: str) -> str:
+    return "<stdin>" if name == "-" else name
+
+
+@dataclass
+class _Checked:
+    """One job file as ``validate`` judged it."""
+
+    file: str
+    job: Job | None = None
+    problems: list[JobRejected] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The file's entry of ``validate --json``."""
+        return {
+            "file": self.file,
+            "ok": not self.problems,
+            "runs": self.job.total_runs if self.job else None,
+            "problems": [{**p.as_dict(), "message": p.message} for p in self.problems],
+        }
+
+
+def _check_file(name: str, settings: Settings) -> _Checked:
+    file = _display(name)
+    try:
+        data = _read_job_file(name, settings.max_job_bytes)
+    except JobRejected as exc:
+        return _Checked(file, problems=[exc])
+    job, problems = check_job(data, file=file, max_runs=settings.max_runs_per_job)
+    return _Checked(file, job, problems)
+
+
+def _expand(patterns: list[str]) -> list[str | JobRejected]:
+    """File names for ``validate``'s arguments: globs expanded, in order; a pattern matching nothing is a problem."""
+    names: list[str | JobRejected] = []
+    for pattern in patterns:
+        if pattern == "-" or not glob.has_magic(pattern) or Path(pattern).exists():
+            names.append(pattern)
+            continue
+        matches = sorted(glob.glob(pattern, recursive=True))
+        names.extend(matches or [JobRejected("no file matches this pattern", file=pattern)])
+    return names
+
+
+def _print_problems(problems: list[JobRejected]) -> None:
+    for problem in problems:
+        print(f"flowsubmit: {problem.message}", file=sys.stderr)
+
+
+# -- commands -----------------------------------------------------------------------------
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from flowsubmit.service import Service
 
     settings = _settings(args)
-    if settings.queue is None:
-        print("flowsubmit run: --queue (or FLOWSUBMIT_QUEUE) is required", file=sys.stderr)
-        return EXIT_USAGE
+    _open_queue(settings, create=True)
     logs.configure(settings.log_format, settings.log_level)
     asyncio.run(Service(settings).run())
     return EXIT_OK
 
 
-def _read_source(file: str) -> tuple[str, bytes]:
-    if file == "-":
-        return "<stdin>", sys.stdin.buffer.read()
-    return file, Path(file).read_bytes()
-
-
-def _parse_source(file: str) -> tuple[str, bytes, Job] | None:
-    """Read and parse a job file (or stdin); print the rejection and return None if invalid."""
-    name, data = _read_source(file)
-    try:
-        return name, data, parse_job(data, file=name, max_runs=Settings().max_runs_per_job)
-    except JobRejected as exc:
-        print(f"invalid: {exc.message}", file=sys.stderr)
-        return None
-
-
 def _cmd_validate(args: argparse.Namespace) -> int:
-    parsed = _parse_source(args.file)
-    if parsed is None:
-        return EXIT_USAGE
-    name, _, job = parsed
-    print(f"ok: {name}: {job.total_runs} runs")
-    return EXIT_OK
+    settings = _settings(args)
+    checked = [
+        _Checked(item.file, problems=[item])
+        if isinstance(item, JobRejected)
+        else _check_file(item, settings)
+        for item in _expand(args.files)
+    ]
+    ok = all(not c.problems for c in checked)
+    if args.json:
+        print(json.dumps({"ok": ok, "files": [c.as_dict() for c in checked]}, indent=2))
+    else:
+        for c in checked:
+            if c.job is not None:
+                runs = c.job.total_runs
+                print(f"ok: {c.file}: {runs} run{'s' if runs != 1 else ''}")
+            _print_problems(c.problems)
+    return EXIT_OK if ok else EXIT_USAGE
 
 
 def _cmd_enqueue(args: argparse.Namespace) -> int:
-    parsed = _parse_source(args.file)
-    if parsed is None:
+    settings = _settings(args)
+    queue = _open_queue(
+        settings, create=args.create, hint="check the path, or give --create to make a new queue"
+    )
+    data = _read_job_file(args.file, settings.max_job_bytes)
+    job, problems = check_job(data, file=_display(args.file), max_runs=settings.max_runs_per_job)
+    if job is None:
+        _print_problems(problems)
         return EXIT_USAGE
-    _, data, job = parsed
     if job.id is None:
         # Give the drop its id now, so that the id printed is the id the daemon uses.
         job_id = new_job_id()
@@ -162,19 +401,38 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
         data = json.dumps({"id": job_id, **document}, indent=2).encode()
     else:
         job_id = job.id
-    queue = Queue(args.queue)
-    queue.ensure()
-    queue.enqueue(data, job_id)
+        _refuse_known_id(queue, job_id, _display(args.file))
+    try:
+        queue.enqueue(data, job_id)
+    except PermissionError as exc:
+        raise CliError(
+            f"queue {queue.root}",
+            f"may not write {exc.filename} (permission denied)",
+            code=EXIT_ERROR,
+            hint="producers need write access to tmp/ and incoming/",
+        ) from exc
     print(job_id)
     return EXIT_OK
 
 
+def _refuse_known_id(queue: Queue, job_id: str, file: str) -> None:
+    """Refuse an id the daemon would reject as a duplicate, now rather than into rejected/."""
+    try:
+        queue.refuse_duplicate(job_id)
+    except JobRejected as exc:
+        raise exc.with_file(file) from None
+    if (queue.incoming / f"{job_id}.json").exists():
+        raise JobRejected(
+            f"duplicate job id: {job_id!r} is already waiting as incoming/{job_id}.json",
+            file=file,
+            field="id",
+            hint="an id makes a job exactly-once: the daemon would reject the second drop",
+        )
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
-    queue = Queue(args.queue)
-    if not queue.incoming.is_dir():
-        print(f"flowsubmit status: {args.queue} is not a queue directory", file=sys.stderr)
-        return EXIT_ERROR
-    counts = {folder: len(_job_files(args.queue / folder)) for folder in FOLDERS if folder != "tmp"}
+    queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
+    counts = {folder: len(_job_files(queue.root / folder)) for folder in FOLDERS if folder != "tmp"}
     print("  ".join(f"{folder}: {n}" for folder, n in counts.items()))
     for path in queue.running():
         progress = queue.progress(path.stem)
@@ -197,10 +455,11 @@ def _job_files(folder: Path) -> list[Path]:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    queue = Queue(args.queue)
+    queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
     if not queue.request_cancel(args.job_id):
-        print(f"flowsubmit cancel: no job {args.job_id!r} in {queue.processing}", file=sys.stderr)
-        return EXIT_ERROR
+        raise CliError(
+            f"cancel {args.job_id}", f"no such job in {queue.processing}", code=EXIT_ERROR
+        )
     print(f"cancel requested for {args.job_id}")
     return EXIT_OK
 
@@ -213,14 +472,16 @@ def _cmd_schema(_: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flowsubmit.demo import run_demo
 
+    if args.runs < 1:
+        raise CliError("demo --runs", f"must be at least 1, not {args.runs}")
     try:
         return run_demo(runs=args.runs, log_format=args.log_format)
     except KeyboardInterrupt:
         print("interrupted: everything the demo started has been stopped", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
-_COMMANDS: dict[str, Any] = {
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run,
     "enqueue": _cmd_enqueue,
     "validate": _cmd_validate,

@@ -15,7 +15,7 @@ from typing import Any
 from flowsubmit.localserver import LocalServer, served_flows
 from flowsubmit.results import summary_line
 
-__all__ = ["demo_job", "run_demo"]
+__all__ = ["demo_job", "plan", "run_demo"]
 
 DEPLOYMENT = "process-table-etl/process-table-etl-deployment"
 FAILING_TABLES = (7, 17)
@@ -31,6 +31,19 @@ def demo_job(runs: int = 20) -> dict[str, Any]:
         ],
         "tags": ["demo"],
     }
+
+
+def plan(runs: int) -> str:
+    """What the example job of ``runs`` runs will do, in words (``--runs`` changes it)."""
+    failing = [t for t in FAILING_TABLES if t <= runs]
+    fails = (
+        f"table{'s' if len(failing) > 1 else ''} {', '.join(map(str, failing))} "
+        f"fail{'s' if len(failing) == 1 else ''} on purpose"
+        if failing
+        else "none fails on purpose"
+    )
+    tables = "table 1" if runs == 1 else f"tables 1 to {runs}"
+    return f"{runs} run{'s' if runs != 1 else ''}: {tables}, {fails}"
 
 
 def run_demo(runs: int = 20, log_format: str = "json", timeout_s: float = 180.0) -> int:
@@ -59,16 +72,17 @@ def _run_daemon_and_job(
         job = queue.parent / "demo-job.json"
         job.write_text(json.dumps(demo_job(runs), indent=2))
         enqueued = subprocess.run(
-            [sys.executable, "-m", "flowsubmit.cli", "enqueue", "--queue", str(queue), str(job)],
+            [
+                *(sys.executable, "-m", "flowsubmit.cli", "enqueue", "--create"),
+                *("--queue", str(queue), str(job)),
+            ],
             env=env,
             check=True,
             capture_output=True,
             text=True,
         )
         job_id = enqueued.stdout.strip()
-        say(
-            f"enqueued job {job_id} ({runs} runs, tables {', '.join(map(str, FAILING_TABLES))} fail on purpose)"
-        )
+        say(f"enqueued job {job_id} ({plan(runs)})")
         result = _wait_for_result(queue, job_id, daemon, timeout_s)
     finally:
         _terminate(daemon)

@@ -10,6 +10,7 @@
       ClaimLost                another daemon renamed the file first
       WaitTimeout              FlowSubmission.wait() ran out of time; carries the partial results
       ClosedError              a resource was used after it was closed
+      SettingsError            a setting (flag, environment or TOML file) is invalid
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "GatewayError",
     "JobRejected",
     "PermanentGatewayError",
+    "SettingsError",
     "TransientGatewayError",
     "WaitTimeout",
 ]
@@ -99,3 +101,17 @@ class WaitTimeout(FlowsubmitError):
 
 class ClosedError(FlowsubmitError):
     """A gateway, tracker or submission was used after ``aclose()``."""
+
+
+class SettingsError(FlowsubmitError):
+    """A setting is invalid; ``source`` names where it came from, ``reason`` what is allowed.
+
+    ``source`` is the flag (``--log-format``), the variable (``FLOWSUBMIT_LOG_FORMAT``)
+    or the file and its key (``/etc/flowsubmit.toml: log_format``).
+    """
+
+    def __init__(self, source: str, reason: str, *, hint: str | None = None) -> None:
+        self.source = source
+        self.reason = reason
+        self.hint = hint
+        super().__init__(f"{source}: {reason}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import difflib
 import itertools
 import json
 import math
@@ -13,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flowsubmit._wording import did_you_mean, sentence, short, show
 from flowsubmit.errors import JobRejected
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Job",
     "RunSpec",
     "Stage",
+    "check_job",
     "job_schema",
     "parse_job",
 ]
@@ -287,29 +288,67 @@ def parse_job(data: bytes, *, file: str = "", max_runs: int = 10_000) -> Job:
     string ``"3"`` is not a number and ``true`` is not ``1``.
 
     Raises:
-        JobRejected: naming ``file``, the field and the problem; the only exception.
+        JobRejected: the first problem of the file (in file order), naming ``file``,
+            the field and the problem; the only exception.
+    """
+    job, problems = check_job(data, file=file, max_runs=max_runs)
+    if problems:
+        raise problems[0]
+    assert job is not None
+    return job
+
+
+def check_job(
+    data: bytes, *, file: str = "", max_runs: int = 10_000
+) -> tuple[Job | None, list[JobRejected]]:
+    """Judge a job file as ``parse_job`` does, but report every problem instead of the first.
+
+    Returns:
+        ``(job, [])`` for a good file, else ``(None, problems)``: each problem names
+        ``file``, in the order of the fields in the file. A file that is not JSON has one.
     """
     try:
-        return _parse(data, max_runs)
+        document = _load_json(data)
+        if not isinstance(document, dict):
+            raise JobRejected(f"a job must be a JSON object, not a JSON {_json_type(document)}")
     except JobRejected as exc:
-        raise exc.with_file(file) from None
-
-
-def _parse(data: bytes, max_runs: int) -> Job:
-    document = _load_json(data)
-    if not isinstance(document, dict):
-        raise JobRejected(f"a job must be a JSON object, not a JSON {_json_type(document)}")
+        return None, [exc.with_file(file)]
     try:
         job = Job.model_validate(document, strict=True)
     except ValidationError as exc:
-        raise _rejection_from(exc) from None
+        errors = sorted(exc.errors(), key=lambda error: _file_position(document, error["loc"]))
+        return None, [_rejection_from(error).with_file(file) for error in errors]
     if job.total_runs > max_runs:
-        raise JobRejected(
-            f"the job expands to {job.total_runs} runs, more than the limit of {max_runs}",
-            field="matrix" if job.matrix else "runs",
-            hint="split it into several jobs or raise max_runs_per_job",
-        )
-    return job
+        return None, [
+            JobRejected(
+                f"the job expands to {job.total_runs} runs, more than the limit of {max_runs}",
+                file=file,
+                field="matrix" if job.matrix else "runs",
+                hint="split it into several jobs or raise max_runs_per_job",
+            )
+        ]
+    return job, []
+
+
+def _file_position(document: Any, loc: tuple[int | str, ...]) -> tuple[int, ...]:
+    """Where ``loc`` sits in the file: the index of each key or item on the way down.
+
+    JSON objects keep the file's key order, so sorting by this puts the problems in
+    file order; a missing key sorts after the keys that are present.
+    """
+    position: list[int] = []
+    value = document
+    for part in loc:
+        if isinstance(value, dict) and isinstance(part, str):
+            keys = list(value)
+            position.append(keys.index(part) if part in value else len(keys))
+            value = value.get(part)
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            position.append(part)
+            value = value[part]
+        else:
+            break
+    return tuple(position)
 
 
 def _load_json(data: bytes) -> Any:
@@ -375,7 +414,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise JobRejected("appears twice in the same JSON object", field=_short(key))
+            raise JobRejected("appears twice in the same JSON object", field=short(key))
         seen[key] = value
     return seen
 
@@ -397,7 +436,7 @@ def _integer(text: str) -> int:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise JobRejected(f"the number {_short(text, 40)} is too large to be represented")
+        raise JobRejected(f"the number {short(text, 40)} is too large to be represented")
     return value
 
 
@@ -418,7 +457,7 @@ def _check_text(text: str, path: tuple[str, ...]) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        field = _short(".".join(path).encode("utf-8", "backslashreplace").decode()) or None
+        field = short(".".join(path).encode("utf-8", "backslashreplace").decode()) or None
         raise JobRejected(
             "holds a lone UTF-16 surrogate escape (such as \\ud800), which is not text",
             field=field,
@@ -438,82 +477,31 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _short(text: str, limit: int = 100) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}…"
-
-
-def _show(value: Any) -> str:
-    """A given value, as the user wrote it in JSON, shortened: for error messages."""
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    return _short(json.dumps(value, ensure_ascii=True), 60)
-
-
-# Plain sentences for pydantic's error types; each reads after "field 'x': ".
-_EXPECTED = {
-    "string_type": "a string",
-    "int_type": "a whole number",
-    "int_from_float": "a whole number",
-    "float_type": "a number",
-    "bool_type": "true or false",
-    "list_type": "a list",
-    "dict_type": "an object",
-    "model_type": "an object",
-    "model_attributes_type": "an object",
-}
-
-
-def _rejection_from(exc: ValidationError) -> JobRejected:
-    error = exc.errors()[0]
-    field = _short(".".join(str(part) for part in error["loc"])) or None
+def _rejection_from(error: Any) -> JobRejected:
+    """One pydantic error as a rejection naming the field by its full path."""
+    loc = tuple(str(part) for part in error["loc"])
+    field = short(".".join(loc)) or None
     cause = error.get("ctx", {}).get("error")
     if isinstance(cause, _FieldProblem):
-        return JobRejected(str(cause), field=cause.field, hint=cause.hint)
+        # A field validator's problem names its field from the model it validates
+        # (`matrix.x`); a model validator's is at the model itself. Either way the
+        # path down to that model (`stages.1.`) goes in front (#11).
+        at_model = loc[:-1] if loc and cause.field.split(".")[0] == loc[-1] else loc
+        return JobRejected(
+            str(cause), field=short(".".join((*at_model, cause.field))), hint=cause.hint
+        )
     if error["type"] == "extra_forbidden":
         return JobRejected("unknown key", field=field, hint=_suggest(error["loc"]))
     if error["type"] == "string_pattern_mismatch":
         return _pattern_rejection(str(error["loc"][-1]), error["input"], field)
-    return JobRejected(_sentence(error), field=field)
-
-
-def _sentence(error: Any) -> str:
-    kind, given, ctx = error["type"], error["input"], error.get("ctx", {})
-    if kind in _EXPECTED:
-        return f"must be {_EXPECTED[kind]}, not {_show(given)}"
-    bounds = {
-        "greater_than_equal": ("at least", "ge"),
-        "greater_than": ("more than", "gt"),
-        "less_than_equal": ("at most", "le"),
-        "less_than": ("less than", "lt"),
-    }
-    if kind in bounds:
-        words, key = bounds[kind]
-        bound = ctx[key]
-        if isinstance(bound, float) and bound.is_integer():
-            bound = int(bound)
-        return f"must be {words} {bound}, not {_show(given)}"
-    if kind == "literal_error":
-        return f"must be {ctx['expected']}, not {_show(given)}"
-    if kind == "string_too_short":
-        return "must not be empty"
-    if kind == "string_too_long":
-        return f"is {len(given)} characters long, more than the limit of {ctx['max_length']}"
-    if kind == "too_short":
-        return "must not be empty"
-    if kind == "too_long":
-        return f"has {ctx['actual_length']} items, more than the limit of {ctx['max_length']}"
-    if kind == "missing":
-        return "is missing"
-    return str(error["msg"]).removeprefix("Value error, ")
+    return JobRejected(sentence(error), field=field)
 
 
 def _pattern_rejection(name: str, value: str, field: str | None) -> JobRejected:
     if name == "id":
         return JobRejected(f"the job id {_id_problem(value)}", field=field, hint=_ID_RULE)
     return JobRejected(
-        f"must be a flow name and a deployment name joined by one '/', not {_show(value)}",
+        f"must be a flow name and a deployment name joined by one '/', not {show(value)}",
         field=field,
         hint=f"`flow-name/deployment-name`; {DEPLOYMENT_HINT}",
     )
@@ -527,21 +515,19 @@ def _id_problem(value: str) -> str:
         return f"is {len(value)} characters long, more than the limit of 128"
     for char in value:
         if char in "/\\":
-            return f"contains a path separator {_show(char)}"
+            return f"contains a path separator {show(char)}"
         if ord(char) < 32 or 127 <= ord(char) < 160:
-            return f"contains a control character {_show(char)}"
+            return f"contains a control character {show(char)}"
     if value in (".", ".."):
-        return f"{_show(value)} names a folder"
+        return f"{show(value)} names a folder"
     if not (value[0].isascii() and value[0].isalnum()):
-        return f"starts with {_show(value[0])}"
+        return f"starts with {show(value[0])}"
     bad = next(c for c in value if not (c.isascii() and (c.isalnum() or c in "._-")))
-    return f"contains {_show(bad)}"
+    return f"contains {show(bad)}"
 
 
-def _suggest(loc: tuple[int | str, ...]) -> str | None:
-    known = _known_keys(loc[:-1])
-    close = difflib.get_close_matches(str(loc[-1])[:200], known, n=1)
-    return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
+def _suggest(loc: tuple[int | str, ...]) -> str:
+    return did_you_mean(str(loc[-1]), _known_keys(loc[:-1]))
 
 
 def _known_keys(parent: tuple[int | str, ...]) -> list[str]:

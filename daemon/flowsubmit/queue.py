@@ -241,7 +241,7 @@ class Queue:
         """
         lock = JobLock.acquire(self.processing / f"{job_id}.lock")
         try:
-            self._refuse_duplicate(job_id)
+            self.refuse_duplicate(job_id)
             target = self.processing / f"{job_id}.json"
             try:
                 os.rename(self.incoming / name, target)
@@ -257,7 +257,8 @@ class Queue:
             raise
         return Claim(job_id, target, name, lock, journal, state)
 
-    def _refuse_duplicate(self, job_id: str) -> None:
+    def refuse_duplicate(self, job_id: str) -> None:
+        """Raise ``JobRejected`` naming where ``job_id`` already is, if it is in processing/, done/ or failed/."""
         for folder in (self.processing, self.done, self.failed):
             earlier = folder / f"{job_id}.json"
             if earlier.exists():

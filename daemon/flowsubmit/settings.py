@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -15,6 +16,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from flowsubmit._wording import did_you_mean, sentence
+from flowsubmit.errors import SettingsError
 from flowsubmit.policy import ProducerRule
 
 __all__ = ["Settings", "crash_point", "example_toml"]
@@ -146,17 +149,57 @@ class Settings(BaseSettings):
         """Resolve the settings; ``flags`` left at ``None`` do not override anything.
 
         Raises:
-            FileNotFoundError: ``config_file`` was given and does not exist.
-            pydantic.ValidationError: a value, from any source, is invalid.
+            SettingsError: the only exception: a value is invalid (naming its source,
+                flag, variable or file and key, the value and what is allowed), a key
+                of the file is unknown, or the file cannot be read as TOML.
         """
         given = {name: value for name, value in flags.items() if value is not None}
-        if config_file is None:
-            return cls(**given)
-        if not config_file.is_file():
-            raise FileNotFoundError(f"config file not found: {config_file}")
-        config = SettingsConfigDict(**{**cls.model_config, "toml_file": config_file})
-        bound = type(cls.__name__, (cls,), {"model_config": config})
-        return bound(**given)  # type: ignore[no-any-return]
+        try:
+            if config_file is None:
+                return cls(**given)
+            _check_readable(config_file)
+            config = SettingsConfigDict(**{**cls.model_config, "toml_file": config_file})
+            bound = type(cls.__name__, (cls,), {"model_config": config})
+            return bound(**given)  # type: ignore[no-any-return]
+        except ValidationError as exc:
+            raise _settings_error(exc.errors()[0], given, config_file) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(str(config_file), f"not valid TOML: {exc}") from None
+
+
+def _check_readable(config_file: Path) -> None:
+    """Refuse a ``--config`` that is missing, a directory or unreadable, before pydantic opens it."""
+    source = f"--config {config_file}"
+    try:
+        with config_file.open("rb"):
+            pass
+    except FileNotFoundError:
+        raise SettingsError(source, "no such file") from None
+    except IsADirectoryError:
+        raise SettingsError(source, "is a directory, not a TOML file") from None
+    except PermissionError:
+        raise SettingsError(source, "permission denied") from None
+
+
+def _settings_error(error: Any, given: dict[str, Any], config_file: Path | None) -> SettingsError:
+    """One pydantic error as a ``SettingsError`` naming the source the value came from.
+
+    Sources are tried in precedence order: a flag given wins over the variable, which
+    wins over the file, so the first that holds the key is the one pydantic judged.
+    """
+    key = str(error["loc"][0]) if error["loc"] else ""
+    variable = f"FLOWSUBMIT_{key.upper()}"
+    if error["type"] == "extra_forbidden":
+        where = f"{config_file}: {key}" if key not in given and config_file else key
+        return SettingsError(
+            where, "unknown setting", hint=did_you_mean(key, Settings.model_fields)
+        )
+    if key in given:
+        return SettingsError(f"--{key.replace('_', '-')}", sentence(error, repr))
+    if any(name.upper() == variable for name in os.environ):
+        return SettingsError(variable, sentence(error, repr))
+    path = ".".join(str(part) for part in error["loc"])  # [[producers]] errors sit deeper
+    return SettingsError(f"{config_file}: {path}", sentence(error))
 
 
 def crash_point() -> str | None:
