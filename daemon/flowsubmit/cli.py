@@ -27,7 +27,7 @@ from flowsubmit.cli_errors import (
     guarded,
 )
 from flowsubmit.errors import JobRejected
-from flowsubmit.jobs import Job, check_job, job_schema, parse_job
+from flowsubmit.jobs import Job, check_job, job_schema
 from flowsubmit.queue import FOLDERS, Queue, new_job_id
 from flowsubmit.settings import Settings
 
