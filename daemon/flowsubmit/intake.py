@@ -1,0 +1,194 @@
+"""The intake: judges the files of ``incoming/``, claims the good ones, rejects the bad ones once settled, adopts orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import structlog
+
+from flowsubmit.errors import ClaimLost, JobRejected
+from flowsubmit.jobs import Job, parse_job
+from flowsubmit.queue import Candidate, Claim, Queue, new_job_id, printable_name
+from flowsubmit.settings import Settings
+
+__all__ = ["Intake"]
+
+log = structlog.get_logger("flowsubmit.intake")
+
+#: The scan hands the event loop back after this many files, so running jobs go on during a flood.
+_YIELD_EVERY = 50
+#: Time one scan may spend rejecting (three fsyncs each); the rest waits for the next scan, so a
+#: slot freed meanwhile goes to a good job first (the moves wake the watcher at once).
+_REJECT_BUDGET_S = 0.5
+
+
+@dataclass(slots=True)
+class _Verdict:
+    """What judging a file of ``incoming/`` found; valid while the file is unchanged."""
+
+    candidate: Candidate
+    #: Why the file is refused, or None for a good job waiting for a free slot.
+    error: JobRejected | None
+    #: When this exact file (name, size, mtime, inode) was first seen, on the monotonic clock.
+    since: float
+
+
+class Intake:
+    """Owns the verdicts on the files of ``incoming/`` (pruned on every scan) and the broken-file memory.
+
+    ``scan()`` claims good jobs while ``has_capacity()`` says so and hands each to
+    ``start(claim, job, recovered=False)``; bad files are moved to ``rejected/`` once
+    settled and reported to ``rejected``. ``adopt_orphans()`` hands the jobs of
+    ``processing/`` whose owner is gone to ``start(claim, job, recovered=True)``.
+    ``admit`` is the one place a new job is accepted or refused.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        settings: Settings,
+        *,
+        has_capacity: Callable[[], bool],
+        start: Callable[[Claim, Job, bool], None],
+        rejected: Callable[[JobRejected, Path], None],
+    ) -> None:
+        self.queue = queue
+        self.settings = settings
+        self._has_capacity = has_capacity
+        self._start = start
+        self._rejected = rejected
+        self._verdicts: dict[str, _Verdict] = {}
+        #: Files whose judging raised (logged once per version of the file).
+        self._broken: dict[str, Candidate] = {}
+
+    def admit(self, candidate: Candidate, data: bytes) -> Job:
+        """Parse a job file's bytes and accept the job, or raise ``JobRejected`` saying why not."""
+        return parse_job(data, file=candidate.name, max_runs=self.settings.max_runs_per_job)
+
+    def adopt_orphans(self, owned: Callable[[str], bool]) -> None:
+        """Resume ``processing/`` jobs whose owner is gone (this daemon before a crash, or a dead peer)."""
+        for job_id in self.queue.retire_stranded():
+            log.info("job.journal_retired", job_id=job_id)
+        for job_id in self.queue.orphans():
+            if owned(job_id) or not self._has_capacity():
+                continue
+            try:
+                claim = self.queue.adopt(job_id)
+            except ClaimLost:
+                continue
+            try:
+                job = parse_job(
+                    claim.path.read_bytes(),
+                    file=claim.path.name,
+                    max_runs=self.settings.max_runs_per_job,
+                )
+            except JobRejected as exc:
+                self.queue.reject_claimed(claim, exc)
+                continue
+            self._start(claim, job, True)
+
+    async def scan(self, stopping: Callable[[], bool]) -> None:
+        """Judge every file of ``incoming/``, oldest first, then reject the bad ones that have settled.
+
+        A verdict is remembered while its file is unchanged, so a rescan of thousands
+        of waiting files reads only the new or changed ones. Bad files are judged even
+        when no slot is free, and rejected (three fsyncs each) only after the pass that
+        claims, and for at most ``_REJECT_BUDGET_S`` per scan, so good jobs never wait
+        behind bad ones (#6). The loop yields every ``_YIELD_EVERY`` files so that
+        running jobs go on during a flood.
+        """
+        candidates = self.queue.scan()
+        to_reject: list[str] = []
+        for i, candidate in enumerate(candidates):
+            if stopping():
+                return
+            if self._guarded(candidate, partial(self._judge, candidate)):
+                to_reject.append(candidate.name)
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+        present = {c.name for c in candidates}
+        for cache in (self._verdicts, self._broken):
+            for name in [n for n in cache if n not in present]:
+                del cache[name]
+        deadline = time.monotonic() + _REJECT_BUDGET_S
+        for i, name in enumerate(to_reject):
+            if time.monotonic() > deadline:
+                return
+            verdict = self._verdicts[name]
+            self._guarded(verdict.candidate, partial(self._reject, verdict))
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+
+    def _guarded(self, candidate: Candidate, judge: Callable[[], bool | None]) -> bool:
+        """Run one file's judging; a bug or an I/O error is logged (once per version) and skipped."""
+        try:
+            return bool(judge())
+        except Exception as exc:  # one file must never stop the daemon or the other files
+            if self._broken.get(candidate.name) != candidate:
+                self._broken[candidate.name] = candidate
+                log.error(
+                    "job.judge_failed",
+                    file=printable_name(candidate.name),
+                    error=str(exc),
+                    exc_info=exc,
+                )
+            return False
+
+    def _judge(self, candidate: Candidate) -> bool:
+        """Claim a good job when a slot is free; True when the file is bad and has settled."""
+        known = self._verdicts.get(candidate.name)
+        if known is None or known.candidate != candidate:
+            known = _Verdict(candidate, None, time.monotonic())
+        elif known.error is None and not self._has_capacity():
+            return False  # a good job, read before: it waits for a free slot unread
+        if known.error is None:
+            known.error = self._try_claim(candidate)
+            if known.error is None:
+                return False
+        self._verdicts[candidate.name] = known
+        return self._settled(known)
+
+    def _try_claim(self, candidate: Candidate) -> JobRejected | None:
+        """Read, admit and claim the file; the rejection when it is bad, else None."""
+        name = candidate.name
+        try:
+            job = self.admit(candidate, self.queue.read(name, self.settings.max_job_bytes))
+            if not self._has_capacity():
+                self._verdicts[name] = _Verdict(candidate, None, time.monotonic())
+                return None
+            claim = self.queue.claim(name, job.id or new_job_id())
+        except ClaimLost:
+            self._verdicts.pop(name, None)  # gone, or its id is running right now: look again later
+            return None
+        except JobRejected as exc:
+            return exc.with_file(printable_name(name))
+        self._verdicts.pop(name, None)
+        self._start(claim, job, False)
+        return None
+
+    def _settled(self, verdict: _Verdict) -> bool:
+        """True once the file has stayed unchanged for ``settle_s``: a bad file still being written is never rejected.
+
+        Unchanged means this daemon saw the same size, mtime and inode for ``settle_s``,
+        or the mtime is at least twice ``settle_s`` old (a file that sat there before the
+        daemon started is judged on the first scan).
+        """
+        settle_s = self.settings.settle_s
+        seen_s = time.monotonic() - verdict.since
+        age_s = time.time() - verdict.candidate.mtime_ns / 1e9
+        return seen_s >= settle_s or age_s >= 2 * settle_s
+
+    def _reject(self, verdict: _Verdict) -> None:
+        name, error = verdict.candidate.name, verdict.error
+        assert error is not None
+        self._verdicts.pop(name, None)
+        try:
+            target = self.queue.reject(name, error)
+        except FileNotFoundError:
+            return  # another daemon moved it first
+        self._rejected(error, target)
