@@ -20,6 +20,7 @@ from flowsubmit.errors import (
 from flowsubmit.gateway import parameter_problem
 from flowsubmit.jobs import DEPLOYMENT_HINT, Job, RunSpec, Stage
 from flowsubmit.journal import Journal, JournalState, snapshot_record
+from flowsubmit.policy import Producer
 from flowsubmit.results import RunRecord, finished_message, result_document, summary_line
 from flowsubmit.tracker import Tracker
 
@@ -68,6 +69,7 @@ class Executor:
         state: JournalState,
         run_tag: str = "flowsubmit",
         recovered: bool = False,
+        producer: Producer | None = None,
     ) -> None:
         self.job = job
         self.job_id = job_id
@@ -82,6 +84,8 @@ class Executor:
         self._abort_reason: str | None = None
         #: A job resumed after a restart: its runs may have ended while nobody listened.
         self._recovered = recovered
+        #: Who dropped the job (#14): tagged on every run, recorded in the result.
+        self._producer = producer
 
     # -- public ---------------------------------------------------------------------------
 
@@ -162,6 +166,7 @@ class Executor:
             ended_at=datetime.now(UTC),
             records=records,
             error=error,
+            producer=self._producer.as_dict() if self._producer else None,
         )
         summary = result["summary"]
         log.info(
@@ -175,6 +180,12 @@ class Executor:
             message=summary_line(summary["succeeded"], summary["total"]),
         )
         return JobOutcome(status, result)
+
+    @property
+    def _own_tags(self) -> list[str]:
+        """The tags flowsubmit puts on every run of this job, before the job's own."""
+        producer = [self._producer.tag] if self._producer else []
+        return [self._run_tag, job_tag(self.job_id), *producer]
 
     async def _interrupted(self) -> tuple[JobStatus, str | None]:
         """How a job whose deadline fired ends: aborted, cancelled or timed out."""
@@ -274,7 +285,7 @@ class Executor:
                 deployment.id, self.job_id, spec.stage, spec.index, attempt
             ),
             parameters=spec.parameters,
-            tags=tuple(dict.fromkeys([self._run_tag, job_tag(self.job_id), *spec.tags])),
+            tags=tuple(dict.fromkeys([*self._own_tags, *spec.tags])),
             job_variables=stage.job_variables,
             work_queue_name=stage.work_queue_name,
             name=spec.name,

@@ -13,6 +13,7 @@ import structlog
 
 from flowsubmit.errors import ClaimLost, JobRejected
 from flowsubmit.jobs import Job, parse_job
+from flowsubmit.policy import Policy, Producer, producer_of
 from flowsubmit.queue import Candidate, Claim, Queue, new_job_id, printable_name
 from flowsubmit.settings import Settings
 
@@ -42,10 +43,11 @@ class Intake:
     """Owns the verdicts on the files of ``incoming/`` (pruned on every scan) and the broken-file memory.
 
     ``scan()`` claims good jobs while ``has_capacity()`` says so and hands each to
-    ``start(claim, job, recovered=False)``; bad files are moved to ``rejected/`` once
-    settled and reported to ``rejected``. ``adopt_orphans()`` hands the jobs of
-    ``processing/`` whose owner is gone to ``start(claim, job, recovered=True)``.
-    ``admit`` is the one place a new job is accepted or refused.
+    ``start(claim, job, producer, recovered=False)``; bad files are moved to
+    ``rejected/`` once settled and reported to ``rejected``. ``adopt_orphans()`` hands
+    the jobs of ``processing/`` whose owner is gone to ``start(claim, job, producer,
+    recovered=True)``. ``admit`` is the one place a new job is accepted or refused,
+    by its content and by the ``policy`` for its producer (#14).
     """
 
     def __init__(
@@ -54,7 +56,7 @@ class Intake:
         settings: Settings,
         *,
         has_capacity: Callable[[], bool],
-        start: Callable[[Claim, Job, bool], None],
+        start: Callable[[Claim, Job, Producer, bool], None],
         rejected: Callable[[JobRejected, Path], None],
     ) -> None:
         self.queue = queue
@@ -62,13 +64,17 @@ class Intake:
         self._has_capacity = has_capacity
         self._start = start
         self._rejected = rejected
+        #: What jobs may ask for (#14), as the settings held now say.
+        self.policy = Policy.from_settings(settings)
         self._verdicts: dict[str, _Verdict] = {}
         #: Files whose judging raised (logged once per version of the file).
         self._broken: dict[str, Candidate] = {}
 
-    def admit(self, candidate: Candidate, data: bytes) -> Job:
-        """Parse a job file's bytes and accept the job, or raise ``JobRejected`` saying why not."""
-        return parse_job(data, file=candidate.name, max_runs=self.settings.max_runs_per_job)
+    def admit(self, candidate: Candidate, data: bytes, producer: Producer) -> Job:
+        """Parse a job file's bytes and accept the job from ``producer``, or raise ``JobRejected`` saying why not."""
+        job = parse_job(data, file=candidate.name, max_runs=self.settings.max_runs_per_job)
+        self.policy.check(job, producer)
+        return job
 
     def adopt_orphans(self, owned: Callable[[str], bool]) -> None:
         """Resume ``processing/`` jobs whose owner is gone (this daemon before a crash, or a dead peer)."""
@@ -82,15 +88,26 @@ class Intake:
             except ClaimLost:
                 continue
             try:
-                job = parse_job(
-                    claim.path.read_bytes(),
-                    file=claim.path.name,
-                    max_runs=self.settings.max_runs_per_job,
-                )
+                job, producer = self._recovered(claim)
             except JobRejected as exc:
-                self.queue.reject_claimed(claim, exc)
+                error = exc.with_file(claim.path.name)
+                self._rejected(error, self.queue.reject_claimed(claim, error))
                 continue
-            self._start(claim, job, True)
+            self._start(claim, job, producer, True)
+
+    def _recovered(self, claim: Claim) -> tuple[Job, Producer]:
+        """Parse an adopted job; one that has not created a run yet is judged by the policy held now.
+
+        A job that created runs keeps running to its end under the policy it was
+        claimed with (#14): its runs exist in Prefect; ``flowsubmit cancel`` stops it.
+        """
+        job = parse_job(
+            claim.path.read_bytes(), file=claim.path.name, max_runs=self.settings.max_runs_per_job
+        )
+        producer = producer_of(claim.path.stat())  # a rename keeps the owner: the creator
+        if not claim.state.created:
+            self.policy.check(job, producer)
+        return job, producer
 
     async def scan(self, stopping: Callable[[], bool]) -> None:
         """Judge every file of ``incoming/``, oldest first, then reject the bad ones that have settled.
@@ -157,7 +174,9 @@ class Intake:
         """Read, admit and claim the file; the rejection when it is bad, else None."""
         name = candidate.name
         try:
-            job = self.admit(candidate, self.queue.read(name, self.settings.max_job_bytes))
+            data, st = self.queue.read(name, self.settings.max_job_bytes)
+            producer = producer_of(st)  # from the descriptor read: the owner of these bytes
+            job = self.admit(candidate, data, producer)
             if not self._has_capacity():
                 self._verdicts[name] = _Verdict(candidate, None, time.monotonic())
                 return None
@@ -168,7 +187,7 @@ class Intake:
         except JobRejected as exc:
             return exc.with_file(printable_name(name))
         self._verdicts.pop(name, None)
-        self._start(claim, job, False)
+        self._start(claim, job, producer, False)
         return None
 
     def _settled(self, verdict: _Verdict) -> bool:

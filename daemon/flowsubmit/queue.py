@@ -199,12 +199,13 @@ class Queue:
         found.sort(key=lambda c: (c.mtime_ns, c.name))
         return found
 
-    def read(self, name: str, max_bytes: int) -> bytes:
+    def read(self, name: str, max_bytes: int) -> tuple[bytes, os.stat_result]:
         """Read ``incoming/name`` without following links, refusing what is not a plain, small file.
 
         ``O_NONBLOCK`` keeps a FIFO with no writer from blocking the open; ``fstat``
         on the open descriptor then refuses it, so nothing is judged by a name that
-        could be swapped between the check and the read.
+        could be swapped between the check and the read. That ``fstat`` is returned
+        with the bytes: its owner is the producer of exactly these bytes (#14).
 
         Raises:
             ClaimLost: the file vanished (another daemon took it).
@@ -402,7 +403,7 @@ class Queue:
         fsync_dir(folder)
 
 
-def _read_regular(fd: int, name: str, max_bytes: int) -> bytes:
+def _read_regular(fd: int, name: str, max_bytes: int) -> tuple[bytes, os.stat_result]:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise JobRejected(
@@ -428,7 +429,7 @@ def _read_regular(fd: int, name: str, max_bytes: int) -> bytes:
     data = b"".join(chunks)
     if len(data) > max_bytes:
         raise JobRejected(f"the file is larger than max_job_bytes ({max_bytes})", file=name)
-    return data
+    return data, st
 
 
 def _json(value: Any) -> bytes:

@@ -99,12 +99,14 @@ def result_document(
     ended_at: datetime,
     records: list[RunRecord],
     error: str | None = None,
+    producer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The content of ``JOB.result.json``."""
+    """The content of ``JOB.result.json``; ``producer`` is who dropped the job (#14)."""
     counts = summary_counts((r.state_type, r.state_name) for r in records)
     return {
         "job_id": job_id,
         "status": status.value,
+        "producer": producer,
         "started_at": _iso(started_at),
         "ended_at": _iso(ended_at),
         "duration_s": round((ended_at - started_at).total_seconds(), 3),

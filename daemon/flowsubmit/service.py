@@ -22,6 +22,7 @@ from flowsubmit.faults import CrashPoints
 from flowsubmit.gateway import Gateway
 from flowsubmit.intake import Intake
 from flowsubmit.jobs import Job
+from flowsubmit.policy import Producer
 from flowsubmit.prefect_health import PrefectHealth
 from flowsubmit.queue import Claim, Queue
 from flowsubmit.results import result_document
@@ -84,6 +85,12 @@ class Service:
         self.queue.ensure()
         if self.queue.others_can_write():
             log.warning("service.queue_writable_by_others", queue=str(self.queue.root))
+        if self._intake.policy.launches_anything:
+            log.warning(
+                "service.any_deployment_allowed",
+                allowed_deployments=list(self._intake.policy.allowed_deployments),
+                hint="whoever can write to incoming/ may launch any deployment: set allowed_deployments",
+            )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
@@ -238,11 +245,11 @@ class Service:
 
     # -- one job --------------------------------------------------------------------------------
 
-    def _start_job(self, claim: Claim, job: Job, recovered: bool) -> None:
+    def _start_job(self, claim: Claim, job: Job, producer: Producer, recovered: bool) -> None:
         assert self._tg is not None
         self.counts["recovered" if recovered else "claimed"] += 1
         task = self._tg.create_task(
-            self._run_job(claim, job, recovered), name=f"flowsubmit-job-{claim.job_id}"
+            self._run_job(claim, job, producer, recovered), name=f"flowsubmit-job-{claim.job_id}"
         )
         self._jobs[claim.job_id] = task
         task.add_done_callback(lambda _: self._forget(claim.job_id))
@@ -252,10 +259,16 @@ class Service:
         self._executors.pop(job_id, None)
         self.notifier.status(self._status_line())
 
-    async def _run_job(self, claim: Claim, job: Job, recovered: bool) -> None:
+    async def _run_job(self, claim: Claim, job: Job, producer: Producer, recovered: bool) -> None:
         assert self._gateway is not None and self._tracker is not None
         with bound_contextvars(job_id=claim.job_id):
-            log.info("job.claimed", file=claim.source, runs=job.total_runs, recovered=recovered)
+            log.info(
+                "job.claimed",
+                file=claim.source,
+                runs=job.total_runs,
+                recovered=recovered,
+                producer=producer.as_dict(),
+            )
             executor = Executor(
                 job,
                 claim.job_id,
@@ -265,6 +278,7 @@ class Service:
                 state=claim.state,
                 run_tag=self.settings.run_tag,
                 recovered=recovered,
+                producer=producer,
             )
             self._executors[claim.job_id] = executor
             try:
@@ -274,7 +288,7 @@ class Service:
                 raise
             except Exception as exc:
                 log.error("job.crashed", error=str(exc), exc_info=exc)
-                self._finish_crashed(claim, exc)
+                self._finish_crashed(claim, producer, exc)
 
     async def _execute(self, claim: Claim, executor: Executor) -> None:
         try:
@@ -294,11 +308,12 @@ class Service:
             error=outcome.result.get("error"),
         )
 
-    def _finish_crashed(self, claim: Claim, exc: Exception) -> None:
+    def _finish_crashed(self, claim: Claim, producer: Producer, exc: Exception) -> None:
         now = datetime.now(UTC)
         result = result_document(
             job_id=claim.job_id,
             status=JobStatus.FAILED,
+            producer=producer.as_dict(),
             started_at=now,
             ended_at=now,
             records=[],

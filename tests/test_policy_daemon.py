@@ -1,0 +1,199 @@
+"""The policy through the daemon on the real server, with job files owned by two real non-root users."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+from flowsubmit.localserver import LocalServer
+from tests.conftest import Daemon, result_of
+from tests.driver import drive, wait_for_runs
+from tests.flows import DRIVEN, ETL, VAULT
+
+#: Two producers, created by the test when absent (the tests run as root).
+ETL_USER, OTHER_USER = "fs-policy-etl", "fs-policy-ana"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
+
+
+def _user(name: str) -> pwd.struct_passwd:
+    """The user ``name``, created (system account, no home, no shell) when absent."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        done = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            capture_output=True,
+        )
+        assert done.returncode in (0, 9), done.stderr  # 9: created meanwhile by another test
+        return pwd.getpwnam(name)
+
+
+@pytest.fixture(scope="module")
+def users() -> dict[str, pwd.struct_passwd]:
+    """The two producers of this module, by name."""
+    return {name: _user(name) for name in (ETL_USER, OTHER_USER)}
+
+
+def _drop(queue: Path, name: str, job: dict[str, Any], owner: pwd.struct_passwd) -> None:
+    """Create a job file owned by ``owner`` in tmp/, then rename it into incoming/ (as root).
+
+    The rename is done by another user than the file's owner: the owner, its creator,
+    stays the producer.
+    """
+    staged = queue / "tmp" / f"{name}.part"
+    staged.write_text(json.dumps(job))
+    os.chown(staged, owner.pw_uid, owner.pw_gid)
+    staged.rename(queue / "incoming" / f"{name}.json")
+
+
+def _errors(queue: Path) -> dict[str, dict[str, Any]]:
+    return {
+        p.name.removesuffix(".json.error.json"): json.loads(p.read_text())
+        for p in (queue / "rejected").glob("*.error.json")
+    }
+
+
+def _refused(file: str, field: str, reason: str, hint: str) -> dict[str, Any]:
+    return {"file": f"{file}.json", "field": field, "reason": reason, "hint": hint}
+
+
+async def _runs_tagged(tag: str) -> list[Any]:
+    async with get_client() as client:
+        return list(
+            await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
+            )
+        )
+
+
+def _finish(daemon: Daemon, job_id: str, runs: int) -> tuple[str, dict[str, Any]]:
+    """Drive the job's runs to Completed and return its (folder, result)."""
+    run_ids = asyncio.run(wait_for_runs(f"flowsubmit-job:{job_id}", runs))
+    asyncio.run(drive(run_ids))
+    return daemon.wait_for(lambda: result_of(daemon.queue, job_id), what=f"result of {job_id}")  # type: ignore[no-any-return]
+
+
+def _spawn(
+    spawn: Callable[..., Daemon], served: LocalServer, tmp_path: Path, **settings: object
+) -> Daemon:
+    env = {f"FLOWSUBMIT_{k.upper()}": json.dumps(v) for k, v in settings.items()}
+    daemon = spawn(served.env(**env), tmp_path / "queue", settle_s=0)
+    daemon.wait_for_event("service.ready")
+    return daemon
+
+
+def test_default_policy_warns_refuses_job_variables_and_reserved_tags_and_records_the_producer(
+    served: LocalServer,
+    spawn: Callable[..., Daemon],
+    tmp_path: Path,
+    users: dict[str, pwd.struct_passwd],
+) -> None:
+    """With the defaults the daemon warns at start-up, rejects any job variable and a reserved tag (no run), and records the producer in job.claimed, the result and a run tag on the server."""
+    daemon = _spawn(spawn, served, tmp_path)
+    etl = users[ETL_USER]
+    (warning,) = daemon.events("service.any_deployment_allowed")
+    assert (warning["level"], warning["allowed_deployments"]) == ("warning", ["*"])
+
+    job = {"deployment": DRIVEN, "runs": [{}, {"tags": ["nightly"]}]}
+    _drop(
+        daemon.queue, "vars", {**job, "id": "pol-vars", "job_variables": {"env": {"A": "1"}}}, etl
+    )
+    _drop(daemon.queue, "tag", {**job, "id": "pol-tag", "tags": ["flowsubmit-producer:root"]}, etl)
+    _drop(daemon.queue, "good", {**job, "id": "pol-good"}, etl)
+
+    folder, result = _finish(daemon, "pol-good", 2)
+
+    assert (folder, result["producer"]) == ("done", {"uid": etl.pw_uid, "user": ETL_USER})
+    (claimed,) = daemon.events("job.claimed")
+    assert claimed["producer"] == {"uid": etl.pw_uid, "user": ETL_USER}
+    tagged = asyncio.run(_runs_tagged(f"flowsubmit-producer:{ETL_USER}"))
+    assert sorted(str(r.id) for r in tagged) == sorted(r["flow_run_id"] for r in result["runs"])
+    own = {"flowsubmit", "flowsubmit-job:pol-good", f"flowsubmit-producer:{ETL_USER}"}
+    assert all(own <= set(run.tags) for run in tagged)
+    daemon.wait_for(lambda: len(_errors(daemon.queue)) == 2, what="two rejections")
+    assert _errors(daemon.queue) == {
+        "vars": _refused(
+            "vars",
+            "job_variables.env",
+            '"env" is not allowed',
+            "allowed_job_variables: none",
+        ),
+        "tag": _refused(
+            "tag",
+            "tags.0",
+            '"flowsubmit-producer:root" is a reserved tag',
+            "tags starting with 'flowsubmit-' are set by flowsubmit itself",
+        ),
+    }
+    assert {(e["level"], e["field"]) for e in daemon.events("job.rejected")} == {
+        ("warning", "job_variables.env"),
+        ("warning", "tags.0"),
+    }
+    for refused in ("pol-vars", "pol-tag"):
+        assert asyncio.run(_runs_tagged(f"flowsubmit-job:{refused}")) == []
+
+
+def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
+    served: LocalServer,
+    spawn: Callable[..., Daemon],
+    tmp_path: Path,
+    users: dict[str, pwd.struct_passwd],
+) -> None:
+    """A [[producers]] rule narrows etl's deployments (also in a later stage) but not ana's; a deployment outside the global patterns is refused for both; an allowed job variable reaches the run."""
+    daemon = _spawn(
+        spawn,
+        served,
+        tmp_path,
+        allowed_deployments=["driven/*", "vault/*"],
+        allowed_job_variables=["env"],
+        producers=[{"user": ETL_USER, "allowed_deployments": ["driven/*"]}],
+    )
+    etl, ana = users[ETL_USER], users[OTHER_USER]
+    assert daemon.events("service.any_deployment_allowed") == []
+    vault = {"deployment": VAULT, "runs": [{"parameters": {"table": 1}}]}
+    _drop(daemon.queue, "etl-vault", {**vault, "id": "pol-etl-vault"}, etl)
+    _drop(daemon.queue, "etl-etl", {"deployment": ETL, "runs": [{}]}, etl)
+    staged = {"deployment": DRIVEN, "stages": [{"runs": [{}]}, {**vault}]}
+    _drop(daemon.queue, "etl-stages", staged, etl)
+    env = {"env": {"POLICY_TEST": "1"}}
+    _drop(daemon.queue, "ana-vault", {**vault, "id": "pol-ana-vault", "job_variables": env}, ana)
+
+    folder, result = _finish(daemon, "pol-ana-vault", 1)
+
+    assert (folder, result["producer"]) == ("done", {"uid": ana.pw_uid, "user": OTHER_USER})
+    (run,) = asyncio.run(_runs_tagged(f"flowsubmit-producer:{OTHER_USER}"))
+    assert run.job_variables == env
+    daemon.wait_for(lambda: len(_errors(daemon.queue)) == 3, what="three rejections")
+    not_for_etl = f"for user {ETL_USER}"
+    assert _errors(daemon.queue) == {
+        "etl-vault": _refused(
+            "etl-vault",
+            "deployment",
+            f'"{VAULT}" is not allowed {not_for_etl}',
+            "allowed_deployments: driven/*",
+        ),
+        "etl-etl": _refused(
+            "etl-etl",
+            "deployment",
+            f'"{ETL}" is not allowed',
+            "allowed_deployments: driven/*, vault/*",
+        ),
+        "etl-stages": _refused(
+            "etl-stages",
+            "stages.1.deployment",
+            f'"{VAULT}" is not allowed {not_for_etl}',
+            "allowed_deployments: driven/*",
+        ),
+    }
+    assert asyncio.run(_runs_tagged("flowsubmit-job:pol-etl-vault")) == []
