@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -10,15 +11,16 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from flowsubmit.cli import main as cli
 from flowsubmit.errors import JobRejected
 from flowsubmit.jobs import Job
 from flowsubmit.policy import (
     Policy,
     Producer,
     ProducerRule,
-    check_reserved_tags,
     current_producer,
     producer_of,
+    reserved_tag_problems,
 )
 from flowsubmit.settings import Settings
 
@@ -151,12 +153,29 @@ def test_reserved_tags_are_refused_wherever_they_are_set(
 ) -> None:
     """A ``flowsubmit-*`` tag is refused at job, run, stage and stage-run level, even by a permissive policy."""
     job = _job(**fields)
-    with pytest.raises(JobRejected) as caught:
-        check_reserved_tags(job)
-    assert caught.value.field == field
-    assert caught.value.hint == "tags starting with 'flowsubmit-' are set by flowsubmit itself"
+    (problem,) = reserved_tag_problems(job)
+    assert problem.field == field
+    assert problem.hint == "tags starting with 'flowsubmit-' are set by flowsubmit itself"
     assert _refusal(Policy(), job).startswith(f"field {field!r}: ")
-    check_reserved_tags(_job(tags=["flowsubmit", "my-flowsubmit-tag"]))
+    assert reserved_tag_problems(_job(tags=["flowsubmit", "my-flowsubmit-tag"])) == []
+
+
+def test_problems_lists_every_refusal_in_order() -> None:
+    """``problems`` lists every refusal (reserved tags, deployments, job variables; global before rules), for validate."""
+    policy = Policy(
+        allowed_deployments=("etl/*",),
+        producers=_rules({"user": "etl-cron", "allowed_deployments": ["etl/nightly"]}),
+    )
+    job = _job(
+        deployment="etl/other", tags=["flowsubmit-x"], job_variables={"image": "x", "env": {}}
+    )
+    assert [p.field for p in policy.problems(job, ETL_CRON)] == [
+        "tags.0",
+        "deployment",
+        "job_variables.image",
+        "job_variables.env",
+    ]
+    assert policy.problems(_job(), ALICE) == []
 
 
 def test_producer_of_a_file_is_its_owner(tmp_path: Path) -> None:
@@ -203,3 +222,37 @@ def test_policy_settings_come_from_toml_env_and_flags(
     assert from_env == Policy(("ops/*",), ("env",), _rules({"group": "etl"}))
     flags = Settings.load(config, allowed_job_variables=["image", "env"])
     assert Policy.from_settings(flags).allowed_job_variables == ("image", "env")
+
+
+def test_validate_and_enqueue_check_the_policy_for_the_user_running_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``validate`` always refuses reserved tags, ``validate --policy`` and ``enqueue --config`` the whole policy for the current user, and nothing is dropped."""
+    me = current_producer().name
+    job = tmp_path / "export.json"
+    job.write_text(
+        json.dumps({"deployment": "billing/export", "runs": [{}], "tags": ["flowsubmit-x"]})
+    )
+    config = tmp_path / "flowsubmit.toml"
+    config.write_text(
+        f'allowed_deployments = ["*"]\n[[producers]]\nuser = "{me}"\nallowed_deployments = ["etl/*"]\n'
+    )
+    queue = tmp_path / "queue"
+
+    assert cli(["validate", str(job)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"flowsubmit: {job}: field 'tags.0': \"flowsubmit-x\" is a reserved tag "
+        "(tags starting with 'flowsubmit-' are set by flowsubmit itself)"
+    ]
+    assert cli(["validate", "--policy", "--config", str(config), str(job)]) == 2
+    assert capsys.readouterr().err.splitlines()[1] == (
+        f"flowsubmit: {job}: field 'deployment': \"billing/export\" is not allowed for user {me} "
+        "(allowed_deployments: etl/*)"
+    )
+    job.write_text(json.dumps({"deployment": "billing/export", "runs": [{}]}))
+    enqueue = ["enqueue", "--queue", str(queue), "--create"]
+    assert cli([*enqueue, "--config", str(config), str(job)]) == 2
+    assert "is not allowed for user" in capsys.readouterr().err
+    assert list((queue / "incoming").iterdir()) == []
+    assert cli([*enqueue, str(job)]) == 0  # the daemon's settings unknown: it judges the rest
+    assert len(list((queue / "incoming").iterdir())) == 1

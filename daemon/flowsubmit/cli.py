@@ -28,6 +28,7 @@ from flowsubmit.cli_errors import (
 )
 from flowsubmit.errors import JobRejected
 from flowsubmit.jobs import Job, check_job, job_schema
+from flowsubmit.policy import Policy, current_producer, reserved_tag_problems
 from flowsubmit.queue import FOLDERS, Queue, new_job_id
 from flowsubmit.settings import Settings
 
@@ -160,6 +161,12 @@ def _parser() -> Parser:
     )
     validate.add_argument(
         "--json", action="store_true", help="print one JSON document (for editors and CI)"
+    )
+    validate.add_argument(
+        "--policy",
+        action="store_true",
+        help="also check the daemon's policy (allowed_deployments, allowed_job_variables, "
+        "[[producers]]; from --config and FLOWSUBMIT_*) for the user running this",
     )
     _config_option(validate)
 
@@ -324,14 +331,31 @@ class _Checked:
         }
 
 
-def _check_file(name: str, settings: Settings) -> _Checked:
+def _check_file(name: str, settings: Settings, *, policy: bool) -> _Checked:
     file = _display(name)
     try:
         data = _read_job_file(name, settings.max_job_bytes)
     except JobRejected as exc:
         return _Checked(file, problems=[exc])
     job, problems = check_job(data, file=file, max_runs=settings.max_runs_per_job)
-    return _Checked(file, job, problems)
+    if job is not None:
+        problems = [p.with_file(file) for p in _policy_problems(job, settings, full=policy)]
+    return _Checked(file, job if not problems else None, problems)
+
+
+#: The settings that make up the policy: given any of them, ``enqueue`` checks it (#14).
+_POLICY_SETTINGS = frozenset({"allowed_deployments", "allowed_job_variables", "producers"})
+
+
+def _policy_problems(job: Job, settings: Settings, *, full: bool) -> list[JobRejected]:
+    """How ``job`` breaks the policy for the user running this (``enqueue`` writes the file as them).
+
+    Without ``full`` only the reserved tags, which no setting allows; with it, the whole
+    policy the settings describe, as the daemon holding them would judge it.
+    """
+    if not full:
+        return reserved_tag_problems(job)
+    return Policy.from_settings(settings).problems(job, current_producer())
 
 
 def _expand(patterns: list[str]) -> list[str | JobRejected]:
@@ -369,7 +393,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     checked = [
         _Checked(item.file, problems=[item])
         if isinstance(item, JobRejected)
-        else _check_file(item, settings)
+        else _check_file(item, settings, policy=args.policy)
         for item in _expand(args.files)
     ]
     ok = all(not c.problems for c in checked)
@@ -391,7 +415,13 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
     )
     data = _read_job_file(args.file, settings.max_job_bytes)
     job, problems = check_job(data, file=_display(args.file), max_runs=settings.max_runs_per_job)
-    if job is None:
+    if job is not None:
+        # The daemon's policy is known when its settings were given (--config, FLOWSUBMIT_*).
+        full = args.config is not None or bool(_POLICY_SETTINGS & settings.model_fields_set)
+        problems = [
+            p.with_file(_display(args.file)) for p in _policy_problems(job, settings, full=full)
+        ]
+    if job is None or problems:
         _print_problems(problems)
         return EXIT_USAGE
     if job.id is None:

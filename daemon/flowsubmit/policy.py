@@ -32,7 +32,7 @@ __all__ = [
     "Policy",
     "Producer",
     "ProducerRule",
-    "check_reserved_tags",
+    "reserved_tag_problems",
     "current_producer",
     "producer_of",
 ]
@@ -154,15 +154,15 @@ class _Limits:
     deployments: tuple[str, ...] | None
     job_variables: tuple[str, ...] | None
 
-    def check_deployment(self, field: str, name: str) -> None:
+    def deployment_problem(self, field: str, name: str) -> JobRejected | None:
         if self.deployments is None or any(fnmatchcase(name, p) for p in self.deployments):
-            return
-        raise _refusal(field, name, self.who, "allowed_deployments", self.deployments)
+            return None
+        return _refusal(field, name, self.who, "allowed_deployments", self.deployments)
 
-    def check_job_variable(self, field: str, key: str) -> None:
+    def job_variable_problem(self, field: str, key: str) -> JobRejected | None:
         if self.job_variables is None or key in self.job_variables:
-            return
-        raise _refusal(field, key, self.who, "allowed_job_variables", self.job_variables)
+            return None
+        return _refusal(field, key, self.who, "allowed_job_variables", self.job_variables)
 
 
 def _refusal(field: str, value: str, who: str, setting: str, allowed: Sequence[str]) -> JobRejected:
@@ -195,22 +195,29 @@ class Policy:
     def check(self, job: Job, producer: Producer) -> None:
         """Accept ``job`` from ``producer``, or raise naming the first field and the rule it breaks.
 
-        Every stage is checked as it will run: its own deployment or the job's, and
-        the job's ``job_variables`` merged with the stage's.
-
         Raises:
             JobRejected: a reserved tag, a deployment or a job variable outside policy.
         """
-        check_reserved_tags(job)
+        problems = self.problems(job, producer)
+        if problems:
+            raise problems[0]
+
+    def problems(self, job: Job, producer: Producer) -> list[JobRejected]:
+        """Every way ``job`` breaks the policy for ``producer`` (reserved tags, then deployments,
+        then job variables; the global settings before the rules); empty when it is accepted.
+
+        Every stage is checked as it will run: its own deployment or the job's, and
+        the job's ``job_variables`` merged with the stage's.
+        """
         limits = [self._global(), *(self._rule(r) for r in self.producers if r.matches(producer))]
         deployments = list(_deployments(job))
         variables = list(_job_variables(job))
+        found: list[JobRejected | None] = [*reserved_tag_problems(job)]
         for rule in limits:
-            for field, name in deployments:
-                rule.check_deployment(field, name)
+            found += [rule.deployment_problem(field, name) for field, name in deployments]
         for rule in limits:
-            for field, key in variables:
-                rule.check_job_variable(field, key)
+            found += [rule.job_variable_problem(field, key) for field, key in variables]
+        return [problem for problem in found if problem is not None]
 
     def _global(self) -> _Limits:
         return _Limits("", self.allowed_deployments, self.allowed_job_variables)
@@ -224,19 +231,17 @@ class Policy:
         )
 
 
-def check_reserved_tags(job: Job) -> None:
-    """Refuse a job that sets a ``flowsubmit-*`` tag anywhere (job, stage or run), whatever the settings.
-
-    Raises:
-        JobRejected: naming the tag's field.
-    """
-    for field, tag in _tags(job):
-        if tag.startswith(RESERVED_TAG_PREFIX):
-            raise JobRejected(
-                f'"{tag}" is a reserved tag',
-                field=field,
-                hint=f"tags starting with {RESERVED_TAG_PREFIX!r} are set by flowsubmit itself",
-            )
+def reserved_tag_problems(job: Job) -> list[JobRejected]:
+    """One refusal per ``flowsubmit-*`` tag the job sets anywhere (job, stage or run), whatever the settings."""
+    return [
+        JobRejected(
+            f'"{tag}" is a reserved tag',
+            field=field,
+            hint=f"tags starting with {RESERVED_TAG_PREFIX!r} are set by flowsubmit itself",
+        )
+        for field, tag in _tags(job)
+        if tag.startswith(RESERVED_TAG_PREFIX)
+    ]
 
 
 def _deployments(job: Job) -> Iterator[tuple[str, str]]:
