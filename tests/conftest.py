@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def prefect_server() -> Iterator[LocalServer]:
     """A real Prefect server for the whole session, stopped by PID at the end."""
     server = LocalServer(home=_HOME, port=_PORT)
-    server.start()
     try:
+        server.start()  # inside the try: a start that times out must not leave the server running
         yield server
     finally:
         server.close()
