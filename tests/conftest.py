@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from flowsubmit.localserver import LocalServer, free_port, prefect_env, served_flows
+from flowsubmit.topology import Topology
 
 _HOME = Path(tempfile.mkdtemp(prefix="flowsubmit-tests-"))
 _PORT = free_port()
@@ -45,6 +46,20 @@ def served(prefect_server: LocalServer) -> Iterator[LocalServer]:
     """The test flows of ``tests/flows.py``, served by ``flow.serve`` in a subprocess."""
     with served_flows(prefect_server, "tests.flows", log_file=_HOME / "served.log"):
         yield prefect_server
+
+
+@pytest.fixture(scope="session")
+def topology() -> Iterator[Topology]:
+    """Prefect's production topology for the session (PostgreSQL, Redis, two API replicas, auth); removed at the end."""
+    with Topology(home=_HOME / "topology") as topo:
+        yield topo
+
+
+@pytest.fixture(scope="session")
+def topology_served(topology: Topology) -> Iterator[Topology]:
+    """The test flows served by ``flow.serve`` through replica B, so their states reach A only via Redis."""
+    with served_flows(topology.b, "tests.flows", log_file=topology.home / "served.log"):
+        yield topology
 
 
 @dataclass
@@ -120,8 +135,22 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 def start_daemon(served: LocalServer, spawn: Callable[..., Daemon]) -> Callable[..., Daemon]:
     """Factory: ``flowsubmit run`` against the session server, on ``tmp_path/queue`` by default, once ready."""
 
+    return ready_daemons(spawn, served.env())
+
+
+@pytest.fixture
+def start_prod_daemon(
+    topology_served: Topology, spawn: Callable[..., Daemon]
+) -> Callable[..., Daemon]:
+    """Factory: ``flowsubmit run`` against replica A of the production topology, once ready."""
+    return ready_daemons(spawn, topology_served.a.env())
+
+
+def ready_daemons(spawn: Callable[..., Daemon], env: dict[str, str]) -> Callable[..., Daemon]:
+    """A factory of daemons started by ``spawn`` with ``env``, each returned once it logged ``service.ready``."""
+
     def start(queue: Path | None = None, **settings: object) -> Daemon:
-        daemon = spawn(served.env(), queue, **settings)
+        daemon = spawn(env, queue, **settings)
         daemon.wait_for_event("service.ready")
         return daemon
 

@@ -15,21 +15,24 @@ from prefect.client.schemas.filters import (
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
+from flowsubmit.localserver import LocalServer
 from tests.driver import drive
 
 
 class BackgroundDriver:
     """Moves every Scheduled run tagged ``tag`` to ``final`` as soon as it appears, in a thread.
 
-    Runs are driven once each; the thread stops on ``close()``. ``api_url`` points it at a
-    server other than the session one.
+    Runs are driven once each; the thread stops on ``close()``. ``server`` points it at a
+    server other than the session one (with that server's credentials).
     """
 
-    def __init__(self, tag: str, *, api_url: str | None = None, concurrency: int = 4) -> None:
+    def __init__(
+        self, tag: str, *, server: LocalServer | None = None, concurrency: int = 4
+    ) -> None:
         self.tag = tag
-        self.api_url = api_url
+        self.server = server
         self.concurrency = concurrency
         self.driven: set[str] = set()
         self._stop = threading.Event()
@@ -52,7 +55,7 @@ class BackgroundDriver:
 
     def _main(self) -> None:
         try:
-            with _api(self.api_url):
+            with client_of(self.server):
                 asyncio.run(self._loop())
         except BaseException as exc:  # surfaced by close()
             self._error = exc
@@ -66,17 +69,19 @@ class BackgroundDriver:
                     await drive(fresh, concurrency=self.concurrency)
                     self.driven.update(fresh)
             except Exception:  # the server may be down in outage tests: try again
-                if self.api_url is None:
+                if self.server is None:
                     raise
             await asyncio.sleep(0.2)
 
 
 @contextmanager
-def _api(api_url: str | None) -> Iterator[None]:
-    if api_url is None:
+def client_of(server: LocalServer | None) -> Iterator[None]:
+    """Prefect clients made inside talk to ``server`` with its credentials (None: the session server)."""
+    if server is None:
         yield
         return
-    with temporary_settings({PREFECT_API_URL: api_url}):
+    auth = server.client_env.get("PREFECT_API_AUTH_STRING")
+    with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_API_AUTH_STRING: auth}):
         yield
 
 
@@ -98,7 +103,7 @@ async def runs_tagged(tag: str, *, state: StateType | None = None) -> list[FlowR
                 return found
 
 
-def server_runs(tag: str, api_url: str | None = None) -> list[FlowRun]:
+def server_runs(tag: str, server: LocalServer | None = None) -> list[FlowRun]:
     """``runs_tagged`` from synchronous test code."""
-    with _api(api_url):
+    with client_of(server):
         return asyncio.run(runs_tagged(tag))

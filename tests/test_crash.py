@@ -43,7 +43,7 @@ def _job(job_id: str, runs: int = RUNS, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _drop(queue: Path, job: dict[str, Any]) -> str:
+def drop(queue: Path, job: dict[str, Any]) -> str:
     """Drop a job the way ``flowsubmit enqueue`` does (tmp/ then one rename), in-process."""
     q = Queue(queue)
     q.ensure()
@@ -51,7 +51,9 @@ def _drop(queue: Path, job: dict[str, Any]) -> str:
     return str(job["id"])
 
 
-def _assert_exactly_once(queue: Path, job_id: str, runs: int = RUNS) -> dict[str, Any]:
+def assert_exactly_once(
+    queue: Path, job_id: str, runs: int = RUNS, server: LocalServer | None = None
+) -> dict[str, Any]:
     """The job is in done/ with ``runs`` completed runs, and the server holds exactly those runs."""
     found = result_of(queue, job_id)
     assert found is not None
@@ -63,7 +65,7 @@ def _assert_exactly_once(queue: Path, job_id: str, runs: int = RUNS) -> dict[str
         (t, {"table": t}) for t in range(runs)
     ]
     assert {r["state_type"] for r in result["runs"]} == {"COMPLETED"}
-    on_server = server_runs(job_tag(job_id))
+    on_server = server_runs(job_tag(job_id), server)
     assert len(on_server) == runs
     assert sorted(r.parameters["table"] for r in on_server) == list(range(runs))
     assert {str(r.id) for r in on_server} == {r["flow_run_id"] for r in result["runs"]}
@@ -91,24 +93,34 @@ def test_kill_9_then_restart_finishes_the_job_exactly_once(
     start_daemon: Callable[..., Daemon], point: str
 ) -> None:
     """Killed with SIGKILL at a step of a 30-run job, a restarted daemon ends it in done/ with each run created once."""
+    kill_9_then_restart(start_daemon, point)
+
+
+def kill_9_then_restart(
+    start_daemon: Callable[..., Daemon], point: str, server: LocalServer | None = None
+) -> None:
+    """Kill the daemon at ``point`` of a 30-run job, restart it, and check the job ended exactly once.
+
+    ``server`` is where the runs are driven and counted (the session server when None).
+    """
     job_id = f"crash-{point.replace(':', '-')}-{uuid.uuid4().hex[:8]}"
-    with BackgroundDriver(job_tag(job_id)):
+    with BackgroundDriver(job_tag(job_id), server=server):
         first = start_daemon(test_crash_at=point, submit_batch_size=10)
-        _drop(first.queue, _job(job_id))
+        drop(first.queue, _job(job_id))
         assert first.process.wait(90) == -signal.SIGKILL
         journal = replay(first.queue / "processing" / f"{job_id}.journal")
         if point == "created:15":
             # Runs were created in Prefect that the journal never heard of: the restart
             # must find them by idempotency key instead of creating them again.
             assert len(journal.created) == 15
-            assert len(server_runs(job_tag(job_id))) > 15
+            assert len(server_runs(job_tag(job_id), server)) > 15
         second = start_daemon(first.queue)
         second.wait_for(lambda: result_of(second.queue, job_id), what="result")
         if point == "finish.moved":
             second.wait_for(lambda: not os.listdir(second.queue / "processing"), what="cleanup")
         assert second.stop() == 0
 
-    _assert_exactly_once(first.queue, job_id)
+    assert_exactly_once(first.queue, job_id, server=server)
     recovered = [line for line in second.events("job.claimed") if line["job_id"] == job_id]
     retired = [line["job_id"] for line in second.events("job.journal_retired")]
     if point == "finish.moved":
@@ -127,7 +139,7 @@ def test_sigterm_mid_job_exits_0_and_a_restart_finishes_without_duplicates(
     job_id = f"sigterm-{uuid.uuid4().hex[:8]}"
     with BackgroundDriver(job_tag(job_id)):
         first = start_daemon(drain_timeout_s=5)
-        _drop(first.queue, _job(job_id))
+        drop(first.queue, _job(job_id))
         first.wait_for_event("run.finished", count=5)
         assert first.stop() == 0
         processing = first.queue / "processing"
@@ -142,7 +154,7 @@ def test_sigterm_mid_job_exits_0_and_a_restart_finishes_without_duplicates(
         second.wait_for(lambda: result_of(second.queue, job_id), what="result")
         assert second.stop() == 0
 
-    _assert_exactly_once(first.queue, job_id)
+    assert_exactly_once(first.queue, job_id)
     (claimed,) = second.events("job.claimed")
     assert (claimed["job_id"], claimed["recovered"]) == (job_id, True)
 
@@ -157,9 +169,9 @@ def test_dropping_a_finished_job_id_again_creates_no_run(
     job_id = f"again-{uuid.uuid4().hex[:8]}"
     with BackgroundDriver(job_tag(job_id)):
         daemon = start_daemon()
-        _drop(daemon.queue, _job(job_id, runs=2))
+        drop(daemon.queue, _job(job_id, runs=2))
         daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="result")
-        _drop(daemon.queue, _job(job_id, runs=2))
+        drop(daemon.queue, _job(job_id, runs=2))
         error_file = daemon.queue / "rejected" / f"{job_id}.json.error.json"
         daemon.wait_for(error_file.exists, what="rejection")
         assert daemon.stop() == 0
@@ -170,7 +182,7 @@ def test_dropping_a_finished_job_id_again_creates_no_run(
         "field": "id",
         "hint": "an id makes a job exactly-once; drop it without `id`, or with a new one, to run it again",
     }
-    _assert_exactly_once(daemon.queue, job_id, runs=2)
+    assert_exactly_once(daemon.queue, job_id, runs=2)
     assert [line["job_id"] for line in daemon.events("job.claimed")] == [job_id]
 
 
@@ -181,16 +193,27 @@ def test_two_daemons_on_one_queue_run_each_of_100_jobs_exactly_once(
     start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     """100 one-run jobs dropped at once into a queue two daemons share each end once, in one result, with one run."""
+    two_daemons_run_each_job_once(start_daemon, tmp_path / "queue", 100)
+
+
+def two_daemons_run_each_job_once(
+    start_daemon: Callable[..., Daemon], queue: Path, jobs: int, server: LocalServer | None = None
+) -> None:
+    """Drop ``jobs`` one-run jobs into a queue two daemons share; check each ran once, with one run.
+
+    ``server`` is where the runs are driven and counted (the session server when None).
+    """
     tag = f"pair-{uuid.uuid4().hex[:8]}"
-    queue = tmp_path / "queue"
-    ids = [f"{tag}-{n:03d}" for n in range(100)]
+    ids = [f"{tag}-{n:03d}" for n in range(jobs)]
     settings = {"max_concurrent_jobs": 30}
-    with BackgroundDriver(tag):
+    with BackgroundDriver(tag, server=server):
         daemons = [start_daemon(queue, **settings), start_daemon(queue, **settings)]
         for job_id in ids:
-            _drop(queue, _job(job_id, runs=1, tags=[tag]))
+            drop(queue, _job(job_id, runs=1, tags=[tag]))
         daemons[0].wait_for(
-            lambda: all(result_of(queue, job_id) for job_id in ids), timeout_s=120, what="100"
+            lambda: all(result_of(queue, job_id) for job_id in ids),
+            timeout_s=120,
+            what=f"{jobs} results",
         )
         assert [d.stop() for d in daemons] == [0, 0]
 
@@ -202,8 +225,8 @@ def test_two_daemons_on_one_queue_run_each_of_100_jobs_exactly_once(
         f"{job_id}{suffix}" for job_id in ids for suffix in (".json", ".journal", ".result.json")
     )
     assert os.listdir(queue / "processing") == os.listdir(queue / "failed") == []
-    on_server = {str(r.id): r for r in server_runs(tag)}
-    assert len(on_server) == 100
+    on_server = {str(r.id): r for r in server_runs(tag, server)}
+    assert len(on_server) == jobs
     for job_id in ids:
         (run,) = json.loads((queue / "done" / f"{job_id}.result.json").read_text())["runs"]
         assert job_tag(job_id) in on_server[run["flow_run_id"]].tags
@@ -243,7 +266,7 @@ def test_outage_beyond_tolerance_fails_the_job_with_a_clear_reason(
     job_id = f"outage-{uuid.uuid4().hex[:8]}"
     daemon = spawn(other_server.env(), prefect_outage_tolerance_s=3)
     daemon.wait_for_event("service.ready")
-    _drop(daemon.queue, _job(job_id, runs=3))
+    drop(daemon.queue, _job(job_id, runs=3))
     submitted = daemon.wait_for_event("run.submitted", count=3)
     other_server.stop()
 
@@ -271,20 +294,20 @@ def test_prefect_down_at_start_then_up_20_s_later_runs_the_queued_job(
     job_id = f"late-{uuid.uuid4().hex[:8]}"
     daemon = spawn(other_server.env())
     started = time.monotonic()
-    _drop(daemon.queue, _job(job_id, runs=3))
+    drop(daemon.queue, _job(job_id, runs=3))
     daemon.wait_for_event("service.waiting_for_prefect", count=2)
     assert os.listdir(daemon.queue / "incoming") == [f"{job_id}.json"]
     assert os.listdir(daemon.queue / "processing") == []
     time.sleep(max(0.0, 20 - (time.monotonic() - started)))
     other_server.start()
 
-    with BackgroundDriver(job_tag(job_id), api_url=other_server.api_url):
+    with BackgroundDriver(job_tag(job_id), server=other_server):
         daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="result")
     assert daemon.stop() == 0
 
     folder, result = result_of(daemon.queue, job_id)  # type: ignore[misc]
     assert (folder, result["summary"]["succeeded"]) == ("done", 3)
-    on_server = server_runs(job_tag(job_id), api_url=other_server.api_url)
+    on_server = server_runs(job_tag(job_id), server=other_server)
     assert {str(r.id) for r in on_server} == {r["flow_run_id"] for r in result["runs"]}
     assert len(daemon.events("service.ready")) == 1
 

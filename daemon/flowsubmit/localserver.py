@@ -15,7 +15,14 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["LocalServer", "free_port", "prefect_env", "served_flows"]
+__all__ = [
+    "LocalServer",
+    "free_port",
+    "prefect_env",
+    "served_flows",
+    "start_prefect",
+    "stop_process",
+]
 
 
 def free_port() -> int:
@@ -53,16 +60,29 @@ class LocalServer:
     """Owns one ``prefect server start`` process on 127.0.0.1 with SQLite in ``home``.
 
     ``stop()`` and ``start()`` may be called again to restart it on the same port
-    and database (to test outages).
+    and database (to test outages). ``server_env`` overrides the server's settings
+    (another database, a message broker), ``client_env`` adds to every client's
+    (credentials), and ``services=False`` starts the API alone (``--no-services``):
+    that is how ``flowsubmit.topology`` builds its replicas.
     """
 
     def __init__(
-        self, home: Path | None = None, port: int | None = None, log_file: Path | None = None
+        self,
+        home: Path | None = None,
+        port: int | None = None,
+        log_file: Path | None = None,
+        *,
+        server_env: Mapping[str, str] | None = None,
+        client_env: Mapping[str, str] | None = None,
+        services: bool = True,
     ) -> None:
         self._tmp = None if home else tempfile.TemporaryDirectory(prefix="flowsubmit-prefect-")
         self.home = home or Path(self._tmp.name)  # type: ignore[union-attr]
         self.port = port or free_port()
         self.log_file = log_file or self.home / "server.log"
+        self.server_env = dict(server_env or {})
+        self.client_env = dict(client_env or {})
+        self.services = services
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,8 +91,8 @@ class LocalServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     def env(self, **extra: str) -> dict[str, str]:
-        """Environment for a client process of this server."""
-        return prefect_env(self.home, self.api_url, extra)
+        """Environment for a client process of this server (with its credentials, if any)."""
+        return prefect_env(self.home, self.api_url, {**self.client_env, **extra})
 
     def start(self, timeout_s: float = 90.0) -> None:
         """Start the server and wait until it answers its health check."""
@@ -80,28 +100,13 @@ class LocalServer:
             self.home,
             extra={
                 "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+                **self.server_env,
             },
         )
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "prefect",
-                    "server",
-                    "start",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--no-ui",
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        args = ["server", "start", "--host", "127.0.0.1", "--port", str(self.port), "--no-ui"]
+        if not self.services:
+            args.append("--no-services")
+        self.process = start_prefect(args, env, self.log_file)
         self._wait_healthy(timeout_s)
 
     def _wait_healthy(self, timeout_s: float) -> None:
@@ -122,7 +127,7 @@ class LocalServer:
 
     def stop(self) -> None:
         """Stop the server process group (SIGTERM, then SIGKILL)."""
-        _stop(self.process)
+        stop_process(self.process)
         self.process = None
 
     def close(self) -> None:
@@ -170,10 +175,26 @@ def served_flows(
             time.sleep(0.1)
         yield process
     finally:
-        _stop(process)
+        stop_process(process)
 
 
-def _stop(process: subprocess.Popen[bytes] | None, timeout_s: float = 10.0) -> None:
+def start_prefect(
+    args: list[str], env: Mapping[str, str], log_file: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``prefect ARGS`` in a session of its own (so ``stop_process`` ends its children too)."""
+    with open(log_file, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "prefect", *args],
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, timeout_s: float = 10.0) -> None:
+    """Stop a process started by ``start_prefect`` and its group (SIGTERM, then SIGKILL)."""
     if process is None or process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
