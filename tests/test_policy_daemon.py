@@ -150,7 +150,14 @@ def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
     tmp_path: Path,
     users: dict[str, pwd.struct_passwd],
 ) -> None:
-    """A [[producers]] rule narrows etl's deployments (also in a later stage) but not ana's; a deployment outside the global patterns is refused for both; an allowed job variable reaches the run."""
+    """A [[producers]] rule narrows etl's deployments (also in a later stage, and in a job recovered before any run) but not ana's; a deployment outside the global patterns is refused for both; an allowed job variable reaches the run."""
+    etl, ana = users[ETL_USER], users[OTHER_USER]
+    vault = {"deployment": VAULT, "runs": [{"parameters": {"table": 1}}]}
+    # Claimed by a daemon that died before creating a run; this one adopts it under its policy.
+    orphan = tmp_path / "queue" / "processing" / "pol-orphan.json"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_text(json.dumps({**vault, "id": "pol-orphan"}))
+    os.chown(orphan, etl.pw_uid, etl.pw_gid)
     daemon = _spawn(
         spawn,
         served,
@@ -159,9 +166,7 @@ def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
         allowed_job_variables=["env"],
         producers=[{"user": ETL_USER, "allowed_deployments": ["driven/*"]}],
     )
-    etl, ana = users[ETL_USER], users[OTHER_USER]
     assert daemon.events("service.any_deployment_allowed") == []
-    vault = {"deployment": VAULT, "runs": [{"parameters": {"table": 1}}]}
     _drop(daemon.queue, "etl-vault", {**vault, "id": "pol-etl-vault"}, etl)
     _drop(daemon.queue, "etl-etl", {"deployment": ETL, "runs": [{}]}, etl)
     staged = {"deployment": DRIVEN, "stages": [{"runs": [{}]}, {**vault}]}
@@ -174,7 +179,7 @@ def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
     assert (folder, result["producer"]) == ("done", {"uid": ana.pw_uid, "user": OTHER_USER})
     (run,) = asyncio.run(_runs_tagged(f"flowsubmit-producer:{OTHER_USER}"))
     assert run.job_variables == env
-    daemon.wait_for(lambda: len(_errors(daemon.queue)) == 3, what="three rejections")
+    daemon.wait_for(lambda: len(_errors(daemon.queue)) == 4, what="four rejections")
     not_for_etl = f"for user {ETL_USER}"
     assert _errors(daemon.queue) == {
         "etl-vault": _refused(
@@ -189,6 +194,12 @@ def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
             f'"{ETL}" is not allowed',
             "allowed_deployments: driven/*, vault/*",
         ),
+        "pol-orphan": _refused(
+            "pol-orphan",
+            "deployment",
+            f'"{VAULT}" is not allowed {not_for_etl}',
+            "allowed_deployments: driven/*",
+        ),
         "etl-stages": _refused(
             "etl-stages",
             "stages.1.deployment",
@@ -196,4 +207,5 @@ def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
             "allowed_deployments: driven/*",
         ),
     }
-    assert asyncio.run(_runs_tagged("flowsubmit-job:pol-etl-vault")) == []
+    for refused in ("pol-etl-vault", "pol-orphan"):
+        assert asyncio.run(_runs_tagged(f"flowsubmit-job:{refused}")) == []
