@@ -52,7 +52,7 @@ def test_settings_file_lists_every_setting_with_its_default() -> None:
 
 
 def test_dockerfile_runs_the_daemon_unprivileged_with_the_queue_as_a_volume() -> None:
-    """The image uses a slim base, a non-root user, exec-form run command, a queue volume and SIGTERM."""
+    """The image pins an exact slim base, runs non-root with a writable PREFECT_HOME, a queue volume, SIGTERM and a health check."""
     text = (ROOT / "Dockerfile").read_text()
     instructions = [
         line.split(None, 1)
@@ -60,7 +60,11 @@ def test_dockerfile_runs_the_daemon_unprivileged_with_the_queue_as_a_volume() ->
         if line and not line.startswith(("#", " "))
     ]
     by_name = {name: rest for name, *rest_list in instructions for rest in rest_list}
-    assert re.fullmatch(r"python:3\.1[1-9]-slim", by_name["FROM"])
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", by_name["FROM"])
+    assert "PREFECT_HOME=/var/lib/flowsubmit/prefect" in text
+    assert "chown flowsubmit:flowsubmit /var/spool/flowsubmit /var/lib/flowsubmit" in text
+    assert by_name["HEALTHCHECK"].startswith("--interval")
+    assert '["flowsubmit", "health", "--queue", "/var/spool/flowsubmit"]' in text
     assert by_name["USER"].split(":")[0] not in ("root", "0")
     assert json.loads(by_name["ENTRYPOINT"]) == [
         "flowsubmit",

@@ -11,6 +11,7 @@ from flowsubmit.errors import (
     GatewayError,
     JobRejected,
     PermanentGatewayError,
+    SettingsError,
     TransientGatewayError,
     WaitTimeout,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "GatewayError",
     "JobRejected",
     "PermanentGatewayError",
+    "SettingsError",
     "TransientGatewayError",
     "WaitTimeout",
     "flow_submitter",

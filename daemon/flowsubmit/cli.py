@@ -1,4 +1,4 @@
-"""The ``flowsubmit`` command line: run, enqueue, validate, status, cancel, schema, demo.
+"""The ``flowsubmit`` command line: run, enqueue, validate, status, cancel, health, prune, schema, demo.
 
 Every command is a ``_cmd_*`` function registered in ``_COMMANDS``; ``main`` runs it
 through ``cli_errors.guarded``, the one error path (docs/cli.md lists the exit codes).
@@ -26,10 +26,11 @@ from flowsubmit.cli_errors import (
     Parser,
     guarded,
 )
+from flowsubmit.connection import configured_api_url, versions
 from flowsubmit.errors import JobRejected
 from flowsubmit.jobs import Job, check_job, job_schema
 from flowsubmit.policy import Policy, current_producer, reserved_tag_problems
-from flowsubmit.queue import FOLDERS, Queue, new_job_id
+from flowsubmit.queue import FOLDERS, Queue, job_files, new_job_id
 from flowsubmit.settings import Settings
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -127,6 +128,12 @@ def _parser() -> Parser:
         epilog="exit codes: 0 success, 1 runtime failure, 2 bad usage or input (docs/cli.md)",
         parents=[_common()],
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version="flowsubmit {} (prefect {})".format(*versions()),
+        help="print flowsubmit's and Prefect's versions",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = _command(
@@ -186,6 +193,26 @@ def _parser() -> Parser:
         _queue_options(),
     )
     cancel.add_argument("job_id", metavar="JOB_ID")
+
+    _command(
+        commands,
+        "health",
+        "exit 0 when a daemon on this host serves the queue and passed its loop recently, else 1 and why",
+        "flowsubmit health --queue /var/spool/flowsubmit",
+        _queue_options(),
+    )
+
+    prune = _command(
+        commands,
+        "prune",
+        "remove the files of finished and rejected jobs that ended longer ago than AGE",
+        "flowsubmit prune --queue /var/spool/flowsubmit --older-than 7d --dry-run",
+        _queue_options(),
+    )
+    prune.add_argument(
+        "--older-than", required=True, metavar="AGE", help="e.g. 7d, 12h, 30m (s, m, h, d, w)"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="list what would go; remove nothing")
 
     _command(commands, "schema", "print the job JSON Schema", "flowsubmit schema > job.schema.json")
 
@@ -382,6 +409,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flowsubmit.service import Service
 
     settings = _settings(args)
+    configured_api_url()  # refuse before anything could start Prefect's temporary server
     _open_queue(settings, create=True)
     logs.configure(settings.log_format, settings.log_level)
     asyncio.run(Service(settings).run())
@@ -462,7 +490,7 @@ def _refuse_known_id(queue: Queue, job_id: str, file: str) -> None:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
-    counts = {folder: len(_job_files(queue.root / folder)) for folder in FOLDERS if folder != "tmp"}
+    counts = {folder: len(job_files(queue.root / folder)) for folder in FOLDERS if folder != "tmp"}
     print("  ".join(f"{folder}: {n}" for folder, n in counts.items()))
     for path in queue.running():
         progress = queue.progress(path.stem)
@@ -473,17 +501,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _job_files(folder: Path) -> list[Path]:
-    """Job files of a folder: ``*.json`` but not results, error reports or hidden files."""
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p
-        for p in folder.glob("*.json")
-        if not p.name.startswith(".") and not p.name.endswith((".result.json", ".error.json"))
-    )
-
-
 def _cmd_cancel(args: argparse.Namespace) -> int:
     queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
     if not queue.request_cancel(args.job_id):
@@ -491,6 +508,32 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
             f"cancel {args.job_id}", f"no such job in {queue.processing}", code=EXIT_ERROR
         )
     print(f"cancel requested for {args.job_id}")
+    return EXIT_OK
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from flowsubmit.heartbeat import health
+
+    queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
+    healthy, line = health(queue.root)
+    if not healthy:
+        raise CliError("health", line, code=EXIT_ERROR)
+    print(line)
+    return EXIT_OK
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from flowsubmit.retention import parse_age, prune
+
+    try:
+        older_than_s = parse_age(args.older_than)
+    except ValueError as exc:
+        raise CliError("prune --older-than", str(exc)) from None
+    queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
+    logs.configure("console", "info")
+    removed = prune(queue.root, older_than_s, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(removed)} job(s), {sum(len(j.files) for j in removed)} file(s)")
     return EXIT_OK
 
 
@@ -517,6 +560,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": _cmd_validate,
     "status": _cmd_status,
     "cancel": _cmd_cancel,
+    "health": _cmd_health,
+    "prune": _cmd_prune,
     "schema": _cmd_schema,
     "demo": _cmd_demo,
 }

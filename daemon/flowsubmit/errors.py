@@ -10,7 +10,8 @@
       ClaimLost                another daemon renamed the file first
       WaitTimeout              FlowSubmission.wait() ran out of time; carries the partial results
       ClosedError              a resource was used after it was closed
-      SettingsError            a setting (flag, environment or TOML file) is invalid
+      SettingsError            a setting (flag, environment or TOML file) is invalid, or one
+                               flowsubmit needs is missing (PREFECT_API_URL): nothing starts
 """
 
 from __future__ import annotations

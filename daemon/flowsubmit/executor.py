@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 from structlog.contextvars import bound_contextvars
 
+from flowsubmit import metrics
 from flowsubmit._types import Deployment, GatewayProtocol, JobStatus, RunRequest, RunSnapshot
 from flowsubmit.errors import (
     GatewayError,
@@ -311,6 +312,7 @@ class Executor:
         """Journal a run's final state, then log it: the one canonical line per run attempt."""
         self._journal.append("final", **snapshot_record(snap))
         self._state.finals[snap.flow_run_id] = snap
+        metrics.observe_detection(snap)
         log.info(
             "run.finished",
             index=spec.index,

@@ -39,8 +39,15 @@ from prefect.utilities.schema_tools.validation import (
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
 from tenacity.wait import wait_exponential_jitter
 
+from flowsubmit import metrics
 from flowsubmit._types import FINAL_STATE_TYPES, Deployment, RunRequest, RunSnapshot
-from flowsubmit.errors import ClosedError, PermanentGatewayError, TransientGatewayError
+from flowsubmit.connection import configured_api_url
+from flowsubmit.errors import (
+    ClosedError,
+    GatewayError,
+    PermanentGatewayError,
+    TransientGatewayError,
+)
 from flowsubmit.redaction import mentions_secret
 
 __all__ = ["READ_BATCH", "Gateway", "parameter_problem"]
@@ -58,6 +65,17 @@ _TRANSIENT_DB_ERROR = re.compile(
 
 @contextlib.contextmanager
 def _translate_errors(operation: str, deployment: str | None = None) -> Iterator[None]:
+    """``_translate`` the errors of a call to Prefect, counting each (``flowsubmit_prefect_errors_total``)."""
+    try:
+        with _translate(operation, deployment):
+            yield
+    except GatewayError as exc:
+        metrics.count_prefect_error(exc)
+        raise
+
+
+@contextlib.contextmanager
+def _translate(operation: str, deployment: str | None = None) -> Iterator[None]:
     """Map foreign exceptions to ``errors.py``: transport and 5xx are transient, 4xx permanent."""
     try:
         yield
@@ -176,6 +194,8 @@ class Gateway:
         #: Requests sent to the Prefect API, by route (for tests, bench and metrics).
         self.requests: Counter[str] = Counter()
         self._slots = asyncio.Semaphore(max_inflight_submissions)
+        #: The Prefect API this gateway talks to (set on entry).
+        self.api_url: str | None = None
         self._client: PrefectClient | None = None
         self._closed = False
         self._bulk = True
@@ -185,6 +205,7 @@ class Gateway:
         if self._closed:
             raise ClosedError("a Gateway cannot be reopened once closed; create a new one")
         hooks = {"request": [self._count]}
+        self.api_url = configured_api_url()  # never let get_client() start a temporary server
         self._client = get_client(httpx_settings={"event_hooks": hooks})
         await self._client.__aenter__()
         return self
@@ -223,7 +244,17 @@ class Gateway:
 
     async def healthy(self) -> bool:
         """One health check, no retries: True when the API answers."""
-        return await self.client.api_healthcheck() is None
+        return await self.health_error() is None
+
+    async def health_error(self) -> str | None:
+        """One health check, no retries: None when the API answers, else what went wrong."""
+        error = await self.client.api_healthcheck()
+        return None if error is None else f"{type(error).__name__}: {error}"
+
+    async def server_version(self) -> str:
+        """The Prefect server's version (one call, no retries)."""
+        with _translate_errors("read server version"):
+            return str(await self.client.api_version())
 
     async def resolve_deployment(self, name: str) -> Deployment:
         """Return the deployment ``flow/deployment``; unknown names are a permanent error."""
@@ -272,7 +303,8 @@ class Gateway:
             async for attempt in self._retrying("create_flow_runs", deployment.name):
                 with attempt, _translate_errors("create flow runs", deployment.name):
                     todo = [i for i in range(len(requests)) if i not in done]
-                    outcome = await self._create_some(deployment, [requests[i] for i in todo])
+                    with metrics.SUBMIT_SECONDS.time():
+                        outcome = await self._create_some(deployment, [requests[i] for i in todo])
                     transient = [r for r in outcome if isinstance(r, TransientGatewayError)]
                     done.update(
                         (i, r)

@@ -11,7 +11,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from flowsubmit.redaction import redact
 
-__all__ = ["configure", "get_logger"]
+__all__ = ["configure", "get_logger", "render_console", "resolve_format"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -26,19 +26,44 @@ def _redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDi
     return redact(event_dict)  # type: ignore[no-any-return]
 
 
-def _message_first(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """Console only: show the human sentence (``message``) in place of the dotted event name."""
-    message = event_dict.pop("message", None)
-    if message is not None:
-        event_dict["event"] = message
-    return event_dict
+#: Keys the console form never shows: the line's own frame, or said by the message already.
+_CONSOLE_HIDDEN = frozenset({"timestamp", "level", "event", "message", "logger"})
 
 
-def configure(
-    fmt: Literal["json", "console"] = "json", level: str = "info", *, cache: bool = True
-) -> None:
+def render_console(_: WrappedLogger, __: str, event_dict: EventDict) -> str:
+    """Console only: one short line for people, the message first, then the keys that add something.
+
+    ``message`` (the human sentence) replaces the dotted event name when there is one;
+    keys whose value is None, or already written in the message, are left out
+    (no ``hint=None``, no deployment repeated after ``[flow/deployment]``).
+    """
+    stamp = str(event_dict.get("timestamp", ""))[11:19]
+    level = str(event_dict.get("level", "info"))
+    text = str(event_dict.get("message") or event_dict.get("event", ""))
+    extras = [
+        f"{key}={value}"
+        for key, value in event_dict.items()
+        if key not in _CONSOLE_HIDDEN
+        and key != "exception"
+        and value is not None
+        and not (isinstance(value, str) and len(value) >= 4 and value in text)
+    ]
+    line = f"{stamp} {level:<7} {text}" + (f"  {' '.join(extras)}" if extras else "")
+    exception = event_dict.get("exception")
+    return f"{line}\n{exception}" if exception else line
+
+
+def resolve_format(fmt: str, stream: Any = None) -> Literal["json", "console"]:
+    """``auto`` is ``console`` on a terminal and ``json`` otherwise (systemd, containers, pipes)."""
+    if fmt == "auto":
+        return "console" if (stream or sys.stdout).isatty() else "json"
+    return "console" if fmt == "console" else "json"
+
+
+def configure(fmt: str = "json", level: str = "info", *, cache: bool = True) -> None:
     """Configure structlog once for the process; called by the CLI and the demo only.
 
+    ``fmt`` is ``json``, ``console`` or ``auto`` (see ``resolve_format``).
     ``cache=False`` keeps loggers re-reading the configuration (tests reconfigure).
     """
     shared: list[Processor] = [
@@ -48,8 +73,8 @@ def configure(
         _redact_secrets,
     ]
     renderer: list[Processor]
-    if fmt == "console":
-        renderer = [_message_first, structlog.dev.ConsoleRenderer(colors=False)]
+    if resolve_format(fmt) == "console":
+        renderer = [structlog.processors.format_exc_info, render_console]
     else:
         renderer = [
             structlog.processors.format_exc_info,

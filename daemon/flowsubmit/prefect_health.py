@@ -9,6 +9,7 @@ from collections.abc import Callable
 import structlog
 
 from flowsubmit._aio import wait_event
+from flowsubmit.connection import display_url
 from flowsubmit.errors import GatewayError
 from flowsubmit.gateway import Gateway
 from flowsubmit.sdnotify import Notifier
@@ -38,18 +39,30 @@ class PrefectHealth:
         #: When Prefect stopped answering (monotonic), or None while it answers.
         self.down_since: float | None = None
 
-    async def wait_until_up(self) -> bool:
+    async def wait_until_up(self, beat: Callable[[float], None] | None = None) -> bool:
         """Health-check Prefect with backoff until it answers; False if stopped first.
 
         systemd arms the watchdog at start-up, not at READY=1, so waiting pings it too
         (waiting for Prefect is progress), and the backoff never outgrows its interval.
+        ``beat(next_within_s)`` is called on every failed check (the heartbeat file).
         """
         delay, max_delay_s = 0.5, min(30.0, self._notifier.watchdog_interval_s or 30.0)
         while not self._stop.is_set():
-            if await self._answers(timeout_s=min(5.0, max_delay_s)):
+            timeout_s = min(5.0, max_delay_s)
+            error = await self._error(timeout_s)
+            if error is None:
+                self.down_since = None
                 return True
-            log.warning("service.waiting_for_prefect", retry_in_s=round(delay, 1))
+            self.down_since = self.down_since or time.monotonic()
+            log.warning(
+                "service.waiting_for_prefect",
+                prefect_api_url=display_url(self._gateway.api_url or ""),
+                error=error,
+                retry_in_s=round(delay, 1),
+            )
             self._notifier.notify("WATCHDOG=1", "STATUS=waiting for Prefect")
+            if beat is not None:
+                beat(delay + timeout_s)
             await wait_event(self._stop, delay)
             delay = min(delay * 2, max_delay_s)
         return False
@@ -64,7 +77,7 @@ class PrefectHealth:
         """
         period_s = min(self._poll_interval_s, self._tolerance_s / 2)
         while not self._stop.is_set():
-            if await self._answers(timeout_s=max(period_s, 1.0)):
+            if await self._error(timeout_s=max(period_s, 1.0)) is None:
                 self._back()
             elif self.down_since is None:
                 self.down_since = time.monotonic()
@@ -79,10 +92,13 @@ class PrefectHealth:
             log.info("service.prefect_reachable", down_s=round(down_s, 1))
         self.down_since = None
 
-    async def _answers(self, timeout_s: float) -> bool:
-        """One health check, bounded (Prefect's client retries a refused connection for a minute)."""
+    async def _error(self, timeout_s: float) -> str | None:
+        """One health check, bounded (Prefect's client retries a refused connection for a
+        minute): None when Prefect answers, else what went wrong."""
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._gateway.healthy()
-        except (TimeoutError, GatewayError):
-            return False
+                return await self._gateway.health_error()
+        except TimeoutError:
+            return f"no answer within {timeout_s:g} s"
+        except GatewayError as exc:
+            return str(exc)

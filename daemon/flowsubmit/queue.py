@@ -32,6 +32,7 @@ __all__ = [
     "JobProgress",
     "Queue",
     "is_job_name",
+    "job_files",
     "new_job_id",
     "printable_name",
     "safe_name",
@@ -439,3 +440,14 @@ def _json(value: Any) -> bytes:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def job_files(folder: Path) -> list[Path]:
+    """Job files of a folder: ``*.json`` but not results, error reports or hidden files."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.glob("*.json")
+        if not p.name.startswith(".") and not p.name.endswith((".result.json", ".error.json"))
+    )

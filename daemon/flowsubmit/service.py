@@ -14,17 +14,20 @@ from pathlib import Path
 import structlog
 from structlog.contextvars import bound_contextvars
 
+from flowsubmit import metrics, retention
 from flowsubmit._aio import wait_event
 from flowsubmit._types import JobStatus
-from flowsubmit.errors import JobRejected
+from flowsubmit.connection import display_url, versions
+from flowsubmit.errors import GatewayError, JobRejected
 from flowsubmit.executor import Executor
 from flowsubmit.faults import CrashPoints
 from flowsubmit.gateway import Gateway
+from flowsubmit.heartbeat import Heartbeat
 from flowsubmit.intake import Intake
 from flowsubmit.jobs import Job
 from flowsubmit.policy import Producer
 from flowsubmit.prefect_health import PrefectHealth
-from flowsubmit.queue import Claim, Queue
+from flowsubmit.queue import FOLDERS, Claim, Queue, job_files
 from flowsubmit.results import result_document
 from flowsubmit.sdnotify import Notifier
 from flowsubmit.settings import Settings, crash_point
@@ -67,6 +70,7 @@ class Service:
         self._health: PrefectHealth | None = None
         #: The task group of the running jobs, while the claim loop runs.
         self._tg: asyncio.TaskGroup | None = None
+        self.heartbeat = Heartbeat(self.queue.root, version=versions()[0])
 
     def __repr__(self) -> str:
         mode = self._tracker.mode.value if self._tracker else "not started"
@@ -97,6 +101,7 @@ class Service:
         try:
             await self._run_within_drain_timeout()
         finally:
+            self.heartbeat.remove()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
@@ -126,6 +131,10 @@ class Service:
     async def _run(self) -> None:
         s = self.settings
         async with AsyncExitStack() as stack:
+            if s.metrics_port is not None:
+                await stack.enter_async_context(
+                    metrics.serve(s.metrics_host, s.metrics_port, self.heartbeat.problem)
+                )
             self._gateway = await stack.enter_async_context(
                 Gateway(
                     outage_tolerance_s=s.prefect_outage_tolerance_s,
@@ -140,7 +149,7 @@ class Service:
                 poll_interval_s=s.poll_interval_s,
                 outage_tolerance_s=s.prefect_outage_tolerance_s,
             )
-            if not await self._health.wait_until_up():
+            if not await self._health.wait_until_up(beat=self._beat):
                 self.notifier.stopping()  # stopped before Prefect ever answered
                 return
             self._tracker = await stack.enter_async_context(
@@ -153,6 +162,7 @@ class Service:
                 )
             )
             await self._tracker.wait_connected(timeout_s=10.0)
+            self._track_gauges(self._tracker)
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 helpers = [
@@ -161,6 +171,7 @@ class Service:
                         name="flowsubmit-prefect",
                     ),
                     *self._spawn_watchdog(tg),
+                    *self._spawn_retention(tg),
                 ]
                 await self._claim_loop()
                 for helper in helpers:
@@ -189,18 +200,32 @@ class Service:
             self._intake.adopt_orphans(owned=self._jobs.__contains__)
             self._deliver_cancel_requests()
             await self._intake.scan(self._stop.is_set)
+            self._beat(self.settings.rescan_interval_s)
             if not ready:
                 ready = True
-                log.info(
-                    "service.ready",
-                    queue=str(self.queue.root),
-                    tracker=self._tracker.mode.value if self._tracker else None,
-                )
+                await self._log_ready()
                 self.notifier.ready(self._status_line())
             else:
                 self.notifier.status(self._status_line())
             if self._stop.is_set():
                 break
+
+    async def _log_ready(self) -> None:
+        """``service.ready``: what this daemon serves, and what it talks to."""
+        assert self._gateway is not None
+        try:
+            server_version = await self._gateway.server_version()
+        except GatewayError:
+            server_version = "unknown"
+        log.info(
+            "service.ready",
+            queue=str(self.queue.root),
+            tracker=self._tracker.mode.value if self._tracker else None,
+            prefect_api_url=display_url(self._gateway.api_url or ""),
+            prefect_server_version=server_version,
+            version=versions()[0],
+            prefect_version=versions()[1],
+        )
 
     async def _drain(self) -> None:
         """Cancel running jobs and wait for them, bounded by ``drain_timeout_s``."""
@@ -211,6 +236,34 @@ class Service:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
+
+    # -- what operators see (docs/metrics.md) -------------------------------------------------
+
+    def _beat(self, every_s: float) -> None:
+        """One pass of a loop, which promises the next within ``every_s``: the heartbeat file and
+        ``flowsubmit_last_tick_timestamp_seconds``."""
+        down = self._health.down_since if self._health else None
+        self.heartbeat.beat(
+            every_s=every_s,
+            tracker=self._tracker.mode.value if self._tracker else None,
+            prefect_down_s=None if down is None else time.monotonic() - down,
+        )
+        metrics.LAST_TICK.set_to_current_time()
+
+    def _track_gauges(self, tracker: Tracker) -> None:
+        metrics.track_gauges(
+            in_flight=lambda: tracker.pending,
+            streaming=lambda: float(tracker.mode.value == "streaming"),
+            queue_files=lambda folder: len(job_files(self.queue.root / folder)),
+            folders=[f for f in FOLDERS if f != "tmp"],
+        )
+
+    def _spawn_retention(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        days = self.settings.retention_days
+        if days is None:
+            return []
+        task = retention.prune_periodically(self.queue.root, days, self._stop)
+        return [tg.create_task(task, name="flowsubmit-retention")]
 
     def _status_line(self) -> str:
         pending = self._tracker.pending if self._tracker else 0
@@ -229,6 +282,7 @@ class Service:
     def _rejected(self, error: JobRejected, target: Path) -> None:
         """Count and log one rejection (the file is already in ``rejected/``)."""
         self.counts["rejected"] += 1
+        metrics.JOBS.labels("rejected").inc()
         log.warning(
             "job.rejected",
             file=error.file,
@@ -301,6 +355,7 @@ class Service:
         succeeded = outcome.status is JobStatus.SUCCEEDED
         target = self.queue.finish(claim, succeeded, outcome.result)
         self.counts["succeeded" if succeeded else "failed"] += 1
+        metrics.JOBS.labels(outcome.status.value).inc()
         log.info(
             "job.finished",
             status=outcome.status.value,
@@ -321,6 +376,7 @@ class Service:
         )
         target = self.queue.finish(claim, False, result)
         self.counts["failed"] += 1
+        metrics.JOBS.labels(JobStatus.FAILED.value).inc()
         log.info(
             "job.finished", status=JobStatus.FAILED.value, moved_to=str(target), error=str(exc)
         )

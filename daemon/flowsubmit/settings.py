@@ -35,8 +35,12 @@ class Settings(BaseSettings):
     queue: Path | None = Field(
         default=None, description="The queue directory (tmp/, incoming/, processing/, ...)."
     )
-    log_format: Literal["json", "console"] = Field(
-        default="json", description="`json`: one JSON object per line; `console`: for people."
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description=(
+            "`json`: one JSON object per line; `console`: short lines for people; `auto`: "
+            "`console` when stdout is a terminal, else `json` (systemd, containers, pipes)."
+        ),
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Lowest level written to stdout."
@@ -131,6 +135,27 @@ class Settings(BaseSettings):
             "global ones. TOML, or JSON in FLOWSUBMIT_PRODUCERS; no flag."
         ),
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        examples=[9464],
+        description="Serve Prometheus /metrics and /healthz on this port (off when unset).",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="Address the metrics port listens on (0.0.0.0 to scrape from other hosts).",
+    )
+    retention_days: float | None = Field(
+        default=None,
+        gt=0,
+        examples=[30],
+        description=(
+            "Delete finished and rejected jobs' files this many days after they ended (hourly); "
+            "off when unset. Never touches incoming/ or processing/."
+        ),
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -223,7 +248,8 @@ def example_toml() -> str:
     for name, field in Settings.model_fields.items():
         lines.append(f"# {field.description}")
         if field.default is None:
-            lines.append(f'# {name} = "/var/spool/flowsubmit"')
+            example = field.examples[0] if field.examples else "/var/spool/flowsubmit"
+            lines.append(f"# {name} = {_toml_value(example)}")
         elif name == "producers":
             lines.extend(_PRODUCERS_EXAMPLE)  # tables: shown as an example, not as `producers = []`
         else:

@@ -32,6 +32,7 @@ from typing import Any, Self
 
 import structlog
 
+from flowsubmit import metrics
 from flowsubmit._aio import wait_event
 from flowsubmit._types import GatewayProtocol, RunSnapshot
 from flowsubmit.errors import ClosedError, GatewayError
@@ -312,6 +313,7 @@ class Tracker:
         if mode is TrackerMode.POLLING:
             # Poll at once: the poll loop may be asleep for a whole reconcile interval.
             self.reconcile_soon()
+            metrics.TRACKER_FALLBACKS.inc()
             log.warning(
                 "tracker.fallback",
                 mode=mode.value,

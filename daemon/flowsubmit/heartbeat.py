@@ -1,0 +1,164 @@
+"""The daemon's heartbeat file in the queue, and the health verdict read from it (``flowsubmit health``, ``/healthz``).
+
+Each daemon keeps ``DIR/heartbeat-HOST-PID.json``, rewritten atomically at most once
+a second from its loop, so a health check needs no port: it works inside a
+container with only the queue volume. A host sees its own daemons only (a container
+is its own host), so a healthy peer elsewhere never hides a dead daemon here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from flowsubmit.fsutil import atomic_write
+from flowsubmit.queue import safe_name
+
+__all__ = ["Beat", "Heartbeat", "health", "read"]
+
+_PREFIX = "heartbeat-"
+#: A beat is rewritten at most this often, unless what it says changed.
+_MIN_PERIOD_S = 1.0
+#: Slack added to the loop's promised period before a beat counts as stale (a long scan, a busy host).
+_GRACE_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """What one daemon last said of itself (the content of its heartbeat file)."""
+
+    pid: int
+    host: str
+    queue: str
+    version: str
+    #: Unix time of the loop's last pass.
+    time: float
+    #: Older than this many seconds, the beat is stale (the loop is wedged or gone).
+    stale_after_s: float
+    tracker: str | None
+    prefect_reachable: bool
+    #: Unix time since which Prefect has not answered, or None while it answers.
+    prefect_unreachable_since: float | None = None
+
+    def problem(self, now: float) -> str | None:
+        """Why this daemon is not healthy at ``now``, or None when it is."""
+        age_s = now - self.time
+        if age_s > self.stale_after_s:
+            return f"stale for {age_s:.0f} s: pid {self.pid} last passed its loop at {_clock(self.time)}"
+        if not self.prefect_reachable:
+            since = self.prefect_unreachable_since or self.time
+            return f"Prefect unreachable for {now - since:.0f} s (pid {self.pid})"
+        return None
+
+    def summary(self, now: float) -> str:
+        """One line for a healthy daemon."""
+        return (
+            f"ok: pid {self.pid} passed its loop {now - self.time:.1f} s ago, "
+            f"tracker {self.tracker or 'starting'}, Prefect reachable"
+        )
+
+
+class Heartbeat:
+    """Owns this process's heartbeat file in one queue: writes it, and removes it on a clean stop."""
+
+    def __init__(self, root: Path, *, version: str) -> None:
+        self.host = socket.gethostname()
+        self.path = _path(root, self.host, os.getpid())
+        self._root = root
+        self._version = version
+        self._written_at = 0.0
+        self._said: tuple[object, ...] = ()
+        #: The last beat, also answered by ``/healthz``; None before the first.
+        self.last: Beat | None = None
+
+    def beat(self, *, every_s: float, tracker: str | None, prefect_down_s: float | None) -> None:
+        """Record one pass of the loop, which promises the next within ``every_s``."""
+        now = time.time()
+        first = self.last is None
+        self.last = Beat(
+            pid=os.getpid(),
+            host=self.host,
+            queue=str(self._root),
+            version=self._version,
+            time=now,
+            stale_after_s=round(2 * every_s + _GRACE_S, 1),
+            tracker=tracker,
+            prefect_reachable=prefect_down_s is None,
+            prefect_unreachable_since=None if prefect_down_s is None else now - prefect_down_s,
+        )
+        if first:
+            self._remove_dead()
+        said = (tracker, prefect_down_s is None, every_s)
+        if said != self._said or now - self._written_at >= _MIN_PERIOD_S:
+            atomic_write(self.path, (json.dumps(asdict(self.last)) + "\n").encode())
+            self._written_at, self._said = now, said
+
+    def _remove_dead(self) -> None:
+        """Delete the files this host's dead daemons left (a kill -9): they serve nothing any more."""
+        for beat in read(self._root, self.host):
+            if beat.pid != os.getpid() and not _alive(beat.pid):
+                _path(self._root, beat.host, beat.pid).unlink(missing_ok=True)
+
+    def problem(self) -> str | None:
+        """The health answer of this process right now (``/healthz``)."""
+        if self.last is None:
+            return "starting: the loop has not passed yet"
+        return self.last.problem(time.time())
+
+    def remove(self) -> None:
+        """Delete the file (a clean stop: no daemon serves the queue any more)."""
+        self.path.unlink(missing_ok=True)
+
+
+def read(root: Path, host: str | None = None) -> list[Beat]:
+    """The beats of ``host``'s daemons (this host by default) in the queue at ``root``; unreadable files are skipped."""
+    prefix = f"{_PREFIX}{safe_name(host or socket.gethostname())}-"
+    beats: list[Beat] = []
+    for path in sorted(root.glob(f"{prefix}*.json")):
+        try:
+            beats.append(Beat(**json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError):
+            continue  # removed meanwhile, or from another version
+    return beats
+
+
+def health(root: Path) -> tuple[bool, str]:
+    """(healthy, one line why) for the queue at ``root``, judged from this host's heartbeat files."""
+    now = time.time()
+    beats = read(root)
+    alive = [b for b in beats if _alive(b.pid)]
+    if not alive:
+        if beats:
+            last = max(beats, key=lambda b: b.time)
+            return False, (
+                f"no daemon serves {root}: pid {last.pid} is gone "
+                f"(last loop pass {now - last.time:.0f} s ago)"
+            )
+        return False, f"no daemon serves {root} (no heartbeat file from this host)"
+    problems = [(b, b.problem(now)) for b in alive]
+    for beat, problem in problems:
+        if problem is None:
+            return True, beat.summary(now)
+    return False, str(problems[0][1])
+
+
+def _path(root: Path, host: str, pid: int) -> Path:
+    return root / f"{_PREFIX}{safe_name(host)}-{pid}.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, under another user
+    return True
+
+
+def _clock(unix: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))

@@ -1,0 +1,215 @@
+"""What operators see (issue 10): refusal without a Prefect API, /metrics, /healthz, `health`, `status`, `prune`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from flowsubmit.cli import main
+from flowsubmit.localserver import free_port, prefect_env
+from tests.conftest import ROOT, Daemon, enqueue, result_of
+from tests.flows import ETL
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _scrape(port: int) -> Samples:
+    """Every sample of ``/metrics``, keyed by (name, labels)."""
+    status, text = _get(port, "/metrics")
+    assert status == 200
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flowsubmit.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def test_run_and_library_refuse_without_prefect_api_url(tmp_path: Path) -> None:
+    """Without PREFECT_API_URL, `run` exits 2 with one line and the library raises the same; no server starts."""
+    home = tmp_path / "home"  # Prefect's default profile here allows its temporary server
+    env = prefect_env(home)
+    assert "PREFECT_API_URL" not in env
+    run = subprocess.run(
+        [sys.executable, "-m", "flowsubmit.cli", "run", "--queue", str(tmp_path / "q")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+    script = (
+        "import asyncio\n"
+        "from flowsubmit import SettingsError, flow_submitter\n"
+        "try:\n"
+        "    asyncio.run(flow_submitter('etl/etl').submit(table=1))\n"
+        "except SettingsError as exc:\n"
+        "    print(f'refused: {exc}')\n"
+    )
+    library = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    (line,) = run.stderr.splitlines()
+    assert (run.returncode, run.stdout) == (2, "")
+    assert line.startswith("flowsubmit: PREFECT_API_URL: not set: set it in the environment")
+    assert library.stdout == f"refused: {line.removeprefix('flowsubmit: ')}\n"
+    # Prefect's temporary server would have created its database in PREFECT_HOME.
+    assert not (home / "prefect.db").exists()
+    assert not (tmp_path / "q").exists()
+
+
+def test_version_names_flowsubmit_and_prefect(capsys: pytest.CaptureFixture[str]) -> None:
+    """`flowsubmit --version` prints both versions on one line."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert (
+        capsys.readouterr().out
+        == f"flowsubmit {version('flowsubmit')} (prefect {version('prefect')})\n"
+    )
+
+
+@pytest.mark.server
+def test_metrics_health_and_recovery_seen_by_an_operator(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """/metrics matches the result file during and after a job; health and /healthz follow a kill -9 and a restart."""
+    port = free_port()
+    daemon = start_daemon(metrics_port=port)
+    queue = daemon.queue
+    ready = daemon.events("service.ready")[0]
+    assert ready["prefect_api_url"] == os.environ["PREFECT_API_URL"]
+    assert ready["prefect_server_version"] and ready["version"] and ready["tracker"] == "streaming"
+    assert _get(port, "/healthz") == (200, '{"status": "ok"}\n')
+    healthy = _cli("health", "--queue", str(queue))
+    assert healthy.returncode == 0 and healthy.stdout.startswith(
+        f"ok: pid {daemon.process.pid} passed its loop"
+    )
+
+    # A job of three runs: one completes, one fails, one takes a few seconds.
+    runs = [{"table": 1}, {"table": 2, "fail": True}, {"table": 3, "seconds": 6}]
+    job_id = enqueue(queue, {"deployment": ETL, "runs": [{"parameters": p} for p in runs]})
+    daemon.wait_for_event("run.finished", count=2)
+    during = _scrape(port)
+    assert _value(during, "flowsubmit_runs_in_flight") == 1
+    assert _value(during, "flowsubmit_runs_total", state_type="COMPLETED") == 1
+    assert _value(during, "flowsubmit_runs_total", state_type="FAILED") == 1
+    assert _value(during, "flowsubmit_queue_files", folder="processing") == 1
+    assert _value(during, "flowsubmit_jobs_total", status="failed") == 0
+
+    folder, result = daemon.wait_for(lambda: result_of(queue, job_id), what="result")
+    after = _scrape(port)
+    by_state = result["summary"]["by_state"]
+    assert (folder, by_state) == ("failed", {"Completed": 2, "Failed": 1})
+    assert _value(after, "flowsubmit_runs_total", state_type="COMPLETED") == by_state["Completed"]
+    assert _value(after, "flowsubmit_runs_total", state_type="FAILED") == by_state["Failed"]
+    assert _value(after, "flowsubmit_jobs_total", status="failed") == 1
+    assert _value(after, "flowsubmit_queue_files", folder="failed") == 1
+    assert _value(after, "flowsubmit_queue_files", folder="processing") == 0
+    assert _value(after, "flowsubmit_runs_in_flight") == 0
+    assert _value(after, "flowsubmit_detection_latency_seconds_count") == 3
+    assert _value(after, "flowsubmit_submit_seconds_count") >= 1
+    assert _value(after, "flowsubmit_tracker_streaming") == 1
+    assert _value(after, "flowsubmit_tracker_fallbacks_total") == 0
+    assert _value(after, "flowsubmit_prefect_errors_total", kind="transient") == 0
+    assert time.time() - _value(after, "flowsubmit_last_tick_timestamp_seconds") < 60
+    (info,) = [k for k in after if k[0] == "flowsubmit_build_info"]
+    assert dict(info[1]).keys() == {"version", "prefect_version"}
+
+    # kill -9: health says so at once (the pid is gone), then a restarted daemon is healthy again.
+    daemon.process.kill()
+    daemon.process.wait()
+    dead = _cli("health", "--queue", str(queue))
+    assert dead.returncode == 1
+    assert dead.stderr.startswith(
+        f"flowsubmit: health: no daemon serves {queue}: pid {daemon.process.pid} is gone"
+    )
+    again = start_daemon(queue, metrics_port=free_port())
+    assert _cli("health", "--queue", str(queue)).returncode == 0
+    assert again.stop() == 0
+    stopped = _cli("health", "--queue", str(queue))
+    assert stopped.returncode == 1 and "no heartbeat file from this host" in stopped.stderr
+
+
+def _age(paths: list[Path], days: float) -> None:
+    then = time.time() - days * 86400
+    for path in paths:
+        os.utime(path, (then, then))
+
+
+def test_prune_removes_only_old_finished_and_rejected_jobs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """prune --dry-run lists and keeps; prune removes old done/failed/rejected files only, never incoming/ or processing/."""
+    q = tmp_path / "q"
+    for folder in ("tmp", "incoming", "processing", "done", "failed", "rejected"):
+        (q / folder).mkdir(parents=True)
+    old = [
+        q / "done" / "old.json",
+        q / "done" / "old.result.json",
+        q / "done" / "old.journal",
+        q / "failed" / "bad.json",
+        q / "failed" / "bad.result.json",
+        q / "rejected" / "x.json",
+        q / "rejected" / "x.json.error.json",
+        q / "incoming" / "waiting.json",
+        q / "processing" / "running.json",
+        q / "processing" / "running.journal",
+    ]
+    young = [q / "done" / "new.json", q / "done" / "new.result.json"]
+    for path in old + young:
+        path.write_text("{}")
+    _age(old, days=8)
+
+    assert main(["prune", "--queue", str(q), "--older-than", "7d", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "would remove 3 job(s), 7 file(s)"
+    assert all(p.exists() for p in old + young)
+
+    assert main(["prune", "--queue", str(q), "--older-than", "7d"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "removed 3 job(s), 7 file(s)"
+    assert "retention.removed" in out and "name=old" in out
+    assert sorted(str(p.relative_to(q)) for p in q.rglob("*") if p.is_file()) == [
+        "done/new.json",
+        "done/new.result.json",
+        "incoming/waiting.json",
+        "processing/running.journal",
+        "processing/running.json",
+    ]
+    assert main(["prune", "--queue", str(q), "--older-than", "7 days"]) == 2
+    assert capsys.readouterr().err == (
+        "flowsubmit: prune --older-than: '7 days' is not a duration (use e.g. 7d, 12h, 30m, 90s, 2w)\n"
+    )
