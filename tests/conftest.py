@@ -35,7 +35,9 @@ def prefect_server() -> Iterator[LocalServer]:
     """A real Prefect server for the whole session, stopped by PID at the end."""
     server = LocalServer(home=_HOME, port=_PORT)
     try:
-        server.start()  # inside the try: a start that times out must not leave the server running
+        # In the try: a start that times out must not leave the server running; 240 s, as a
+        # loaded two-core machine has taken over 90 s to answer.
+        server.start(timeout_s=240)
         yield server
     finally:
         server.close()

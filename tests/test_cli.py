@@ -65,7 +65,7 @@ def test_enqueue_keeps_an_explicit_id(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_status_counts_jobs_per_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """status counts job files only, not results or error reports, and shows progress in processing/."""
+    """status counts job files only, shows a processing/ job's progress, and no live lock as waiting for recovery."""
     queue = tmp_path / "q"
     for folder in ("tmp", "incoming", "processing", "done", "failed", "rejected"):
         (queue / folder).mkdir(parents=True)
@@ -77,9 +77,13 @@ def test_status_counts_jobs_per_folder(tmp_path: Path, capsys: pytest.CaptureFix
         '{"rec":"created","stage":0,"index":0,"attempt":0,"flow_run_id":"r"}\n'
     )
     assert main(["status", "--queue", str(queue)]) == 0
-    assert capsys.readouterr().out == (
-        "incoming: 1  processing: 1  done: 1  failed: 0  rejected: 0\n  c: 0/3 runs finished, 1 created\n"
-    )
+    assert [line.rstrip() for line in capsys.readouterr().out.splitlines()] == [
+        f"{queue}  incoming: 1  processing: 1  done: 1  failed: 0  rejected: 0",
+        "no daemon on this host (no heartbeat file)",
+        "job  runs  created  running  succeeded  failed  cancelled  age  owner",
+        "c       3        1        1          0       0          0    ?  waiting for recovery",
+        "queued (1): a",
+    ]
 
 
 def test_cancel_writes_a_request_for_a_running_job(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,12 +11,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowsubmit.cli import main
 from flowsubmit.localserver import free_port, prefect_env
+from flowsubmit.logs import render_console, resolve_format
 from tests.conftest import ROOT, Daemon, enqueue, result_of
 from tests.flows import ETL
 
@@ -43,6 +46,12 @@ def _scrape(port: int) -> Samples:
 
 def _value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def _status(queue: Path) -> dict[str, Any]:
+    done = _cli("status", "--queue", str(queue), "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -128,6 +137,16 @@ def test_metrics_health_and_recovery_seen_by_an_operator(
     assert _value(during, "flowsubmit_runs_total", state_type="FAILED") == 1
     assert _value(during, "flowsubmit_queue_files", folder="processing") == 1
     assert _value(during, "flowsubmit_jobs_total", status="failed") == 0
+    (job,) = _status(queue)["jobs"]
+    assert (job["job_id"], job["owner"], job["cancel_requested"]) == (job_id, "alive", False)
+    assert job["runs"] == {
+        "total": 3,
+        "created": 3,
+        "running": 1,
+        "succeeded": 1,
+        "failed": 1,
+        "cancelled": 0,
+    }
 
     folder, result = daemon.wait_for(lambda: result_of(queue, job_id), what="result")
     after = _scrape(port)
@@ -148,7 +167,12 @@ def test_metrics_health_and_recovery_seen_by_an_operator(
     (info,) = [k for k in after if k[0] == "flowsubmit_build_info"]
     assert dict(info[1]).keys() == {"version", "prefect_version"}
 
-    # kill -9: health says so at once (the pid is gone), then a restarted daemon is healthy again.
+    # kill -9 during a long run: health says so at once (the pid is gone), status shows the job
+    # waiting for recovery; a restarted daemon adopts it and is healthy again.
+    long_id = enqueue(
+        queue, {"deployment": ETL, "runs": [{"parameters": {"table": 4, "seconds": 120}}]}
+    )
+    daemon.wait_for_event("run.submitted", count=4)
     daemon.process.kill()
     daemon.process.wait()
     dead = _cli("health", "--queue", str(queue))
@@ -156,8 +180,40 @@ def test_metrics_health_and_recovery_seen_by_an_operator(
     assert dead.stderr.startswith(
         f"flowsubmit: health: no daemon serves {queue}: pid {daemon.process.pid} is gone"
     )
-    again = start_daemon(queue, metrics_port=free_port())
+    (orphan,) = _status(queue)["jobs"]
+    assert (orphan["job_id"], orphan["owner"], orphan["runs"]["running"]) == (
+        long_id,
+        "waiting_for_recovery",
+        1,
+    )
+    port = free_port()
+    again = start_daemon(queue, metrics_port=port)
     assert _cli("health", "--queue", str(queue)).returncode == 0
+    view = _status(queue)
+    assert view["counts"] == {"incoming": 0, "processing": 1, "done": 0, "failed": 1, "rejected": 0}
+    assert [(d["pid"], d["healthy"]) for d in view["daemons"]] == [(again.process.pid, True)]
+    (adopted,) = view["jobs"]
+    assert (adopted["job_id"], adopted["owner"]) == (long_id, "alive")
+    assert adopted["runs"] == {
+        "total": 1,
+        "created": 1,
+        "running": 1,
+        "succeeded": 0,
+        "failed": 0,
+        "cancelled": 0,
+    }
+
+    # Cancelled: the restarted daemon's counters match the second result file.
+    assert _cli("cancel", "--queue", str(queue), long_id).returncode == 0
+    _, cancelled = again.wait_for(lambda: result_of(queue, long_id), what="cancelled result")
+    assert (cancelled["status"], cancelled["summary"]["by_state"]) == (
+        "cancelled",
+        {"Cancelled": 1},
+    )
+    metrics = _scrape(port)
+    assert _value(metrics, "flowsubmit_jobs_total", status="cancelled") == 1
+    assert _value(metrics, "flowsubmit_runs_total", state_type="CANCELLED") == 1
+    assert _status(queue)["jobs"] == []
     assert again.stop() == 0
     stopped = _cli("health", "--queue", str(queue))
     assert stopped.returncode == 1 and "no heartbeat file from this host" in stopped.stderr
@@ -212,4 +268,43 @@ def test_prune_removes_only_old_finished_and_rejected_jobs(
     assert main(["prune", "--queue", str(q), "--older-than", "7 days"]) == 2
     assert capsys.readouterr().err == (
         "flowsubmit: prune --older-than: '7 days' is not a duration (use e.g. 7d, 12h, 30m, 90s, 2w)\n"
+    )
+
+
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_auto_log_format_is_console_on_a_terminal_and_json_elsewhere() -> None:
+    """`auto` picks console for a terminal and json for systemd, containers and pipes."""
+    assert resolve_format("auto", _Stream(tty=True)) == "console"
+    assert resolve_format("auto", _Stream(tty=False)) == "json"
+    assert resolve_format("json", _Stream(tty=True)) == "json"
+
+
+def test_console_line_is_the_message_then_only_keys_that_add_something() -> None:
+    """A console line drops null keys and values already in the message (no hint=None, no repeated deployment)."""
+    line = render_console(
+        None,
+        "info",
+        {
+            "timestamp": "2026-11-30T04:05:06.789Z",
+            "level": "warning",
+            "event": "run.finished",
+            "logger": "flowsubmit.executor",
+            "job_id": "nightly-1",
+            "deployment": "etl/etl-deployment",
+            "index": 3,
+            "state": "Failed",
+            "hint": None,
+            "message": "❌ [etl/etl-deployment] Run abc12345 finished with state: Failed",
+        },
+    )
+    assert line == (
+        "04:05:06 warning ❌ [etl/etl-deployment] Run abc12345 finished with state: Failed"
+        "  job_id=nightly-1 index=3"
     )

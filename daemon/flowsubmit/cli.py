@@ -11,6 +11,7 @@ import asyncio
 import glob
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from flowsubmit.connection import configured_api_url, versions
 from flowsubmit.errors import JobRejected
 from flowsubmit.jobs import Job, check_job, job_schema
 from flowsubmit.policy import Policy, current_producer, reserved_tag_problems
-from flowsubmit.queue import FOLDERS, Queue, job_files, new_job_id
+from flowsubmit.queue import FOLDERS, Queue, new_job_id
 from flowsubmit.settings import Settings
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -177,12 +178,21 @@ def _parser() -> Parser:
     )
     _config_option(validate)
 
-    _command(
+    status = _command(
         commands,
         "status",
-        "jobs per folder, and the progress of those in processing",
-        "flowsubmit status --queue /var/spool/flowsubmit",
+        "jobs per folder, the progress and owner of those in processing, queued ids, last rejections",
+        "flowsubmit status --queue /var/spool/flowsubmit --watch",
         _queue_options(),
+    )
+    status.add_argument(
+        "--watch", action="store_true", help="refresh in place (progress bars on a terminal)"
+    )
+    status.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="--watch refresh period (1 s)"
+    )
+    status.add_argument(
+        "--json", action="store_true", help="print one JSON document (docs/operations.md)"
     )
 
     cancel = _command(
@@ -489,16 +499,30 @@ def _refuse_known_id(queue: Queue, job_id: str, file: str) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from flowsubmit.status import document, render
+
     queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
-    counts = {folder: len(job_files(queue.root / folder)) for folder in FOLDERS if folder != "tmp"}
-    print("  ".join(f"{folder}: {n}" for folder, n in counts.items()))
-    for path in queue.running():
-        progress = queue.progress(path.stem)
-        total = "?" if progress.total is None else progress.total
-        print(
-            f"  {path.stem}: {progress.finished}/{total} runs finished, {progress.created} created"
-        )
-    return EXIT_OK
+    if args.json:
+        print(json.dumps(document(queue), indent=2))
+        return EXIT_OK
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, soft_wrap=True, width=200)  # whole lines in a pipe
+    if not args.watch:
+        console.print(render(document(queue), bars=console.is_terminal))
+        return EXIT_OK
+    if args.interval <= 0:
+        raise CliError("status --interval", f"must be above 0, not {args.interval:g}")
+    try:
+        with Live(console=console, auto_refresh=False) as live:
+            while True:
+                live.update(render(document(queue), bars=console.is_terminal), refresh=True)
+                time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK  # the way to leave --watch
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:

@@ -26,18 +26,42 @@ class JournalState:
     job_id: str | None = None
     created: dict[RunKey, str] = field(default_factory=dict)
     finals: dict[str, RunSnapshot] = field(default_factory=dict)
+    #: When the job was first claimed (ISO 8601, from the first ``claimed`` record).
+    claimed_at: str | None = None
 
     def apply(self, record: dict[str, Any]) -> None:
         """Fold one record into the state; unknown record kinds are ignored (forward compatible)."""
         kind = record.get("rec")
         if kind == "claimed":
             self.job_id = str(record["job_id"])
+            self.claimed_at = self.claimed_at or record.get("at")
         elif kind == "created":
             key = (int(record["stage"]), int(record["index"]), int(record["attempt"]))
             self.created[key] = str(record["flow_run_id"])
         elif kind == "final":
             snap = _snapshot_from(record)
             self.finals[snap.flow_run_id] = snap
+
+    def run_counts(self) -> dict[str, int]:
+        """Runs by where their latest attempt stands: created, running (not final yet),
+        succeeded, failed (FAILED or CRASHED) and cancelled."""
+        latest: dict[tuple[int, int], tuple[int, str]] = {}
+        for (stage, index, attempt), run_id in self.created.items():
+            if (stage, index) not in latest or latest[(stage, index)][0] < attempt:
+                latest[(stage, index)] = (attempt, run_id)
+        types = [
+            self.finals[run_id].state_type if run_id in self.finals else None
+            for _, run_id in latest.values()
+        ]
+        succeeded, cancelled = types.count("COMPLETED"), types.count("CANCELLED")
+        running = types.count(None)
+        return {
+            "created": len(types),
+            "running": running,
+            "succeeded": succeeded,
+            "failed": len(types) - running - succeeded - cancelled,
+            "cancelled": cancelled,
+        }
 
 
 class Journal:

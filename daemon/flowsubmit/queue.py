@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
@@ -89,6 +89,12 @@ class JobProgress:
     created: int
     #: Runs the job file asks for; None when the file cannot be parsed.
     total: int | None
+    #: Runs by their latest attempt (``JournalState.run_counts``).
+    runs: dict[str, int] = field(default_factory=dict)
+    #: When the job was claimed (ISO 8601), None when the journal does not say.
+    claimed_at: str | None = None
+    #: A live daemon holds the job's lock; False: it waits for a daemon to adopt it.
+    owned: bool = False
 
 
 class JobLock:
@@ -118,6 +124,25 @@ class JobLock:
             os.close(fd)
             raise ClaimLost(f"{path.name} is held by another process") from exc
         return cls(path, fd)
+
+    @staticmethod
+    def held(path: Path) -> bool:
+        """True while a live process holds the lock at ``path``; never creates nor removes it.
+
+        A shared, non-blocking try: it fails only against an owner's exclusive lock. (An
+        owner acquiring at this very moment fails once and tries again at its next scan.)
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False  # no lock file: nobody owns the job
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock we took
+        return False
 
     def release(self) -> None:
         """Unlink and unlock; idempotent."""
@@ -297,7 +322,15 @@ class Queue:
             total: int | None = parse_job(path.read_bytes(), max_runs=10**9).total_runs
         except (JobRejected, OSError):
             total = None
-        return JobProgress(job_id, len(state.finals), len(state.created), total)
+        return JobProgress(
+            job_id,
+            len(state.finals),
+            len(state.created),
+            total,
+            runs=state.run_counts(),
+            claimed_at=state.claimed_at,
+            owned=JobLock.held(self.processing / f"{job_id}.lock"),
+        )
 
     def orphans(self) -> list[str]:
         """Job ids in ``processing/`` (candidates for recovery; the lock decides who adopts them)."""

@@ -1,0 +1,188 @@
+"""The live view of a queue (``flowsubmit status``): one JSON document read from the folders, journals, locks and heartbeats, and its screen.
+
+Everything comes from the queue directory, never from a daemon's memory, so the view
+is right after a restart and while no daemon runs: progress from each job's journal,
+ownership from its lock (held by a live daemon, or free: the job waits for
+recovery), daemons from their heartbeat files. The document's shape is documented in
+docs/operations.md ("Live status") and is contract.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from flowsubmit.heartbeat import read as read_heartbeats
+from flowsubmit.queue import FOLDERS, Queue, is_job_name, job_files
+
+__all__ = ["document", "render"]
+
+#: Rejections shown, newest first.
+LAST_REJECTIONS = 5
+#: Queued job ids listed (the count is always complete).
+QUEUED_SHOWN = 20
+
+
+def document(queue: Queue, *, now: float | None = None) -> dict[str, Any]:
+    """The status of ``queue`` as one JSON-ready document (docs/operations.md, "Live status")."""
+    now = time.time() if now is None else now
+    return {
+        "queue": str(queue.root),
+        "time": _iso(now),
+        "counts": {f: len(job_files(queue.root / f)) for f in FOLDERS if f != "tmp"},
+        "daemons": [_daemon(beat, now) for beat in read_heartbeats(queue.root)],
+        "jobs": [_job(queue, path.stem, now) for path in queue.running()],
+        "queued": _queued(queue),
+        "rejections": _rejections(queue),
+    }
+
+
+def _daemon(beat: Any, now: float) -> dict[str, Any]:
+    problem = beat.problem(now)
+    return {
+        "pid": beat.pid,
+        "host": beat.host,
+        "version": beat.version,
+        "last_loop_s": round(now - beat.time, 1),
+        "tracker": beat.tracker,
+        "prefect_reachable": beat.prefect_reachable,
+        "healthy": problem is None,
+        "problem": problem,
+    }
+
+
+def _job(queue: Queue, job_id: str, now: float) -> dict[str, Any]:
+    progress = queue.progress(job_id)
+    claimed = _unix(progress.claimed_at)
+    return {
+        "job_id": job_id,
+        "owner": "alive" if progress.owned else "waiting_for_recovery",
+        "claimed_at": progress.claimed_at,
+        "age_s": None if claimed is None else round(now - claimed, 1),
+        "cancel_requested": queue.cancel_requested(job_id),
+        "runs": {"total": progress.total, **progress.runs},
+    }
+
+
+def _queued(queue: Queue) -> dict[str, Any]:
+    names = [c.name for c in queue.scan()]  # oldest first, as the daemon judges them
+    return {"count": len(names), "job_ids": [n.removesuffix(".json") for n in names][:QUEUED_SHOWN]}
+
+
+def _rejections(queue: Queue) -> list[dict[str, Any]]:
+    errors = [p for p in queue.rejected.glob("*.error.json") if is_job_name(p.name)]
+    newest = sorted(errors, key=_mtime, reverse=True)[:LAST_REJECTIONS]
+    found: list[dict[str, Any]] = []
+    for path in newest:
+        try:
+            error = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # pruned or rewritten meanwhile
+        found.append(
+            {
+                "file": path.name.removesuffix(".error.json"),
+                "at": _iso(_mtime(path)),
+                "reason": error.get("reason"),
+                "field": error.get("field"),
+            }
+        )
+    return found
+
+
+# -- the screen -------------------------------------------------------------------------------
+
+
+def render(doc: dict[str, Any], *, bars: bool) -> RenderableType:
+    """The status screen; ``bars`` adds a progress bar per job (on a terminal)."""
+    counts = "  ".join(f"{folder}: {n}" for folder, n in doc["counts"].items())
+    parts: list[RenderableType] = [Text(f"{doc['queue']}  {counts}", style="bold")]
+    parts += [Text(_daemon_line(d)) for d in doc["daemons"]] or [
+        Text("no daemon on this host (no heartbeat file)", style="yellow")
+    ]
+    if doc["jobs"]:
+        parts.append(_jobs_table(doc["jobs"], bars=bars))
+    queued = doc["queued"]
+    if queued["count"]:
+        more = queued["count"] - len(queued["job_ids"])
+        tail = f" (+{more} more)" if more > 0 else ""
+        parts.append(Text(f"queued ({queued['count']}): {', '.join(queued['job_ids'])}{tail}"))
+    if doc["rejections"]:
+        parts.append(Text("last rejections:"))
+        for r in doc["rejections"]:
+            field = f"field {r['field']!r}: " if r["field"] else ""
+            parts.append(Text(f"  {r['at'][:19]}Z {r['file']}: {field}{r['reason']}"))
+    return Group(*parts)
+
+
+def _daemon_line(d: dict[str, Any]) -> str:
+    state = "ok" if d["healthy"] else f"UNHEALTHY: {d['problem']}"
+    return (
+        f"daemon pid {d['pid']} on {d['host']}: {state} "
+        f"(loop {d['last_loop_s']} s ago, tracker {d['tracker'] or 'starting'})"
+    )
+
+
+def _jobs_table(jobs: list[dict[str, Any]], *, bars: bool) -> Table:
+    table = Table(box=None, pad_edge=False)
+    columns = ["job", "runs", "created", "running", "succeeded", "failed", "cancelled", "age"]
+    for name in columns:
+        table.add_column(name, justify="left" if name == "job" else "right")
+    if bars:
+        table.add_column("progress", width=24)
+    table.add_column("owner")
+    for job in jobs:
+        runs = job["runs"]
+        total = runs["total"]
+        cells: list[RenderableType] = [
+            job["job_id"],
+            "?" if total is None else str(total),
+            *(str(runs[k]) for k in ("created", "running", "succeeded", "failed", "cancelled")),
+            _duration(job["age_s"]),
+        ]
+        if bars:
+            done = runs["succeeded"] + runs["failed"] + runs["cancelled"]
+            cells.append(ProgressBar(total=float(total or 1), completed=float(done), width=24))
+        owner = "alive" if job["owner"] == "alive" else "waiting for recovery"
+        if job["cancel_requested"]:
+            owner += ", cancel requested"
+        cells.append(owner)
+        table.add_row(*cells)
+    return table
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat()
+
+
+def _unix(iso: str | None) -> float | None:
+    if iso is None:
+        return None
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return None
