@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +49,23 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def _status(queue: Path) -> dict[str, Any]:
-    done = _cli("status", "--queue", str(queue), "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)  # type: ignore[no-any-return]
+@dataclass
+class _Cli:
+    """``flowsubmit`` run in this process (a subprocess would start slower than a run ends)."""
 
+    capsys: pytest.CaptureFixture[str]
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowsubmit.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+    def __call__(self, *args: str) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr)."""
+        self.capsys.readouterr()
+        code = main(list(args))
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def status(self, queue: Path) -> dict[str, Any]:
+        code, out, err = self("status", "--queue", str(queue), "--json")
+        assert code == 0, err
+        return json.loads(out)  # type: ignore[no-any-return]
 
 
 def test_run_and_library_refuse_without_prefect_api_url(tmp_path: Path) -> None:
@@ -111,10 +115,12 @@ def test_version_names_flowsubmit_and_prefect(capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.server
+@pytest.mark.timeout(600)  # run alone on a loaded machine, the session server's start counts here
 def test_metrics_health_and_recovery_seen_by_an_operator(
-    start_daemon: Callable[..., Daemon], tmp_path: Path
+    start_daemon: Callable[..., Daemon], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """/metrics matches the result file during and after a job; health and /healthz follow a kill -9 and a restart."""
+    cli = _Cli(capsys)
     port = free_port()
     daemon = start_daemon(metrics_port=port)
     queue = daemon.queue
@@ -122,13 +128,11 @@ def test_metrics_health_and_recovery_seen_by_an_operator(
     assert ready["prefect_api_url"] == os.environ["PREFECT_API_URL"]
     assert ready["prefect_server_version"] and ready["version"] and ready["tracker"] == "streaming"
     assert _get(port, "/healthz") == (200, '{"status": "ok"}\n')
-    healthy = _cli("health", "--queue", str(queue))
-    assert healthy.returncode == 0 and healthy.stdout.startswith(
-        f"ok: pid {daemon.process.pid} passed its loop"
-    )
+    code, out, _ = cli("health", "--queue", str(queue))
+    assert code == 0 and out.startswith(f"ok: pid {daemon.process.pid} passed its loop")
 
     # A job of three runs: one completes, one fails, one takes a few seconds.
-    runs = [{"table": 1}, {"table": 2, "fail": True}, {"table": 3, "seconds": 6}]
+    runs = [{"table": 1}, {"table": 2, "fail": True}, {"table": 3, "seconds": 10}]
     job_id = enqueue(queue, {"deployment": ETL, "runs": [{"parameters": p} for p in runs]})
     daemon.wait_for_event("run.finished", count=2)
     during = _scrape(port)
@@ -137,7 +141,7 @@ def test_metrics_health_and_recovery_seen_by_an_operator(
     assert _value(during, "flowsubmit_runs_total", state_type="FAILED") == 1
     assert _value(during, "flowsubmit_queue_files", folder="processing") == 1
     assert _value(during, "flowsubmit_jobs_total", status="failed") == 0
-    (job,) = _status(queue)["jobs"]
+    (job,) = cli.status(queue)["jobs"]
     assert (job["job_id"], job["owner"], job["cancel_requested"]) == (job_id, "alive", False)
     assert job["runs"] == {
         "total": 3,
@@ -175,12 +179,12 @@ def test_metrics_health_and_recovery_seen_by_an_operator(
     daemon.wait_for_event("run.submitted", count=4)
     daemon.process.kill()
     daemon.process.wait()
-    dead = _cli("health", "--queue", str(queue))
-    assert dead.returncode == 1
-    assert dead.stderr.startswith(
+    code, _, err = cli("health", "--queue", str(queue))
+    assert code == 1
+    assert err.startswith(
         f"flowsubmit: health: no daemon serves {queue}: pid {daemon.process.pid} is gone"
     )
-    (orphan,) = _status(queue)["jobs"]
+    (orphan,) = cli.status(queue)["jobs"]
     assert (orphan["job_id"], orphan["owner"], orphan["runs"]["running"]) == (
         long_id,
         "waiting_for_recovery",
@@ -188,8 +192,8 @@ def test_metrics_health_and_recovery_seen_by_an_operator(
     )
     port = free_port()
     again = start_daemon(queue, metrics_port=port)
-    assert _cli("health", "--queue", str(queue)).returncode == 0
-    view = _status(queue)
+    assert cli("health", "--queue", str(queue))[0] == 0
+    view = cli.status(queue)
     assert view["counts"] == {"incoming": 0, "processing": 1, "done": 0, "failed": 1, "rejected": 0}
     assert [(d["pid"], d["healthy"]) for d in view["daemons"]] == [(again.process.pid, True)]
     (adopted,) = view["jobs"]
@@ -204,7 +208,7 @@ def test_metrics_health_and_recovery_seen_by_an_operator(
     }
 
     # Cancelled: the restarted daemon's counters match the second result file.
-    assert _cli("cancel", "--queue", str(queue), long_id).returncode == 0
+    assert cli("cancel", "--queue", str(queue), long_id)[0] == 0
     _, cancelled = again.wait_for(lambda: result_of(queue, long_id), what="cancelled result")
     assert (cancelled["status"], cancelled["summary"]["by_state"]) == (
         "cancelled",
@@ -213,10 +217,10 @@ def test_metrics_health_and_recovery_seen_by_an_operator(
     metrics = _scrape(port)
     assert _value(metrics, "flowsubmit_jobs_total", status="cancelled") == 1
     assert _value(metrics, "flowsubmit_runs_total", state_type="CANCELLED") == 1
-    assert _status(queue)["jobs"] == []
+    assert cli.status(queue)["jobs"] == []
     assert again.stop() == 0
-    stopped = _cli("health", "--queue", str(queue))
-    assert stopped.returncode == 1 and "no heartbeat file from this host" in stopped.stderr
+    code, _, err = cli("health", "--queue", str(queue))
+    assert code == 1 and "no heartbeat file from this host" in err
 
 
 def _age(paths: list[Path], days: float) -> None:

@@ -554,7 +554,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError("prune --older-than", str(exc)) from None
     queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
-    logs.configure("console", "info")
+    logs.configure(
+        "console", "info", cache=False
+    )  # a few lines; and main() may run again in-process
     removed = prune(queue.root, older_than_s, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(removed)} job(s), {sum(len(j.files) for j in removed)} file(s)")
