@@ -246,16 +246,17 @@ def example_toml() -> str:
         "",
     ]
     for name, field in Settings.model_fields.items():
+        if name == "producers":
+            continue  # TOML tables: every key after them would belong to them, so they go last
         lines.append(f"# {field.description}")
         if field.default is None:
             example = field.examples[0] if field.examples else "/var/spool/flowsubmit"
             lines.append(f"# {name} = {_toml_value(example)}")
-        elif name == "producers":
-            lines.extend(_PRODUCERS_EXAMPLE)  # tables: shown as an example, not as `producers = []`
         else:
             lines.append(f"{name} = {_toml_value(field.default)}")
         lines.append("")
-    return "\n".join(lines)
+    producers = Settings.model_fields["producers"].description
+    return "\n".join([*lines, f"# {producers}", *_PRODUCERS_EXAMPLE, ""])
 
 
 _PRODUCERS_EXAMPLE = (
