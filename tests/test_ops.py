@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flowsubmit.cli import main
 from flowsubmit.localserver import free_port, prefect_env
 from flowsubmit.logs import render_console, resolve_format
+from flowsubmit.retention import prune_periodically
 from tests.conftest import ROOT, Daemon, enqueue, result_of
 from tests.flows import ETL
 
@@ -312,3 +314,30 @@ def test_console_line_is_the_message_then_only_keys_that_add_something() -> None
         "04:05:06 warning ❌ [etl/etl-deployment] Run abc12345 finished with state: Failed"
         "  job_id=nightly-1 index=3"
     )
+
+
+def test_health_without_a_queue_exits_1_and_retention_days_prunes_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """health on a missing queue exits 1 (Docker reserves 2); the daemon's retention task prunes at once."""
+    assert main(["health", "--queue", str(tmp_path / "nope")]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"flowsubmit: queue {tmp_path / 'nope'}: does not exist"
+    )
+
+    done = tmp_path / "q" / "done"
+    done.mkdir(parents=True)
+    old = [done / "old.json", done / "old.result.json"]
+    for path in old:
+        path.write_text("{}")
+    _age(old, days=31)
+
+    async def keep_for_a_moment() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(prune_periodically(tmp_path / "q", 30, stop))
+        await asyncio.sleep(0)  # the first prune runs before the task's first wait
+        assert not any(p.exists() for p in old)
+        stop.set()
+        await task
+
+    asyncio.run(keep_for_a_moment())

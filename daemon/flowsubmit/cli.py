@@ -538,7 +538,10 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 def _cmd_health(args: argparse.Namespace) -> int:
     from flowsubmit.heartbeat import health
 
-    queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
+    try:
+        queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
+    except CliError as exc:  # exit 1, not 2: Docker reserves 2 in a HEALTHCHECK
+        raise CliError(exc.what, exc.why, code=EXIT_ERROR, hint=exc.hint) from None
     healthy, line = health(queue.root)
     if not healthy:
         raise CliError("health", line, code=EXIT_ERROR)
