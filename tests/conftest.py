@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from flowsubmit.localserver import LocalServer, free_port, prefect_env, served_flows
+from flowsubmit.queue import Queue
 from flowsubmit.topology import Topology
 
 _HOME = Path(tempfile.mkdtemp(prefix="flowsubmit-tests-"))
@@ -192,7 +193,5 @@ def enqueue(queue: Path, job: dict[str, Any] | bytes, *, env: dict[str, str] | N
 
 def result_of(queue: Path, job_id: str) -> tuple[str, dict[str, Any]] | None:
     """(folder, result) once the job is in ``done/`` or ``failed/``, else ``None``."""
-    for folder in ("done", "failed"):
-        if (queue / folder / f"{job_id}.json").exists():
-            return folder, json.loads((queue / folder / f"{job_id}.result.json").read_text())
-    return None
+    ended = Queue(queue).outcome(job_id)
+    return ended if ended is not None and ended[0] != "rejected" else None

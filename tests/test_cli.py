@@ -86,14 +86,45 @@ def test_status_counts_jobs_per_folder(tmp_path: Path, capsys: pytest.CaptureFix
     ]
 
 
-def test_cancel_writes_a_request_for_a_running_job(tmp_path: Path) -> None:
-    """cancel leaves processing/JOB.cancel for the daemon; an unknown job is an error."""
+def test_cancel_writes_a_request_for_a_running_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cancel leaves processing/JOB.cancel for the daemon; an unknown job is bad input."""
     queue = tmp_path / "q"
     Queue(queue).ensure()
     (queue / "processing" / "j1.json").write_text("{}")
     assert main(["cancel", "--queue", str(queue), "j1"]) == 0
     assert (queue / "processing" / "j1.cancel").exists()
-    assert main(["cancel", "--queue", str(queue), "nope"]) == 1
+    assert main(["cancel", "--queue", str(queue), "nope"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "flowsubmit: cancel nope: no such job in incoming/, processing/, done/, failed/ or rejected/"
+    )
+
+
+def test_cancel_of_a_waiting_job_ends_it_cancelled_without_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job still in incoming/ goes to failed/ with a `cancelled` result and no run; --wait prints the summary."""
+    monkeypatch.setenv("FLOWSUBMIT_QUEUE", str(tmp_path / "q"))
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"id": "later", **JOB}))
+    assert main(["enqueue", "--create", str(path)]) == 0
+    assert main(["cancel", "--wait", "later"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "cancelled later before it started: no run was created (failed/later.result.json)",
+        "Summary → 0/0 succeeded, 0 failed",
+    ]
+    queue = Queue(tmp_path / "q")
+    folder, result = queue.outcome("later") or ("", {})
+    assert (folder, result["status"], result["runs"]) == ("failed", "cancelled", [])
+    assert sorted(p.name for p in queue.failed.iterdir()) == [
+        "later.journal",
+        "later.json",
+        "later.result.json",
+    ]
+    assert list(queue.incoming.iterdir()) == list(queue.processing.iterdir()) == []
+    assert main(["cancel", "later"]) == 0  # again: it says so, and changes nothing
+    assert capsys.readouterr().out == "later is already cancelled (failed/later.result.json)\n"
 
 
 def test_schema_prints_the_job_schema(capsys: pytest.CaptureFixture[str]) -> None:
@@ -148,3 +179,28 @@ def test_enqueue_refuses_a_missing_queue_and_an_id_that_already_ran(
         f"flowsubmit: {path}: field 'id': duplicate job id: 'nightly-1' already ran as done/nightly-1.json"
     )
     assert list((queue / "incoming").iterdir()) == []
+
+
+def test_docs_cli_lists_every_subcommand_and_option() -> None:
+    """docs/cli.md has a section per subcommand naming each of its options (settings flags are documented once, as settings)."""
+    import argparse
+
+    from flowsubmit.cli import _parser
+    from flowsubmit.settings import Settings
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    sections = dict((part.split("`", 1)[0], part) for part in text.split("### `flowsubmit ")[1:])
+    (commands,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        f"{name} {option}"
+        for name, parser in commands.choices.items()
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--")
+        and option not in ("--help", "--debug")
+        and (action.dest == "queue" or action.dest not in Settings.model_fields)
+        and option not in sections.get(name, "")
+    ]
+    assert missing == []
+    assert sorted(sections) == sorted(commands.choices)

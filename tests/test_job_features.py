@@ -144,7 +144,7 @@ def test_timeout_stops_a_running_run_and_records_it_cancelled(
 
 
 def test_cancel_command_stops_a_running_job(start_daemon: Callable[..., Daemon]) -> None:
-    """`flowsubmit cancel` makes the daemon cancel the job's unfinished runs and end it `cancelled`."""
+    """`flowsubmit cancel --wait` returns once the daemon has cancelled the runs and ended the job `cancelled`."""
     daemon = start_daemon()
     job_id = enqueue(
         daemon.queue,
@@ -152,10 +152,10 @@ def test_cancel_command_stops_a_running_job(start_daemon: Callable[..., Daemon])
     )
     asyncio.run(wait_for_runs(f"flowsubmit-job:{job_id}", 1))
 
-    assert cli(["cancel", "--queue", str(daemon.queue), job_id]) == 0
-    folder, result = daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="cancelled job")
+    assert cli(["cancel", "--wait", "--queue", str(daemon.queue), job_id]) == 0
+    folder, result = result_of(daemon.queue, job_id) or ("not ended", {})
 
     assert (folder, result["status"]) == ("failed", "cancelled")
-    assert (daemon.queue / "failed" / f"{job_id}.cancel").exists()
+    assert [p.name for p in daemon.queue.rglob("*.cancel")] == []  # handled, so removed
     assert [r["state_name"] for r in result["runs"]] == ["Cancelled"]
     assert asyncio.run(_states_tagged(f"flowsubmit-job:{job_id}")) == ["CANCELLED"]

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from flowsubmit import logs
+from flowsubmit._types import JobStatus
 from flowsubmit.cli_errors import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -27,11 +27,20 @@ from flowsubmit.cli_errors import (
     Parser,
     guarded,
 )
+from flowsubmit.cli_files import check_file, check_patterns, print_problems
+from flowsubmit.cli_queue import (
+    ask_prefect,
+    cancel,
+    drop,
+    open_queue,
+    refuse_known_id,
+    wait_for_end,
+)
 from flowsubmit.connection import configured_api_url, versions
 from flowsubmit.errors import JobRejected
-from flowsubmit.jobs import Job, check_job, job_schema
+from flowsubmit.jobs import Job, job_schema
 from flowsubmit.policy import Policy, current_producer, reserved_tag_problems
-from flowsubmit.queue import FOLDERS, Queue, new_job_id
+from flowsubmit.queue import new_job_id
 from flowsubmit.settings import Settings
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -126,7 +135,11 @@ def _parser() -> Parser:
     parser = Parser(
         prog="flowsubmit",
         description="Fan out job files into Prefect deployment runs, and fan their final states back in.",
-        epilog="exit codes: 0 success, 1 runtime failure, 2 bad usage or input (docs/cli.md)",
+        epilog=(
+            "exit codes: 0 success, 1 runtime failure, 2 bad usage or input (docs/cli.md)\n\n"
+            "example:\n  flowsubmit validate jobs/*.json && flowsubmit enqueue --queue /var/spool/flowsubmit jobs/nightly.json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[_common()],
     )
     parser.add_argument(
@@ -156,6 +169,16 @@ def _parser() -> Parser:
     enqueue.add_argument("file", metavar="FILE", help="job file, or - for standard input")
     enqueue.add_argument(
         "--create", action="store_true", help="make the queue directory if it does not exist"
+    )
+    enqueue.add_argument(
+        "--check",
+        action="store_true",
+        help="ask Prefect first: the deployment exists and every run's parameters fit its schema",
+    )
+    enqueue.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the job's end and print its summary; exit 0 only if every run completed",
     )
 
     validate = _command(
@@ -198,11 +221,14 @@ def _parser() -> Parser:
     cancel = _command(
         commands,
         "cancel",
-        "ask the daemon to cancel a job's runs",
+        "cancel a job: one still in incoming/ at once (no run is created), a running one by the daemon",
         "flowsubmit cancel --queue /var/spool/flowsubmit nightly-tables-2026-11-26",
         _queue_options(),
     )
     cancel.add_argument("job_id", metavar="JOB_ID")
+    cancel.add_argument(
+        "--wait", action="store_true", help="wait until the job has ended and print its summary"
+    )
 
     _command(
         commands,
@@ -272,114 +298,6 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.load(getattr(args, "config", None), **flags)
 
 
-def _open_queue(settings: Settings, *, create: bool = False, hint: str | None = None) -> Queue:
-    """The queue named by the settings, checked to be one; ``create`` makes what is missing.
-
-    Raises:
-        CliError: no queue given, or a path that is not a queue directory (exit 2), or
-            one that may not be created (exit 1).
-    """
-    root = settings.queue
-    if root is None:
-        raise CliError(
-            "--queue", "no queue directory given", hint="give --queue DIR or set FLOWSUBMIT_QUEUE"
-        )
-    queue = Queue(root)
-    if create:
-        _create(queue)
-    if not root.is_dir():
-        why = "is not a directory" if root.exists() else "does not exist"
-        raise CliError(f"queue {root}", why, hint=hint)
-    for name in FOLDERS:
-        folder = root / name
-        if not folder.is_dir():
-            why = (
-                f"{name}/ is not a directory"
-                if folder.exists()
-                else f"is not a queue directory (it has no {name}/)"
-            )
-            raise CliError(f"queue {root}", why, hint=hint)
-    return queue
-
-
-def _create(queue: Queue) -> None:
-    try:
-        queue.ensure()
-    except (FileExistsError, NotADirectoryError) as exc:
-        raise CliError(
-            f"queue {queue.root}", f"{Path(exc.filename).name}/ is not a directory"
-        ) from exc
-    except PermissionError as exc:
-        raise CliError(
-            f"queue {queue.root}", f"may not create {exc.filename} (permission denied)", code=1
-        ) from exc
-
-
-def _read_job_file(name: str, max_bytes: int) -> bytes:
-    """The bytes of a job file (``-``: standard input), at most ``max_bytes``.
-
-    Raises:
-        JobRejected: the file cannot be read (missing, a directory, permission) or is too large.
-    """
-    try:
-        if name == "-":
-            if sys.stdin is None:
-                raise JobRejected("standard input is closed", file="<stdin>")
-            data = sys.stdin.buffer.read(max_bytes + 1)
-        else:
-            with open(name, "rb") as source:
-                data = source.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise JobRejected("no such file", file=name) from None
-    except IsADirectoryError:
-        raise JobRejected(
-            "is a directory", file=name, hint=f"give the files in it: {name.rstrip('/')}/*.json"
-        ) from None
-    except PermissionError:
-        raise JobRejected("permission denied", file=name) from None
-    except OSError as exc:
-        raise JobRejected(f"cannot be read: {exc.strerror or exc}", file=name) from None
-    if len(data) > max_bytes:
-        raise JobRejected(
-            f"the file is larger than max_job_bytes ({max_bytes})", file=_display(name)
-        )
-    return data
-
-
-def _display(name: str) -> str:
-    return "<stdin>" if name == "-" else name
-
-
-@dataclass
-class _Checked:
-    """One job file as ``validate`` judged it."""
-
-    file: str
-    job: Job | None = None
-    problems: list[JobRejected] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The file's entry of ``validate --json``."""
-        return {
-            "file": self.file,
-            "ok": not self.problems,
-            "runs": self.job.total_runs if self.job else None,
-            "problems": [{**p.as_dict(), "message": p.message} for p in self.problems],
-        }
-
-
-def _check_file(name: str, settings: Settings, *, policy: bool) -> _Checked:
-    file = _display(name)
-    try:
-        data = _read_job_file(name, settings.max_job_bytes)
-    except JobRejected as exc:
-        return _Checked(file, problems=[exc])
-    job, problems = check_job(data, file=file, max_runs=settings.max_runs_per_job)
-    if job is not None:
-        problems = [p.with_file(file) for p in _policy_problems(job, settings, full=policy)]
-    return _Checked(file, job if not problems else None, problems)
-
-
 #: The settings that make up the policy: given any of them, ``enqueue`` checks it (#14).
 _POLICY_SETTINGS = frozenset({"allowed_deployments", "allowed_job_variables", "producers"})
 
@@ -395,32 +313,15 @@ def _policy_problems(job: Job, settings: Settings, *, full: bool) -> list[JobRej
     return Policy.from_settings(settings).problems(job, current_producer())
 
 
-def _expand(patterns: list[str]) -> list[str | JobRejected]:
-    """File names for ``validate``'s arguments: globs expanded, in order; a pattern matching nothing is a problem."""
-    names: list[str | JobRejected] = []
-    for pattern in patterns:
-        if pattern == "-" or not glob.has_magic(pattern) or Path(pattern).exists():
-            names.append(pattern)
-            continue
-        matches = sorted(glob.glob(pattern, recursive=True))
-        names.extend(matches or [JobRejected("no file matches this pattern", file=pattern)])
-    return names
-
-
-def _print_problems(problems: list[JobRejected]) -> None:
-    for problem in problems:
-        print(f"flowsubmit: {problem.message}", file=sys.stderr)
-
-
 # -- commands -----------------------------------------------------------------------------
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from flowsubmit.service import Service
-
     settings = _settings(args)
+    open_queue(settings, create=True)
     configured_api_url()  # refuse before anything could start Prefect's temporary server
-    _open_queue(settings, create=True)
+    from flowsubmit.service import Service  # Prefect is imported only once the arguments are good
+
     logs.configure(settings.log_format, settings.log_level)
     asyncio.run(Service(settings).run())
     return EXIT_OK
@@ -428,74 +329,69 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    checked = [
-        _Checked(item.file, problems=[item])
-        if isinstance(item, JobRejected)
-        else _check_file(item, settings, policy=args.policy)
-        for item in _expand(args.files)
-    ]
+    policy = partial(_policy_problems, settings=settings, full=args.policy)
+    checked = check_patterns(args.files, settings, policy)
     ok = all(not c.problems for c in checked)
     if args.json:
         print(json.dumps({"ok": ok, "files": [c.as_dict() for c in checked]}, indent=2))
-    else:
-        for c in checked:
-            if c.job is not None:
-                runs = c.job.total_runs
-                print(f"ok: {c.file}: {runs} run{'s' if runs != 1 else ''}")
-            _print_problems(c.problems)
+        return EXIT_OK if ok else EXIT_USAGE
+    for c in checked:
+        if c.job is not None:
+            runs = c.job.total_runs
+            print(f"ok: {c.file}: {runs} run{'s' if runs != 1 else ''}")
+        print_problems(c.problems)
     return EXIT_OK if ok else EXIT_USAGE
 
 
 def _cmd_enqueue(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    queue = _open_queue(
+    queue = open_queue(
         settings, create=args.create, hint="check the path, or give --create to make a new queue"
     )
-    data = _read_job_file(args.file, settings.max_job_bytes)
-    job, problems = check_job(data, file=_display(args.file), max_runs=settings.max_runs_per_job)
-    if job is not None:
-        # The daemon's policy is known when its settings were given (--config, FLOWSUBMIT_*).
-        full = args.config is not None or bool(_POLICY_SETTINGS & settings.model_fields_set)
-        problems = [
-            p.with_file(_display(args.file)) for p in _policy_problems(job, settings, full=full)
-        ]
-    if job is None or problems:
-        _print_problems(problems)
+    # The daemon's policy is known when its settings were given (--config, FLOWSUBMIT_*).
+    full = args.config is not None or bool(_POLICY_SETTINGS & settings.model_fields_set)
+    checked = check_file(
+        args.file, settings, partial(_policy_problems, settings=settings, full=full)
+    )
+    if checked.job is None:
+        print_problems(checked.problems)
         return EXIT_USAGE
+    job, data = checked.job, checked.data
+    if args.check:
+        try:
+            asyncio.run(ask_prefect(job))
+        except JobRejected as exc:
+            raise exc.with_file(checked.file) from None
     if job.id is None:
         # Give the drop its id now, so that the id printed is the id the daemon uses.
         job_id = new_job_id()
-        document = json.loads(data.decode("utf-8-sig"))
-        data = json.dumps({"id": job_id, **document}, indent=2).encode()
+        data = json.dumps({"id": job_id, **json.loads(data.decode("utf-8-sig"))}, indent=2).encode()
     else:
         job_id = job.id
-        _refuse_known_id(queue, job_id, _display(args.file))
-    try:
-        queue.enqueue(data, job_id)
-    except PermissionError as exc:
-        raise CliError(
-            f"queue {queue.root}",
-            f"may not write {exc.filename} (permission denied)",
-            code=EXIT_ERROR,
-            hint="producers need write access to tmp/ and incoming/",
-        ) from exc
-    print(job_id)
-    return EXIT_OK
+        refuse_known_id(queue, job_id, checked.file)
+    drop(queue, data, job_id)
+    print(job_id, flush=True)
+    if not args.wait:
+        return EXIT_OK
+    return _report_end(job_id, *wait_for_end(queue, job_id))
 
 
-def _refuse_known_id(queue: Queue, job_id: str, file: str) -> None:
-    """Refuse an id the daemon would reject as a duplicate, now rather than into rejected/."""
-    try:
-        queue.refuse_duplicate(job_id)
-    except JobRejected as exc:
-        raise exc.with_file(file) from None
-    if (queue.incoming / f"{job_id}.json").exists():
+def _report_end(job_id: str, folder: str, document: dict[str, Any]) -> int:
+    """Print how a waited-for job ended; 0 only if every run completed."""
+    if folder == "rejected":
         raise JobRejected(
-            f"duplicate job id: {job_id!r} is already waiting as incoming/{job_id}.json",
-            file=file,
-            field="id",
-            hint="an id makes a job exactly-once: the daemon would reject the second drop",
+            str(document.get("reason")),
+            file=str(document.get("file")),
+            field=document.get("field"),
+            hint=document.get("hint"),
         )
+    print(document["summary"]["line"])
+    if document["status"] == JobStatus.SUCCEEDED.value:
+        return EXIT_OK
+    error = f": {document['error']}" if document.get("error") else ""
+    raise CliError(
+        f"job {job_id}", f"{document['status']}{error} ({folder}/{job_id}.result.json)", code=1
+    )
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -504,7 +400,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from flowsubmit.status import document, render
 
-    queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
+    queue = open_queue(_settings(args), hint="is it the daemon's --queue?")
     if args.json:
         print(json.dumps(document(queue), indent=2))
         return EXIT_OK
@@ -526,12 +422,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
-    if not queue.request_cancel(args.job_id):
-        raise CliError(
-            f"cancel {args.job_id}", f"no such job in {queue.processing}", code=EXIT_ERROR
-        )
-    print(f"cancel requested for {args.job_id}")
+    queue = open_queue(_settings(args), hint="is it the daemon's --queue?")
+    print(cancel(queue, args.job_id), flush=True)
+    if not args.wait:
+        return EXIT_OK
+    folder, document = wait_for_end(queue, args.job_id)
+    print(document["summary"]["line"] if "summary" in document else f"ended in {folder}/")
     return EXIT_OK
 
 
@@ -539,7 +435,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
     from flowsubmit.heartbeat import health
 
     try:
-        queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
+        queue = open_queue(_settings(args), hint="is it the daemon's --queue?")
     except CliError as exc:  # exit 1, not 2: Docker reserves 2 in a HEALTHCHECK
         raise CliError(exc.what, exc.why, code=EXIT_ERROR, hint=exc.hint) from None
     healthy, line = health(queue.root)
@@ -556,7 +452,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         older_than_s = parse_age(args.older_than)
     except ValueError as exc:
         raise CliError("prune --older-than", str(exc)) from None
-    queue = _open_queue(_settings(args), hint="is it the daemon's --queue?")
+    queue = open_queue(_settings(args), hint="is it the daemon's --queue?")
     logs.configure(
         "console", "info", cache=False
     )  # a few lines; and main() may run again in-process

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from flowsubmit.errors import (
+    FlowsubmitError,
     GatewayError,
     JobRejected,
     PermanentGatewayError,
@@ -107,6 +108,9 @@ def describe(exc: BaseException) -> CliError:
         return _gateway_error(exc)
     if isinstance(exc, OSError):
         return _os_error(exc)
+    if isinstance(exc, FlowsubmitError):  # its message already reads "<what>: <why>"
+        what, _, why = str(exc).partition(": ")
+        return CliError(what, why, code=EXIT_ERROR) if why else CliError("error", what, code=1)
     return CliError(
         "internal error",
         f"{type(exc).__name__}: {exc}",

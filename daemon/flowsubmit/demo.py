@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flowsubmit.localserver import LocalServer, served_flows
+from flowsubmit.queue import Queue
 from flowsubmit.results import summary_line
 
 __all__ = ["demo_job", "plan", "run_demo"]
@@ -95,16 +96,13 @@ def _wait_for_result(
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for folder in ("done", "failed"):
-            path = queue / folder / f"{job_id}.result.json"
-            if path.exists() and (queue / folder / f"{job_id}.json").exists():
-                result: dict[str, Any] = json.loads(path.read_text())
-                result["_path"] = str(path)
-                return result
-        if (queue / "rejected" / f"{job_id}.json.error.json").exists():
-            raise RuntimeError(
-                f"the job was rejected: {(queue / 'rejected' / f'{job_id}.json.error.json').read_text()}"
-            )
+        ended = Queue(queue).outcome(job_id)
+        if ended is not None:
+            folder, result = ended
+            if folder == "rejected":
+                raise RuntimeError(f"the job was rejected: {result}")
+            result["_path"] = str(queue / folder / f"{job_id}.result.json")
+            return result
         if daemon.poll() is not None:
             raise RuntimeError(f"the daemon exited with {daemon.returncode}")
         time.sleep(0.2)

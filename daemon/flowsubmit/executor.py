@@ -25,7 +25,7 @@ from flowsubmit.policy import Producer
 from flowsubmit.results import RunRecord, finished_message, result_document, summary_line
 from flowsubmit.tracker import Tracker
 
-__all__ = ["Executor", "JobOutcome", "idempotency_key", "job_tag"]
+__all__ = ["Executor", "JobOutcome", "idempotency_key", "job_tag", "prepare"]
 
 log = structlog.get_logger("flowsubmit.executor")
 
@@ -118,35 +118,8 @@ class Executor:
             self._deadline.reschedule(asyncio.get_running_loop().time())
 
     async def prepare(self) -> list[tuple[Stage, Deployment]]:
-        """Resolve every stage's deployment and check every run before anything is created.
-
-        Raises:
-            JobRejected: unknown deployment, parameters the flow does not take or its
-                schema refuses, or a work queue that does not exist.
-        """
-        prepared: list[tuple[Stage, Deployment]] = []
-        for stage_index, stage in enumerate(self.job.resolved_stages()):
-            field = "deployment" if self.job.stages is None else f"stages.{stage_index}.deployment"
-            try:
-                deployment = await self._gateway.resolve_deployment(stage.deployment)
-            except PermanentGatewayError as exc:
-                raise JobRejected(str(exc), field=field, hint=DEPLOYMENT_HINT) from exc
-            await self._check_work_queue(stage, deployment, stage_index)
-            for spec in stage.expand(stage_index):
-                problem = parameter_problem(deployment, spec.parameters)
-                if problem is not None:
-                    reason, parameter = problem
-                    where = (
-                        f"stage {stage_index} run {spec.index}"
-                        if self.job.stages
-                        else f"run {spec.index}"
-                    )
-                    raise JobRejected(
-                        f"{where}: {reason}",
-                        field=f"parameters.{parameter}" if parameter else "parameters",
-                    )
-            prepared.append((stage, deployment))
-        return prepared
+        """``prepare(job, gateway)`` for this job: the checks before anything is created."""
+        return await prepare(self.job, self._gateway)
 
     async def run(self, prepared: list[tuple[Stage, Deployment]]) -> JobOutcome:
         """Run the stages; never raises for failed runs (they are data in the result)."""
@@ -198,23 +171,6 @@ class Executor:
         return status, None
 
     # -- stages -----------------------------------------------------------------------------
-
-    async def _check_work_queue(
-        self, stage: Stage, deployment: Deployment, stage_index: int
-    ) -> None:
-        if stage.work_queue_name is None or stage.create_work_queue:
-            return
-        try:
-            await self._gateway.check_work_queue(deployment, stage.work_queue_name)
-        except PermanentGatewayError as exc:
-            field = (
-                "work_queue_name"
-                if self.job.stages is None
-                else f"stages.{stage_index}.work_queue_name"
-            )
-            raise JobRejected(
-                str(exc), field=field, hint='set "create_work_queue": true to allow a new queue'
-            ) from exc
 
     async def _run_stages(
         self, prepared: list[tuple[Stage, Deployment]]
@@ -366,6 +322,53 @@ class Executor:
                 )
             else:
                 self._tracker.forget(run_id)  # its job no longer waits for it
+
+
+async def prepare(job: Job, gateway: GatewayProtocol) -> list[tuple[Stage, Deployment]]:
+    """Resolve every stage's deployment and check every run before anything is created.
+
+    The daemon makes this check after the claim; ``flowsubmit enqueue --check`` makes
+    the same one before the drop.
+
+    Raises:
+        JobRejected: unknown deployment, parameters the flow does not take or its
+            schema refuses, or a work queue that does not exist.
+    """
+    prepared: list[tuple[Stage, Deployment]] = []
+    for stage_index, stage in enumerate(job.resolved_stages()):
+        field = "deployment" if job.stages is None else f"stages.{stage_index}.deployment"
+        try:
+            deployment = await gateway.resolve_deployment(stage.deployment)
+        except PermanentGatewayError as exc:
+            raise JobRejected(str(exc), field=field, hint=DEPLOYMENT_HINT) from exc
+        await _check_work_queue(job, gateway, stage, deployment, stage_index)
+        for spec in stage.expand(stage_index):
+            problem = parameter_problem(deployment, spec.parameters)
+            if problem is not None:
+                reason, parameter = problem
+                where = (
+                    f"stage {stage_index} run {spec.index}" if job.stages else f"run {spec.index}"
+                )
+                raise JobRejected(
+                    f"{where}: {reason}",
+                    field=f"parameters.{parameter}" if parameter else "parameters",
+                )
+        prepared.append((stage, deployment))
+    return prepared
+
+
+async def _check_work_queue(
+    job: Job, gateway: GatewayProtocol, stage: Stage, deployment: Deployment, stage_index: int
+) -> None:
+    if stage.work_queue_name is None or stage.create_work_queue:
+        return
+    try:
+        await gateway.check_work_queue(deployment, stage.work_queue_name)
+    except PermanentGatewayError as exc:
+        field = "work_queue_name" if job.stages is None else f"stages.{stage_index}.work_queue_name"
+        raise JobRejected(
+            str(exc), field=field, hint='set "create_work_queue": true to allow a new queue'
+        ) from exc
 
 
 def _spec_of(record: RunRecord) -> RunSpec:

@@ -107,7 +107,11 @@ class LocalServer:
         if not self.services:
             args.append("--no-services")
         self.process = start_prefect(args, env, self.log_file)
-        self._wait_healthy(timeout_s)
+        try:
+            self._wait_healthy(timeout_s)
+        except BaseException:  # a server too slow to start is stopped, not left running
+            self.stop()
+            raise
 
     def _wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -41,7 +41,7 @@ __all__ = [
 FOLDERS = ("tmp", "incoming", "processing", "done", "failed", "rejected")
 _IGNORED = re.compile(r"^\.|\.tmp$|\.part$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-#: ``processing/JOB.cancel`` asks the daemon owning JOB to cancel it; it follows the job out.
+#: ``processing/JOB.cancel`` asks the daemon owning JOB to cancel it; removed once the job ended.
 _CANCEL_SUFFIX = ".cancel"
 
 
@@ -289,8 +289,9 @@ class Queue:
         for folder in (self.processing, self.done, self.failed):
             earlier = folder / f"{job_id}.json"
             if earlier.exists():
+                how = "is already running" if folder is self.processing else "already ran"
                 raise JobRejected(
-                    f"duplicate job id: {job_id!r} already ran as {folder.name}/{earlier.name}",
+                    f"duplicate job id: {job_id!r} {how} as {folder.name}/{earlier.name}",
                     field="id",
                     hint="an id makes a job exactly-once; drop it without `id`, or with a new one, to run it again",
                 )
@@ -303,6 +304,39 @@ class Queue:
             return False
         atomic_write(self.processing / f"{job_id}{_CANCEL_SUFFIX}", b"cancel requested\n")
         return True
+
+    def waiting(self, job_id: str, *, by_content: bool = True) -> str | None:
+        """The name of the file of ``incoming/`` that holds job ``job_id``, if one does.
+
+        ``enqueue`` names a drop after its id; with ``by_content``, a file dropped under
+        another name is found by the ``id`` inside it (read as JSON only, not judged:
+        every waiting file is read, so producers dropping many jobs skip it).
+        """
+        if (self.incoming / f"{job_id}.json").is_file():
+            return f"{job_id}.json"
+        if not by_content:
+            return None
+        for candidate in self.scan():
+            try:
+                document = json.loads((self.incoming / candidate.name).read_bytes())
+            except (OSError, ValueError):
+                continue  # unreadable or not JSON: the daemon will reject it, not run it
+            if isinstance(document, dict) and document.get("id") == job_id:
+                return candidate.name
+        return None
+
+    def outcome(self, job_id: str) -> tuple[str, dict[str, Any]] | None:
+        """How job ``job_id`` ended: ``("done" | "failed", result)`` or ``("rejected", error)``.
+
+        None while it waits or runs. A job counts as ended once its file has moved:
+        the result (or error) file is always written before that rename.
+        """
+        for folder in (self.done, self.failed):
+            if (folder / f"{job_id}.json").exists():
+                return folder.name, _load(folder / f"{job_id}.result.json")
+        if (self.rejected / f"{job_id}.json").exists():
+            return "rejected", _load(self.rejected / f"{job_id}.json.error.json")
+        return None
 
     def cancel_requested(self, job_id: str) -> bool:
         """True while a cancel request for ``job_id`` waits in ``processing/``."""
@@ -430,10 +464,11 @@ class Queue:
         claim.lock.release()
 
     def _move_leftovers(self, job_id: str, folder: Path, stem: str) -> None:
-        for suffix in (".journal", _CANCEL_SUFFIX):
-            leftover = self.processing / f"{job_id}{suffix}"
-            if leftover.exists():
-                os.rename(leftover, folder / f"{stem}{suffix}")
+        journal = self.processing / f"{job_id}.journal"
+        if journal.exists():
+            os.rename(journal, folder / f"{stem}.journal")
+        # A cancel request is handled once its job has ended: the result says so (#11).
+        (self.processing / f"{job_id}{_CANCEL_SUFFIX}").unlink(missing_ok=True)
         fsync_dir(folder)
 
 
@@ -464,6 +499,11 @@ def _read_regular(fd: int, name: str, max_bytes: int) -> tuple[bytes, os.stat_re
     if len(data) > max_bytes:
         raise JobRejected(f"the file is larger than max_job_bytes ({max_bytes})", file=name)
     return data, st
+
+
+def _load(path: Path) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(path.read_bytes())
+    return document
 
 
 def _json(value: Any) -> bytes:
