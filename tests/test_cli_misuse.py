@@ -188,7 +188,7 @@ SETTINGS = [
         "flag: not allowed",
         ["run", "--queue", "queue", "--log-format", "pretty"],
         2,
-        "flowsubmit: --log-format: must be 'json' or 'console', not 'pretty'",
+        "flowsubmit: --log-format: must be 'auto', 'json' or 'console', not 'pretty'",
     ),
     Case(
         "flag: not a number",
@@ -227,7 +227,7 @@ SETTINGS = [
         "flag wins over env",
         ["run", "--queue", "queue", "--log-format", "pretty"],
         2,
-        "flowsubmit: --log-format: must be 'json' or 'console', not 'pretty'",
+        "flowsubmit: --log-format: must be 'auto', 'json' or 'console', not 'pretty'",
         env={"FLOWSUBMIT_LOG_FORMAT": "xml"},
     ),
     Case(
