@@ -42,17 +42,23 @@ class Case:
     stdin: str | None = None
     stdout: str | None = None
     as_nobody: bool = False
+    #: Variables removed from the environment; such a case runs as a fresh process, since
+    #: Prefect reads its settings at import (the runner imported it with them set).
+    unset: tuple[str, ...] = ()
 
     def spec(self, sandbox: Path, base_env: dict[str, str]) -> dict[str, Any]:
         """What the runner needs to run this case in ``sandbox``."""
-        command = [*NOBODY, sys.executable, "-m", "flowsubmit.cli"] if self.as_nobody else None
+        command = [sys.executable, "-m", "flowsubmit.cli"]
+        if self.as_nobody:
+            command = [*NOBODY, *command]
+        env = {k: v for k, v in {**base_env, **self.env}.items() if k not in self.unset}
         return {
             "argv": self.argv,
             "cwd": str(sandbox),
-            "env": {**base_env, **self.env},
+            "env": env,
             "stdin": self.stdin,
             "stdout": self.stdout,
-            "exec": command,
+            "exec": command if self.as_nobody or self.unset else None,
         }
 
 
@@ -464,6 +470,25 @@ PREFECT_DOWN = [
         ["enqueue", "--check", "--queue", "queue", "good.json"],
         1,
         "flowsubmit: Prefect: its API does not answer",
+    ),
+]
+
+NO_PREFECT = "flowsubmit: PREFECT_API_URL: not set: set it in the environment (export PREFECT_API_URL=http://HOST:4200/api) or in Prefect's profile (prefect config set PREFECT_API_URL=http://HOST:4200/api); flowsubmit never starts a temporary Prefect server of its own"
+
+PREFECT_DOWN += [
+    Case(
+        "run without a Prefect API",
+        ["run", "--queue", "queue"],
+        2,
+        NO_PREFECT,
+        unset=("PREFECT_API_URL",),
+    ),
+    Case(
+        "enqueue --check without a Prefect API",
+        ["enqueue", "--check", "--queue", "queue", "good.json"],
+        2,
+        NO_PREFECT,
+        unset=("PREFECT_API_URL",),
     ),
 ]
 
