@@ -10,12 +10,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowsubmit.cli import main
@@ -24,6 +25,14 @@ from flowsubmit.logs import render_console, resolve_format
 from flowsubmit.retention import prune_periodically
 from tests.conftest import ROOT, Daemon, enqueue, result_of
 from tests.flows import ETL
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """`main()` in-process (prune) configures structlog onto this test's captured stdout: undo it."""
+    yield
+    structlog.reset_defaults()
+
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
