@@ -204,3 +204,23 @@ def test_docs_cli_lists_every_subcommand_and_option() -> None:
     ]
     assert missing == []
     assert sorted(sections) == sorted(commands.choices)
+
+
+def test_errors_that_are_not_flowsubmit_s_own_are_one_line_too() -> None:
+    """An OS error names its file, a timeout says so, and a bug is an internal error with a hint, never a traceback."""
+    from flowsubmit.cli_errors import describe
+
+    assert describe(PermissionError(13, "Permission denied", "/q/tmp")).lines() == [
+        "flowsubmit: /q/tmp: permission denied"
+    ]
+    assert describe(TimeoutError("prefect server not healthy after 90.0s")).lines() == [
+        "flowsubmit: timed out: prefect server not healthy after 90.0s"
+    ]
+    bug = describe(KeyError("x"))
+    assert (bug.code, bug.lines()) == (
+        1,
+        [
+            "flowsubmit: internal error: KeyError: 'x'",
+            "  hint: run it again with --debug for the traceback, and please report it",
+        ],
+    )

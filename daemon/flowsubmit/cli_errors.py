@@ -132,6 +132,9 @@ def _gateway_error(exc: GatewayError) -> CliError:
 
 
 def _os_error(exc: OSError) -> CliError:
+    if exc.errno is None:  # raised with a message, not by the system: TimeoutError("...")
+        what = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+        return CliError(what, str(exc), code=EXIT_ERROR)
     what = os.fsdecode(exc.filename) if exc.filename is not None else "system"
     why = exc.strerror or str(exc) or type(exc).__name__
     return CliError(what, why[:1].lower() + why[1:], code=EXIT_ERROR)
