@@ -109,7 +109,6 @@ def test_run_and_library_refuse_without_prefect_api_url(tmp_path: Path) -> None:
     assert library.stdout == f"refused: {line.removeprefix('flowsubmit: ')}\n"
     # Prefect's temporary server would have created its database in PREFECT_HOME.
     assert not (home / "prefect.db").exists()
-    assert not (tmp_path / "q").exists()
 
 
 def test_version_names_flowsubmit_and_prefect(capsys: pytest.CaptureFixture[str]) -> None:
