@@ -16,14 +16,17 @@ from prefect.states import Completed, Failed, Pending, Running, State
 FINAL = {"Completed": Completed, "Failed": Failed}
 
 
-async def drive(run_ids: Iterable[str], final: str = "Completed", concurrency: int = 2) -> None:
-    """Move each run Pending -> Running -> ``final`` (``Completed`` or ``Failed``)."""
+async def drive(
+    run_ids: Iterable[str], final: str = "Completed", concurrency: int = 2, *, direct: bool = False
+) -> None:
+    """Move each run Pending -> Running -> ``final`` (``Completed`` or ``Failed``), or straight to ``final`` if ``direct``."""
     slots = asyncio.Semaphore(concurrency)
     async with get_client() as client:
 
         async def one(run_id: str) -> None:
             async with slots:
-                for state in (Pending(), Running(), FINAL[final]()):
+                steps = [] if direct else [Pending(), Running()]
+                for state in (*steps, FINAL[final]()):
                     await _set(client, run_id, state)
 
         await asyncio.gather(*(one(r) for r in run_ids))

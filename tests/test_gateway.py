@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from structlog.testing import capture_logs
 
 from flowsubmit._types import RunRequest
 from flowsubmit.errors import PermanentGatewayError, TransientGatewayError
@@ -16,6 +19,7 @@ from flowsubmit.executor import idempotency_key
 from flowsubmit.gateway import Gateway
 from flowsubmit.localserver import LocalServer, free_port
 from tests.flows import DRIVEN
+from tests.proxy import Proxy, missing_route
 
 pytestmark = pytest.mark.usefixtures("served")
 
@@ -26,6 +30,14 @@ async def _runs_tagged(tag: str) -> list[str]:
             flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
         )
     return [str(r.id) for r in runs]
+
+
+@contextlib.asynccontextmanager
+async def _gateway_at(api_url: str, **options: float) -> AsyncIterator[Gateway]:
+    """A Gateway whose Prefect client talks to ``api_url`` (a proxy in front of the session server)."""
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        async with Gateway(**options) as gateway:  # type: ignore[arg-type]
+            yield gateway
 
 
 async def test_same_job_index_and_attempt_twice_creates_one_run(served: LocalServer) -> None:
@@ -80,3 +92,38 @@ async def test_unreachable_prefect_is_transient_and_bounded_by_the_tolerance() -
             with pytest.raises(TransientGatewayError, match="Prefect unreachable"):
                 await gateway.resolve_deployment(DRIVEN)
             assert await gateway.healthy() is False
+
+
+@pytest.mark.parametrize("status", [404, 405])
+async def test_server_without_bulk_route_gets_runs_one_by_one_with_the_same_keys(
+    served: LocalServer, status: int
+) -> None:
+    """When the bulk route answers 404/405, the gateway says so once and creates each run singly, keys unchanged."""
+    tag = f"nobulk-{uuid.uuid4().hex[:8]}"
+    rule = missing_route("/create_flow_run/bulk", status)
+    with capture_logs() as logs:
+        async with (
+            Proxy(served.port, rule=rule) as proxy,
+            _gateway_at(proxy.api_url) as gateway,
+        ):
+            deployment = await gateway.resolve_deployment(DRIVEN)
+            requests = [
+                RunRequest(idempotency_key(deployment.id, tag, 0, i, 0), {"table": i}, tags=(tag,))
+                for i in range(6)
+            ]
+            first = await asyncio.gather(*(gateway.create_run(deployment, r) for r in requests))
+            again = await asyncio.gather(*(gateway.create_run(deployment, r) for r in requests))
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
+        )
+
+    assert len(set(first)) == 6 and again == first
+    assert sorted((str(r.id), r.idempotency_key) for r in runs) == sorted(
+        zip(first, [r.idempotency_key for r in requests], strict=True)
+    )
+    assert proxy.count("/create_flow_run/bulk") == 1  # noticed once, never asked again
+    singles = [s.status for s in proxy.seen if s.path.endswith("/create_flow_run")]
+    assert len([s for s in singles if s < 300]) == 12  # six creates, six finds by key
+    notices = [e for e in logs if e["event"] == "gateway.bulk_unavailable"]
+    assert [(e["log_level"], e["status"]) for e in notices] == [("warning", status)]

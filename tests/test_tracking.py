@@ -22,75 +22,11 @@ from flowsubmit.localserver import LocalServer
 from flowsubmit.tracker import Tracker, TrackerMode
 from tests.driver import drive
 from tests.flows import DRIVEN, TIMEOUT, driven
+from tests.proxy import Proxy
 
 #: Safety net for awaiting outcomes; not a timing claim (those live in bench/).
 PATIENCE_S = 60.0
 READ_ROUTE = "POST /flow_runs/filter"
-
-
-class Proxy:
-    """A loopback TCP proxy in front of a Prefect server that can refuse and cut its websockets.
-
-    Plain HTTP always passes; a connection whose first request asks for a websocket
-    upgrade is refused (HTTP 503) while ``refuse_websockets`` is set.
-    """
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.refuse_websockets = False
-        self._server: asyncio.Server | None = None
-        self._sockets: set[asyncio.StreamWriter] = set()
-        self.port = 0
-
-    @property
-    def api_url(self) -> str:
-        """The Prefect API, through the proxy."""
-        return f"http://127.0.0.1:{self.port}/api"
-
-    async def __aenter__(self) -> Proxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        self.cut_websockets(refuse=True)
-        await self._server.wait_closed()
-
-    def cut_websockets(self, refuse: bool = True) -> None:
-        """Close every websocket now passing through; refuse new ones while ``refuse``."""
-        self.refuse_websockets = refuse
-        for writer in list(self._sockets):
-            writer.close()
-        self._sockets.clear()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            writer.close()
-            return
-        websocket = b"upgrade: websocket" in head.lower()
-        if websocket and self.refuse_websockets:
-            # As a proxy or a server still starting answers: not a network error, an HTTP one.
-            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
-            writer.close()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        if websocket:
-            self._sockets.update((writer, up_writer))
-        up_writer.write(head)
-        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        self._sockets.difference_update((writer, up_writer))
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError, OSError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
 
 
 @contextlib.asynccontextmanager
@@ -149,10 +85,14 @@ async def _until(predicate: Callable[[], bool], what: str) -> None:
 
 async def _server_truth(run_ids: list[str]) -> dict[str, tuple[str | None, str]]:
     """(state id, state type) of each run, read straight from the server."""
+    runs = []
     async with get_client() as client:
-        runs = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids))  # type: ignore[arg-type]
-        )
+        for start in range(0, len(run_ids), 200):  # the server's page size
+            chunk = run_ids[start : start + 200]
+            runs += await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk)),  # type: ignore[arg-type]
+                limit=len(chunk),
+            )
     return {
         str(r.id): (str(r.state.id) if r.state else None, r.state.type.value if r.state else "")
         for r in runs
@@ -356,3 +296,37 @@ async def test_server_restart_mid_job_accounts_for_every_run_once(
     events = _tracker_events(logs)
     assert events[:2] == ["tracker.streaming", "tracker.fallback"]
     assert events[-1] == "tracker.resumed"
+
+
+async def test_stream_cut_with_a_thousand_pending_is_finished_by_paged_polling(
+    served: LocalServer,
+) -> None:
+    """With 1,000 runs pending, the stream cut and every read slowed to 2.5 s, polling still
+    completes its passes (the time limit is per page of 200, not per pass) and records each run once."""
+    tag = _tag()
+
+    def slow_reads(method: str, path: str) -> float:
+        return 2.5 if path.endswith("/flow_runs/filter") else 0.0
+
+    with capture_logs() as logs:
+        async with (
+            Proxy(served.port, delay=slow_reads) as proxy,
+            tracking(tag, proxy.api_url, poll_interval_s=0.5, reconcile_interval_s=3600.0) as (
+                gateway,
+                tracker,
+            ),
+        ):
+            ids = await _create(gateway, 1000, tag)
+            futures = [tracker.watch(i) for i in ids]
+            proxy.cut_websockets(refuse=True)
+            await _until(lambda: tracker.mode is TrackerMode.POLLING, "fallback")
+            await drive(ids, concurrency=4, direct=True)
+            async with asyncio.timeout(PATIENCE_S * 5):
+                snaps = list(await asyncio.gather(*futures))
+            recorded = dict(tracker.recorded)
+
+    assert _recorded(snaps) == await _server_truth(ids)
+    assert {s.state_type for s in snaps} == {"COMPLETED"}
+    assert recorded["poll"] + recorded["event"] == 1000  # each run recorded once
+    assert recorded["poll"] > 800  # most ended after the cut: polling found them
+    assert not [e for e in logs if e["event"] == "tracker.poll_failed"]

@@ -101,7 +101,9 @@ class GatewayProtocol(Protocol):
         """Create (or find, by idempotency key) one run; return its id."""
         ...
 
-    async def read_runs(self, flow_run_ids: list[str]) -> list[RunSnapshot]:
+    async def read_runs(
+        self, flow_run_ids: list[str], *, final_only: bool = False
+    ) -> list[RunSnapshot]:
         """Read the current state of the given runs, in as few calls as possible."""
         ...
 

@@ -1,7 +1,8 @@
-"""The per-job journal: append-only JSON lines, fsynced per record, replayed on recovery."""
+"""The per-job journal: append-only JSON lines, fsynced once per event-loop turn, replayed on recovery."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from dataclasses import dataclass, field
@@ -65,10 +66,16 @@ class JournalState:
 
 
 class Journal:
-    """Owns one append-only journal file; every ``append`` is durable when it returns.
+    """Owns one append-only journal file; every ``append`` is written when it returns.
 
-    Writes are synchronous on purpose: a record is either fully on disk or absent,
-    and asyncio cancellation cannot interrupt one half-way.
+    Writes are synchronous on purpose: a record is either fully written or absent,
+    and asyncio cancellation cannot interrupt one half-way. A written record
+    survives the process being killed; against a power loss the file is fsynced
+    once for all the records appended in one turn of the event loop (group commit;
+    at once outside a loop, and on ``close``). One fsync per record cost ~6 ms,
+    one blocked event loop per created run: a bulk answer of 100 runs waited 0.6 s
+    for its journal. A record lost with the power is safe to lose: a ``created``
+    run is found again by its idempotency key, and a ``final`` one read again.
     """
 
     def __init__(self, path: Path, *, crash: CrashPoints | None = None) -> None:
@@ -77,6 +84,7 @@ class Journal:
         self._fd: int | None = os.open(
             path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640
         )
+        self._sync_pending = False
 
     @classmethod
     def open(cls, path: Path, *, crash: CrashPoints | None = None) -> tuple[Self, JournalState]:
@@ -85,17 +93,33 @@ class Journal:
         return cls(path, crash=crash), state
 
     def append(self, rec: str, **fields: Any) -> None:
-        """Append one record and fsync it."""
+        """Append one record; it is fsynced with the others of this event-loop turn."""
         if self._fd is None:
             raise ClosedError(f"journal {self.path} is closed")
         line = json.dumps({"rec": rec, **fields}, default=_default, separators=(",", ":")) + "\n"
         os.write(self._fd, line.encode())
-        os.fsync(self._fd)
+        self._sync_soon()
         self._crash.passed(rec)  # test-only fault injection; a no-op unless configured
 
-    def close(self) -> None:
-        """Close the file; idempotent."""
+    def _sync_soon(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._sync()
+            return
+        if not self._sync_pending:
+            self._sync_pending = True
+            loop.call_soon(self._sync)
+
+    def _sync(self) -> None:
+        self._sync_pending = False
         if self._fd is not None:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Fsync what is pending and close the file; idempotent."""
+        if self._fd is not None:
+            self._sync()
             os.close(self._fd)
             self._fd = None
 

@@ -5,6 +5,11 @@ anything it lost) and ``polling`` (the stream is down; one batched read of all
 unfinished runs every ``poll_interval_s``, while resubscribing with backoff).
 Recording a final state is idempotent, so event and poll may race harmlessly.
 
+A batched read asks only for the runs among its ids that are final, 200 ids per
+call, each call under its own time limit; a pass that fails part-way goes on from
+there at the next turn. So at 10,000 pending runs a pass costs 50 small answers
+and always progresses, however slow the server is to answer one page.
+
 A final event is recorded as it arrives, without a confirming read (issue 3). The
 server emits a state-change event from inside the transaction that commits the
 state, with the state's own id, type, name and timestamp: a read can only lag
@@ -36,6 +41,7 @@ from flowsubmit import metrics
 from flowsubmit._aio import wait_event
 from flowsubmit._types import GatewayProtocol, RunSnapshot
 from flowsubmit.errors import ClosedError, GatewayError
+from flowsubmit.gateway import READ_BATCH
 
 __all__ = ["Tracker", "TrackerMode"]
 
@@ -48,6 +54,13 @@ UNCLAIMED_MAX = 10_000
 #: shortly after the subscriber sends it: only events that occurred after this margin
 #: are certainly live, and so prove that every later event of their run will arrive.
 _LIVE_MARGIN = timedelta(seconds=0.25)
+#: Prefect's server drops the events of a subscriber that has 256 waiting
+#: (``SUBSCRIPTION_BACKLOG`` in ``prefect/server/events/stream.py``). After half as
+#: many events since the last reconciliation, some may have been lost in a burst:
+#: the next reconciliation comes ``BURST_RECONCILE_S`` after the last one, not a
+#: whole ``reconcile_interval_s``.
+BURST_EVENTS = 128
+BURST_RECONCILE_S = 10.0
 
 
 class TrackerMode(StrEnum):
@@ -100,6 +113,11 @@ class Tracker:
         self._watches: dict[str, _Run] = {}
         self._unclaimed: OrderedDict[str, _Run] = OrderedDict()
         self._unseen: set[str] = set()
+        #: What is left of the current pass of the poll loop (kept when a page fails).
+        self._pass: list[str] = []
+        self._events_since_pass = 0
+        self._pass_started = 0.0
+        self._burst_timer: asyncio.TimerHandle | None = None
         self._live_since: datetime | None = None
         self._mode = TrackerMode.STARTING
         self._wake = asyncio.Event()
@@ -129,6 +147,8 @@ class Tracker:
     async def aclose(self) -> None:
         """Cancel the tracker's tasks and fail the watches still pending; idempotent."""
         self._closed = True
+        if self._burst_timer is not None:
+            self._burst_timer.cancel()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -256,6 +276,7 @@ class Tracker:
                     self._begin_session()
                     backoff = 1.0
                     async for snap in events:
+                        self._count_event()
                         self.observe(snap)
             except GatewayError as exc:
                 self._live_since = None
@@ -274,7 +295,36 @@ class Tracker:
             )
             await wait_event(self._wake, interval * random.uniform(0.9, 1.1))
             self._wake.clear()
-            await self._read(list(self._watches))
+            await self._poll_pass()
+
+    def _count_event(self) -> None:
+        """Bring the next reconciliation forward once a burst may have overflowed the server's backlog."""
+        self._events_since_pass += 1
+        if self._events_since_pass == BURST_EVENTS and self._burst_timer is None:
+            loop = asyncio.get_running_loop()
+            delay_s = max(0.0, self._pass_started + BURST_RECONCILE_S - loop.time())
+            self._burst_timer = loop.call_later(delay_s, self._burst_due)
+
+    def _burst_due(self) -> None:
+        self._burst_timer = None
+        self.reconcile_soon()
+
+    async def _poll_pass(self) -> None:
+        """Read every unfinished run once, page by page; a failed page ends this turn, not the pass.
+
+        The next turn goes on where this one stopped, so at 10,000 pending runs a pass
+        completes even when a read fails now and then or the server answers slowly.
+        """
+        self._events_since_pass = 0
+        self._pass_started = asyncio.get_running_loop().time()
+        if self._burst_timer is not None:
+            self._burst_timer.cancel()  # this pass covers it
+            self._burst_timer = None
+        if not self._pass:
+            self._pass = list(self._watches)
+        todo = [i for i in self._pass if i in self._watches]
+        done = await self._read(todo)
+        self._pass = todo[done:]
 
     async def _check_loop(self) -> None:
         """Read, once and in one batch, the newly watched runs the stream has not covered."""
@@ -289,21 +339,24 @@ class Tracker:
                 [i for i in unseen if (run := self._watches.get(i)) and not run.covered]
             )
 
-    async def _read(self, ids: list[str]) -> None:
-        if not ids:
-            return
-        # The poll loop is the retry loop: one read may not sit out a whole outage inside
+    async def _read(self, ids: list[str]) -> int:
+        """Read the final states among ``ids``, one page at a time; return how many ids were read."""
+        # The poll loop is the retry loop: one page may not sit out a whole outage inside
         # the gateway's (and Prefect's client's) retries, or polling resumes late after it.
+        # The limit is per page: a whole pass of 50 pages may take longer, and still ends.
         limit_s = max(2 * self.poll_interval_s, 10.0)
-        try:
-            async with asyncio.timeout(limit_s):
-                snaps = await self._gateway.read_runs(ids)
-        except (GatewayError, TimeoutError) as exc:
-            error = str(exc) or f"no answer within {limit_s:g} s"
-            log.warning("tracker.poll_failed", error=error, pending=len(ids))
-            return
-        for snap in snaps:
-            self.observe(snap)
+        for start in range(0, len(ids), READ_BATCH):
+            page = ids[start : start + READ_BATCH]
+            try:
+                async with asyncio.timeout(limit_s):
+                    snaps = await self._gateway.read_runs(page, final_only=True)
+            except (GatewayError, TimeoutError) as exc:
+                error = str(exc) or f"no answer within {limit_s:g} s"
+                log.warning("tracker.poll_failed", error=error, pending=len(ids) - start)
+                return start
+            for snap in snaps:
+                self.observe(snap)
+        return len(ids)
 
     def _set_mode(self, mode: TrackerMode, reason: str | None = None) -> None:
         previous, self._mode = self._mode, mode

@@ -1,0 +1,355 @@
+"""Scale: one big matrix job on one daemon, measured beside the raw bulk route in the same run.
+
+Run: ``.venv/bin/python bench/scale.py [runs] [--external]`` (``make bench-scale`` runs
+10,000). Prints a table; asserts nothing.
+
+Without ``--external`` the script starts its own embedded SQLite-backed server; with
+it, it uses the server that ``PREFECT_API_URL`` (and ``PREFECT_API_AUTH_STRING``)
+in the environment name, e.g. the production topology of ``scripts/``.
+
+Every request of the raw baseline and of the daemon goes through one counting
+loopback proxy (``tests/proxy.py``), so both pay the same hop. In order:
+
+1. raw bulk: ``runs`` runs created by sequential ``POST
+   /deployments/{id}/create_flow_run/bulk`` calls of 100, items refused by the
+   server ("database is locked") put back into the next call;
+2. the daemon (``flowsubmit run``, a subprocess) gets one matrix job of ``runs``
+   runs of a never-served deployment; submission rate = runs / (last
+   ``run.submitted`` - ``job.claimed``);
+3. idle: the daemon's CPU over one reconciliation interval with every run pending;
+4. a separate driver process moves every run straight to its final state through
+   the API (every 10th Failed); detection latency of a run = its ``run.finished``
+   log time - its ``end_time`` on the server (one host, one clock);
+5. the runs carrying the job's tag are counted on the server (lost, duplicated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the test proxy and driver are shared with the tests
+
+from flowsubmit.localserver import LocalServer  # noqa: E402
+
+FLOW = "bench-scale"
+BULK = 100
+RECONCILE_INTERVAL_S = float(os.environ.get("BENCH_IDLE_S", 60.0))
+DRIVER_CONCURRENCY = 4
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- the daemon process ---------------------------------------------------------------------------
+
+
+class DaemonProcess:
+    """A ``flowsubmit run`` subprocess with its JSON log, CPU and memory read from ``/proc``."""
+
+    def __init__(self, queue: Path, env: dict[str, str]) -> None:
+        self.queue = queue
+        self.log_path = queue.parent / "daemon.log"
+        self._offset = 0
+        self.lines: list[dict[str, Any]] = []
+        wrap = os.environ.get("FLOWSUBMIT_BENCH_WRAP", "").split()  # e.g. a profiler
+        with open(self.log_path, "wb") as out:
+            self.process = subprocess.Popen(
+                [*wrap, sys.executable, "-m", "flowsubmit.cli", "run", "--queue", str(queue)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        self.pid = self.process.pid
+
+    def read(self) -> list[dict[str, Any]]:
+        """New log lines since the last call (also appended to ``lines``)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        new = []
+        for raw in data[:end].splitlines():
+            try:
+                new.append(json.loads(raw))
+            except ValueError:
+                continue  # a profiler's own output
+        self.lines.extend(new)
+        return new
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("event") == name]
+
+    async def wait_for(self, name: str, count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        seen = len(self.events(name))
+        while seen < count:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited:\n{self.log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{seen}/{count} {name} after {timeout_s} s")
+            await asyncio.sleep(0.5)
+            seen += sum(1 for line in self.read() if line.get("event") == name)
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self._target()}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self._target()}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return math.nan
+
+    def _target(self) -> int:
+        """The daemon's pid (the profiler's child when wrapped)."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        if os.environ.get("FLOWSUBMIT_BENCH_WRAP") and children.exists():
+            kids = children.read_text().split()
+            if kids:
+                return int(kids[0])
+        return self.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _enqueue(queue: Path, job: str) -> str:
+    """``flowsubmit enqueue`` (a subprocess, as producers do); the job's id."""
+    done = subprocess.run(
+        [sys.executable, "-m", "flowsubmit.cli", "enqueue", "--queue", str(queue), "-"],
+        input=job.encode(),
+        capture_output=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return done.stdout.decode().strip()
+
+
+def _start_driver(tag: str, runs: int, api_url: str) -> subprocess.Popen[bytes]:
+    """The driver process, talking to the server directly (not through the proxy)."""
+    return subprocess.Popen(
+        [sys.executable, __file__, "--drive", tag, str(runs)],
+        env={**os.environ, "PREFECT_API_URL": api_url},
+    )
+
+
+def _ts(line: dict[str, Any]) -> float:
+    return datetime.fromisoformat(line["timestamp"]).timestamp()
+
+
+# -- measurements -----------------------------------------------------------------------------------
+
+
+async def _deployment() -> str:
+    from prefect import flow
+
+    @flow(name=FLOW)
+    def bench_scale(i: int = 0) -> int:
+        return i
+
+    spec = await bench_scale.ato_deployment(name="d")
+    await spec.aapply()
+    return f"{FLOW}/d"
+
+
+async def _raw_bulk(deployment_id: str, runs: int) -> tuple[float, int]:
+    """(runs/s, items refused and sent again) of sequential bulk calls of 100."""
+    from prefect.client.orchestration import get_client
+
+    key = uuid.uuid4().hex[:8]
+    todo = [
+        {"parameters": {"i": i}, "idempotency_key": f"raw/{key}/{i}", "tags": [f"raw-{key}"]}
+        for i in range(runs)
+    ]
+    refused = 0
+    start = time.perf_counter()
+    async with get_client() as client:
+        while todo:
+            batch, todo = todo[:BULK], todo[BULK:]
+            response = await client.request(
+                "POST",
+                "/deployments/{id}/create_flow_run/bulk",  # type: ignore[arg-type]
+                path_params={"id": deployment_id},
+                json=batch,
+            )
+            results = response.json()["results"]
+            again = [b for b, r in zip(batch, results, strict=True) if r["status"] != "CREATED"]
+            refused += len(again)
+            todo = again + todo
+    return runs / (time.perf_counter() - start), refused
+
+
+async def _runs_of(tag: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    found: list[Any] = []
+    async with get_client() as client:
+        while True:
+            page = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])),
+                sort=FlowRunSort.ID_DESC,
+                limit=200,
+                offset=len(found),
+            )
+            found.extend(page)
+            if len(page) < 200:
+                return found
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]  # nearest rank
+
+
+async def main(runs: int, external: bool, label: str) -> None:
+    from tests.proxy import Proxy
+
+    from flowsubmit.executor import job_tag
+    from flowsubmit.gateway import Gateway
+
+    name = await _deployment()
+    async with Gateway() as gateway:
+        deployment = await gateway.resolve_deployment(name)
+    upstream = int(os.environ["PREFECT_API_URL"].rsplit(":", 1)[1].split("/", 1)[0])
+    direct_url = os.environ["PREFECT_API_URL"]
+    row: dict[str, Any] = {"server": label, "runs": runs}
+
+    async with Proxy(upstream) as proxy:
+        os.environ["PREFECT_API_URL"] = proxy.api_url
+        try:
+            row["raw"], row["raw_refused"] = await _raw_bulk(deployment.id, runs)
+        finally:
+            os.environ["PREFECT_API_URL"] = direct_url
+
+        work = Path(tempfile.mkdtemp(prefix="flowsubmit-scale-"))
+        env = {**os.environ, "PREFECT_API_URL": proxy.api_url}
+        env = {k: v for k, v in env.items() if not k.startswith("FLOWSUBMIT_")}
+        daemon = DaemonProcess(work / "queue", env)
+        try:
+            await daemon.wait_for("service.ready", 1, 120)
+            job = json.dumps({"deployment": name, "matrix": {"i": list(range(runs))}})
+            job_id = await asyncio.to_thread(_enqueue, daemon.queue, job)
+            await daemon.wait_for("run.submitted", runs, 3600)
+            claimed = _ts(daemon.events("job.claimed")[0])
+            submitted = [_ts(line) for line in daemon.events("run.submitted")]
+            row["daemon"] = runs / (max(submitted) - claimed)
+            row["first_submit_s"] = min(submitted) - claimed
+            seen_submitting = proxy.seen[:]
+
+            cpu_before = daemon.cpu_s()
+            await asyncio.sleep(RECONCILE_INTERVAL_S + 5)
+            row["idle_cpu_pct"] = 100 * (daemon.cpu_s() - cpu_before) / (RECONCILE_INTERVAL_S + 5)
+            seen_idle = len(proxy.seen)
+
+            tag = job_tag(job_id)
+            driver = await asyncio.to_thread(_start_driver, tag, runs, direct_url)
+            try:
+                await daemon.wait_for("run.finished", runs, 3600)
+            finally:
+                await asyncio.to_thread(driver.wait)
+            await daemon.wait_for("job.finished", 1, 600)
+            row["cpu_s"] = daemon.cpu_s()
+            row["rss_mb"] = daemon.peak_rss_mb()
+        finally:
+            daemon.stop()
+        tracking = [
+            s for s in proxy.seen[len(seen_submitting) :] if "create_flow_run" not in s.path
+        ]
+        row["idle_requests"] = seen_idle - len(seen_submitting)
+        row["requests_per_run"] = len(tracking) / runs
+        row["tracking_routes"] = dict(Counter(f"{s.method} {s.path}" for s in tracking))
+
+    server_runs = await _runs_of(tag)
+    ends = {str(r.id): r.end_time.timestamp() for r in server_runs if r.end_time}
+    finished = daemon.events("run.finished")
+    latencies = [_ts(f) - ends[f["flow_run_id"]] for f in finished if f["flow_run_id"] in ends]
+    keys = Counter(r.idempotency_key for r in server_runs)
+    row["lost"] = runs - len(keys)
+    row["duplicated"] = len(server_runs) - len(keys)  # more than one run for one key
+    row["p50"], row["p95"], row["max"] = (
+        statistics.median(latencies),
+        _pct(latencies, 0.95),
+        max(latencies),
+    )
+    row["sources"] = dict(Counter(f["source"] for f in finished))
+    row["finished_twice"] = len(finished) - len({f["flow_run_id"] for f in finished})
+    result = json.loads(next(daemon.queue.glob("*/*.result.json")).read_text())
+    row["summary"] = result["summary"]["total"], result["summary"]["succeeded"]
+    shutil.rmtree(work, ignore_errors=True)
+    _print(row)
+
+
+def _print(row: dict[str, Any]) -> None:
+    print(
+        "| server | runs | raw bulk runs/s | daemon runs/s | ratio | detection p50 / p95 / max s "
+        "| tracking requests/run | peak RSS MB | CPU s | idle CPU % | lost | duplicated |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {row['server']} | {row['runs']} | {row['raw']:.1f} | {row['daemon']:.1f} "
+        f"| {row['daemon'] / row['raw']:.2f} | {row['p50']:.2f} / {row['p95']:.2f} / {row['max']:.2f} "
+        f"| {row['requests_per_run']:.3f} | {row['rss_mb']:.0f} | {row['cpu_s']:.1f} "
+        f"| {row['idle_cpu_pct']:.1f} | {row['lost']} | {row['duplicated']} |"
+    )
+    print()
+    print(f"- raw bulk: {row['raw_refused']} items refused and sent again")
+    print(f"- daemon: first run submitted {row['first_submit_s']:.1f} s after the claim")
+    print(f"- idle ({RECONCILE_INTERVAL_S + 5:g} s, all pending): {row['idle_requests']} requests")
+    print(f"- finals recorded from {row['sources']}; recorded twice: {row['finished_twice']}")
+    print(f"- job result: {row['summary'][0]} runs, {row['summary'][1]} succeeded")
+    print(f"- tracking requests: {row['tracking_routes']}")
+
+
+# -- the driver (a separate process, like the runners of real runs) -----------------------------------
+
+
+async def _drive(tag: str, runs: int) -> None:
+    from tests.driver import drive
+
+    ids = sorted(str(r.id) for r in await _runs_of(tag))
+    failed = ids[9::10]
+    completed = [i for i in ids if i not in set(failed)]
+    half = DRIVER_CONCURRENCY // 2
+    await asyncio.gather(
+        drive(completed, "Completed", half, direct=True),
+        drive(failed, "Failed", half, direct=True),
+    )
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if "--drive" in sys.argv:
+        asyncio.run(_drive(args[0], int(args[1])))
+    elif "--external" in sys.argv:
+        asyncio.run(main(int(args[0]) if args else 10_000, True, "production topology"))
+    else:
+        server = LocalServer()
+        try:
+            server.start(timeout_s=600)  # a busy shared machine starts it slowly
+            os.environ.update(server.env())
+            asyncio.run(main(int(args[0]) if args else 10_000, False, "embedded SQLite"))
+        finally:
+            server.close()

@@ -1,0 +1,76 @@
+"""Rate adaptation for create calls: after an HTTP 429 the gateway's creates are spaced out, and sped up again as they are accepted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+__all__ = ["Pacer"]
+
+log = structlog.get_logger("flowsubmit.gateway")
+
+
+class Pacer:
+    """Owns the gap between the starts of two create calls and the pause a ``Retry-After`` asks for.
+
+    Unthrottled the gap is 0 and ``pace()`` returns at once. A refusal (429) pauses
+    every create call until its ``Retry-After`` has passed and doubles the gap
+    (multiplicative decrease of the rate); each accepted call shrinks it by
+    ``shrink`` until it falls under ``min_gap_s``, when the pacer is unthrottled
+    again. Refusals that arrive together (calls sent in the same moment) double
+    the gap once.
+    """
+
+    def __init__(
+        self, *, min_gap_s: float = 0.25, max_gap_s: float = 60.0, shrink: float = 0.8
+    ) -> None:
+        self.min_gap_s = min_gap_s
+        self.max_gap_s = max_gap_s
+        self.shrink = shrink
+        #: Seconds between the starts of two create calls; 0 while unthrottled.
+        self.gap_s = 0.0
+        self._next_at = 0.0
+        self._last_refused_at = -float("inf")
+        #: Refusals seen, and how often the pacer changed state (for tests and bench).
+        self.refusals = 0
+
+    @property
+    def throttled(self) -> bool:
+        """True while create calls are spaced out."""
+        return self.gap_s > 0
+
+    async def pace(self) -> None:
+        """Wait until the next create call may start, and claim that start."""
+        # A loop, not an Event: a 429 arriving meanwhile moves the moment further out.
+        while (wait_s := self._next_at - time.monotonic()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(wait_s)
+        self._next_at = time.monotonic() + self.gap_s
+
+    def refused(self, retry_after_s: float | None, route: str) -> None:
+        """The API answered 429: pause until ``Retry-After`` and halve the rate."""
+        now = time.monotonic()
+        self.refusals += 1
+        was_throttled = self.throttled
+        if now - self._last_refused_at >= self.gap_s:
+            self.gap_s = min(self.max_gap_s, max(self.min_gap_s, 2 * self.gap_s))
+        self._last_refused_at = now
+        pause_s = retry_after_s if retry_after_s is not None else self.gap_s
+        self._next_at = max(self._next_at, now + pause_s)
+        if not was_throttled:
+            log.warning(
+                "gateway.throttled",
+                route=route,
+                retry_after_s=retry_after_s,
+                gap_s=round(self.gap_s, 3),
+            )
+
+    def accepted(self) -> None:
+        """A create call went through without a 429: speed up a little."""
+        if not self.throttled:
+            return
+        self.gap_s *= self.shrink
+        if self.gap_s < self.min_gap_s:
+            self.gap_s = 0.0
+            log.info("gateway.unthrottled", refusals=self.refusals)
