@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint mypy format bench config all clean
+.PHONY: install demo test lint mypy format bench bench-scale config all clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ mypy: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/tracking.py
+
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale.py 10000
+	$(BIN)/python bench/scale.py 10000 --topology
 
 config: $(STAMP)
 	$(BIN)/python -c "import sys; from flowsubmit.settings import example_toml; sys.stdout.write(example_toml())" > config/flowsubmit.toml

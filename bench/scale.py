@@ -1,11 +1,12 @@
 """Scale: one big matrix job on one daemon, measured beside the raw bulk route in the same run.
 
-Run: ``.venv/bin/python bench/scale.py [runs] [--external]`` (``make bench-scale`` runs
-10,000). Prints a table; asserts nothing.
+Run: ``.venv/bin/python bench/scale.py [runs] [--topology]`` (``make bench-scale``
+runs 10,000 on both). Prints a table; asserts nothing.
 
-Without ``--external`` the script starts its own embedded SQLite-backed server; with
-it, it uses the server that ``PREFECT_API_URL`` (and ``PREFECT_API_AUTH_STRING``)
-in the environment name, e.g. the production topology of ``scripts/``.
+By default the script starts its own embedded SQLite-backed server; with
+``--topology`` it starts the production topology (``flowsubmit.topology``:
+PostgreSQL, Redis, two API replicas, an auth string): the daemon talks to replica A,
+the driver to replica B, so every final event reaches the daemon through Redis.
 
 Every request of the raw baseline and of the daemon goes through one counting
 loopback proxy (``tests/proxy.py``), so both pay the same hop. In order:
@@ -146,12 +147,9 @@ def _enqueue(queue: Path, job: str) -> str:
     return done.stdout.decode().strip()
 
 
-def _start_driver(tag: str, runs: int, api_url: str) -> subprocess.Popen[bytes]:
+def _start_driver(tag: str, runs: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """The driver process, talking to the server directly (not through the proxy)."""
-    return subprocess.Popen(
-        [sys.executable, __file__, "--drive", tag, str(runs)],
-        env={**os.environ, "PREFECT_API_URL": api_url},
-    )
+    return subprocess.Popen([sys.executable, __file__, "--drive", tag, str(runs)], env=env)
 
 
 def _ts(line: dict[str, Any]) -> float:
@@ -224,7 +222,7 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]  # nearest rank
 
 
-async def main(runs: int, external: bool, label: str) -> None:
+async def main(runs: int, label: str, driver_env: dict[str, str]) -> None:
     from tests.proxy import Proxy
 
     from flowsubmit.executor import job_tag
@@ -265,7 +263,7 @@ async def main(runs: int, external: bool, label: str) -> None:
             seen_idle = len(proxy.seen)
 
             tag = job_tag(job_id)
-            driver = await asyncio.to_thread(_start_driver, tag, runs, direct_url)
+            driver = await asyncio.to_thread(_start_driver, tag, runs, driver_env)
             try:
                 await daemon.wait_for("run.finished", runs, 3600)
             finally:
@@ -343,13 +341,24 @@ if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     if "--drive" in sys.argv:
         asyncio.run(_drive(args[0], int(args[1])))
-    elif "--external" in sys.argv:
-        asyncio.run(main(int(args[0]) if args else 10_000, True, "production topology"))
+    elif "--topology" in sys.argv:
+        from flowsubmit.topology import Topology
+
+        topology = Topology()
+        try:
+            topology.start(timeout_s=600)
+            os.environ.update(topology.env())
+            driver_env = {**os.environ, **topology.b.env()}
+            runs = int(args[0]) if args else 10_000
+            asyncio.run(main(runs, "production topology (A: daemon, B: driver)", driver_env))
+        finally:
+            topology.close()
     else:
         server = LocalServer()
         try:
             server.start(timeout_s=600)  # a busy shared machine starts it slowly
             os.environ.update(server.env())
-            asyncio.run(main(int(args[0]) if args else 10_000, False, "embedded SQLite"))
+            driver_env = dict(os.environ)
+            asyncio.run(main(int(args[0]) if args else 10_000, "embedded SQLite", driver_env))
         finally:
             server.close()

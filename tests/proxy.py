@@ -102,6 +102,7 @@ class Proxy:
         self._server: asyncio.Server | None = None
         self._client: httpx.AsyncClient | None = None
         self._sockets: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self.port = 0
 
     @property
@@ -123,6 +124,9 @@ class Proxy:
         assert self._server is not None and self._client is not None
         self._server.close()
         self.cut_websockets(refuse=True)
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._server.wait_closed(), 5.0)
         await self._client.aclose()
@@ -141,6 +145,9 @@ class Proxy:
         )
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
         try:
             while True:
                 try:
@@ -151,10 +158,11 @@ class Proxy:
                     await self._tunnel(head, reader, writer)
                     return
                 await self._exchange(head, reader, writer)
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, httpx.HTTPError):
             return
         finally:
             writer.close()
+            self._handlers.discard(task)
 
     async def _exchange(
         self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun
@@ -40,16 +41,17 @@ async def _runs_tagged(tag: str) -> list[FlowRun]:
                 return found
 
 
+@pytest.mark.timeout(600)  # a bound on a loaded machine; the suite's figure is in the report
 def test_rate_limited_api_gets_each_run_once_slower_then_faster(
     served: LocalServer, spawn: Callable[..., Daemon], tmp_path: Path
 ) -> None:
-    """Behind a proxy answering 429 beyond 10 requests per 2 s, a 500-run job loses and duplicates
+    """Behind a proxy answering 429 beyond 2 requests in 4 s, a 500-run job loses and duplicates
     nothing; creates honour Retry-After, are spaced out, and speed up when the limit is lifted."""
-    limit = RateLimit(per_window=10, window_s=2.0)
+    limit = RateLimit(per_window=2, window_s=4.0)
     with running(Proxy(served.port, rule=limit)) as proxy:
         daemon = spawn(
             {**served.env(), "PREFECT_API_URL": proxy.api_url},
-            submit_batch_size=10,
+            submit_batch_size=25,
         )
         daemon.wait_for_event("service.ready")
         job_id = enqueue(
@@ -82,10 +84,11 @@ def test_rate_limited_api_gets_each_run_once_slower_then_faster(
     refused = [s for s in limited if s.status == 429]
     accepted = [s for s in limited if s.status != 429 and not s.path.endswith("/health")]
     assert refused, "the limit was never reached"
-    assert [e for e in events if e != "gateway.retrying"] == [
-        "gateway.throttled",
-        "gateway.unthrottled",
-    ]
+    # Slowed down at the first 429, full speed again once the limit is lifted; in between
+    # it may speed up and be throttled again, when the server itself was the slower one.
+    changes = [e for e in events if e != "gateway.retrying"]
+    assert changes[0] == "gateway.throttled" and changes[-1] == "gateway.unthrottled"
+    assert changes == ["gateway.throttled", "gateway.unthrottled"] * (len(changes) // 2)
     # Retry-After honoured: after a 429 (Retry-After >= 1 s) no new create arrives before
     # it has passed, apart from the two calls that may already have been on their way.
     for no in refused:

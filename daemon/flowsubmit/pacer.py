@@ -17,15 +17,22 @@ class Pacer:
 
     Unthrottled the gap is 0 and ``pace()`` returns at once. A refusal (429) pauses
     every create call until its ``Retry-After`` has passed and doubles the gap
-    (multiplicative decrease of the rate); each accepted call shrinks it by
-    ``shrink`` until it falls under ``min_gap_s``, when the pacer is unthrottled
-    again. Refusals that arrive together (calls sent in the same moment) double
-    the gap once.
+    (multiplicative decrease of the rate), starting at ``first_gap_s``; each
+    accepted call shortens it by a fifth (``shrink``) until it falls under
+    ``min_gap_s``, when the pacer is unthrottled again: at least seven accepted
+    calls in a row after one refusal. Refusals that arrive together (calls sent in
+    the same moment) double the gap once.
     """
 
     def __init__(
-        self, *, min_gap_s: float = 0.25, max_gap_s: float = 60.0, shrink: float = 0.8
+        self,
+        *,
+        first_gap_s: float = 1.0,
+        min_gap_s: float = 0.25,
+        max_gap_s: float = 60.0,
+        shrink: float = 0.8,
     ) -> None:
+        self.first_gap_s = first_gap_s
         self.min_gap_s = min_gap_s
         self.max_gap_s = max_gap_s
         self.shrink = shrink
@@ -54,7 +61,7 @@ class Pacer:
         self.refusals += 1
         was_throttled = self.throttled
         if now - self._last_refused_at >= self.gap_s:
-            self.gap_s = min(self.max_gap_s, max(self.min_gap_s, 2 * self.gap_s))
+            self.gap_s = min(self.max_gap_s, max(self.first_gap_s, 2 * self.gap_s))
         self._last_refused_at = now
         pause_s = retry_after_s if retry_after_s is not None else self.gap_s
         self._next_at = max(self._next_at, now + pause_s)
