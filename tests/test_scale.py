@@ -16,7 +16,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from flowsubmit.executor import job_tag
 from flowsubmit.localserver import LocalServer
 from tests.conftest import Daemon, enqueue, result_of
-from tests.driver import drive, wait_for_runs
+from tests.driver import drive
 from tests.flows import DRIVEN
 from tests.proxy import Proxy, RateLimit, running
 
@@ -62,8 +62,9 @@ def test_rate_limited_api_gets_each_run_once_slower_then_faster(
         proxy.rule = None  # the account's limit is raised
         lifted = len(proxy.seen)
         daemon.wait_for_event("gateway.unthrottled", timeout_s=PATIENCE_S)
+        daemon.wait_for_event("run.submitted", count=500, timeout_s=PATIENCE_S)
         tag = job_tag(job_id)
-        ids = asyncio.run(wait_for_runs(tag, 500, timeout_s=PATIENCE_S))
+        ids = [str(r.id) for r in asyncio.run(_runs_tagged(tag))]
         asyncio.run(drive(ids, concurrency=4, direct=True))
         folder, result = daemon.wait_for(
             lambda: result_of(daemon.queue, job_id), PATIENCE_S, "the job's result"
