@@ -41,7 +41,7 @@ async def _runs_tagged(tag: str) -> list[FlowRun]:
                 return found
 
 
-@pytest.mark.timeout(600)  # a bound on a loaded machine; the suite's figure is in the report
+@pytest.mark.timeout(900)  # took 580 s on the shared machine at load 20; ~1 min when quiet
 def test_rate_limited_api_gets_each_run_once_slower_then_faster(
     served: LocalServer, spawn: Callable[..., Daemon], tmp_path: Path
 ) -> None:
