@@ -80,6 +80,10 @@ class RunRequest:
     job_variables: dict[str, Any] = field(default_factory=dict)
     work_queue_name: str | None = None
     name: str | None = None
+    #: Who the run belongs to (a job id): creates of one lane share that job's turns.
+    lane: str = ""
+    #: The job's ``priority``: a higher one gets its turns first (``scheduler.py``).
+    priority: int = 0
 
 
 class GatewayProtocol(Protocol):

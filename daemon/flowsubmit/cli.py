@@ -38,7 +38,7 @@ from flowsubmit.cli_queue import (
 )
 from flowsubmit.connection import configured_api_url, versions
 from flowsubmit.errors import JobRejected
-from flowsubmit.jobs import Job, job_schema
+from flowsubmit.jobs import PRIORITY_MAX, PRIORITY_MIN, Job, job_schema
 from flowsubmit.policy import Policy, current_producer, reserved_tag_problems
 from flowsubmit.queue import new_job_id
 from flowsubmit.settings import Settings
@@ -169,6 +169,12 @@ def _parser() -> Parser:
     enqueue.add_argument("file", metavar="FILE", help="job file, or - for standard input")
     enqueue.add_argument(
         "--create", action="store_true", help="make the queue directory if it does not exist"
+    )
+    enqueue.add_argument(
+        "--priority",
+        type=_priority,
+        metavar="N",
+        help=f"set the job's priority ({PRIORITY_MIN} to {PRIORITY_MAX}, higher first; docs/jobs.md)",
     )
     enqueue.add_argument(
         "--check",
@@ -343,6 +349,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_USAGE
 
 
+def _priority(text: str) -> int:
+    """``enqueue --priority``: a whole number in the job field's range."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = PRIORITY_MAX + 1
+    if not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from {PRIORITY_MIN} to {PRIORITY_MAX}, not {text!r}"
+        )
+    return value
+
+
 def _cmd_enqueue(args: argparse.Namespace) -> int:
     settings = _settings(args)
     queue = open_queue(
@@ -365,10 +384,14 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
     if job.id is None:
         # Give the drop its id now, so that the id printed is the id the daemon uses.
         job_id = new_job_id()
-        data = json.dumps({"id": job_id, **json.loads(data.decode("utf-8-sig"))}, indent=2).encode()
     else:
         job_id = job.id
         refuse_known_id(queue, job_id, checked.file)
+    if job.id is None or args.priority is not None:
+        document = {"id": job_id, **json.loads(data.decode("utf-8-sig"))}
+        if args.priority is not None:
+            document["priority"] = args.priority
+        data = json.dumps(document, indent=2).encode()
     drop(queue, data, job_id)
     print(job_id, flush=True)
     if not args.wait:

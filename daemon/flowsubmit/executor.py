@@ -246,6 +246,8 @@ class Executor:
             job_variables=stage.job_variables,
             work_queue_name=stage.work_queue_name,
             name=spec.name,
+            lane=self.job_id,
+            priority=self.job.priority,
         )
         run_id = await self._gateway.create_run(deployment, request)
         self._journal.append(

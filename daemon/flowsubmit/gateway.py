@@ -66,6 +66,7 @@ from flowsubmit.errors import (
 )
 from flowsubmit.pacer import Pacer
 from flowsubmit.redaction import mentions_secret
+from flowsubmit.scheduler import CreateScheduler
 
 __all__ = ["READ_BATCH", "Gateway", "parameter_problem"]
 
@@ -195,7 +196,7 @@ def parameter_problem(
 
 
 class Gateway:
-    """Owns one Prefect client, the create batcher, the retry policy and request counters.
+    """Owns one Prefect client, the create scheduler, the retry policy and request counters.
 
     Lifecycle: ``async with Gateway(...)`` opens the client; ``aclose()`` is idempotent,
     and a closed gateway refuses further use.
@@ -214,6 +215,7 @@ class Gateway:
         self.reconnection_attempts = reconnection_attempts
         #: Requests sent to the Prefect API, by route (for tests, bench and metrics).
         self.requests: Counter[str] = Counter()
+        self.max_inflight_submissions = max_inflight_submissions
         self._slots = asyncio.Semaphore(max_inflight_submissions)
         #: The Prefect API this gateway talks to (set on entry).
         self.api_url: str | None = None
@@ -222,7 +224,12 @@ class Gateway:
         self._client: PrefectClient | None = None
         self._closed = False
         self._bulk = True
-        self._batchers: dict[str, _CreateBatcher] = {}
+        #: Orders the pending creates of every job into batches (fair, by priority: #13).
+        self._scheduler = CreateScheduler(
+            self._create_batch,
+            capacity=lambda: self.max_inflight_submissions,
+            batch_size=lambda: self.submit_batch_size,
+        )
 
     async def __aenter__(self) -> Self:
         if self._closed:
@@ -239,6 +246,7 @@ class Gateway:
     async def aclose(self) -> None:
         """Close the client; idempotent."""
         self._closed = True
+        self._scheduler.close()
         client, self._client = self._client, None
         if client is not None:
             await client.__aexit__(None, None, None)
@@ -318,11 +326,12 @@ class Gateway:
                 )
 
     async def create_run(self, deployment: Deployment, request: RunRequest) -> str:
-        """Create (or find, by idempotency key) one run; concurrent calls are sent in bulk."""
-        batcher = self._batchers.get(deployment.id)
-        if batcher is None:
-            batcher = self._batchers[deployment.id] = _CreateBatcher(self, deployment)
-        return await batcher.submit(request)
+        """Create (or find, by idempotency key) one run; concurrent calls are sent in bulk.
+
+        The run waits its turn in ``request.lane`` (its job) at ``request.priority``:
+        the scheduler shares the calls in flight fairly between jobs (``scheduler.py``).
+        """
+        return await self._scheduler.create(deployment, request)
 
     async def _create_batch(
         self, deployment: Deployment, requests: list[RunRequest]
@@ -503,58 +512,6 @@ class Gateway:
                 await subscriber.__aexit__(None, None, None)
 
 
-class _CreateBatcher:
-    """Collects the creates of one deployment issued in the same moment into bulk calls.
-
-    Owns its flush task (tracked, with a done-callback that logs failures).
-    """
-
-    def __init__(self, gateway: Gateway, deployment: Deployment) -> None:
-        self._gateway = gateway
-        self._deployment = deployment
-        self._pending: list[tuple[RunRequest, asyncio.Future[str]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def submit(self, request: RunRequest) -> str:
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending.append((request, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(
-                self._flush(), name=f"flowsubmit-create-{self._deployment.name}"
-            )
-            self._flusher.add_done_callback(_log_task_failure)
-        return await future
-
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let every create issued in this tick join the first batch
-        try:
-            while self._pending:
-                async with asyncio.TaskGroup() as tg:
-                    while self._pending:
-                        size = self._gateway.submit_batch_size
-                        batch, self._pending = self._pending[:size], self._pending[size:]
-                        tg.create_task(self._send(batch))
-                        await asyncio.sleep(0)
-        finally:
-            self._flusher = None
-
-    async def _send(self, batch: list[tuple[RunRequest, asyncio.Future[str]]]) -> None:
-        try:
-            results = await self._gateway._create_batch(self._deployment, [r for r, _ in batch])
-        except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-
 def _route(request: httpx.Request) -> str:
     return f"{request.method} {request.url.path.split('/api', 1)[-1]}"
 
@@ -665,8 +622,3 @@ def _log_retry(state: RetryCallState) -> None:
         wait_s=round(state.upcoming_sleep, 2),
         error=str(exc),
     )
-
-
-def _log_task_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("gateway.task_failed", task=task.get_name(), exc_info=task.exception())

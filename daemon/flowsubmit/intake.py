@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -36,13 +36,15 @@ class _Verdict:
     #: Why the file is refused, or None for a good job waiting for a free slot.
     error: JobRejected | None
     #: When this exact file (name, size, mtime, inode) was first seen, on the monotonic clock.
-    since: float
+    since: float = field(default_factory=time.monotonic)
+    #: A good job's ``priority``: claims go highest first, then oldest (#13).
+    priority: int = 0
 
 
 class Intake:
     """Owns the verdicts on the files of ``incoming/`` (pruned on every scan) and the broken-file memory.
 
-    ``scan()`` claims good jobs while ``has_capacity()`` says so and hands each to
+    ``scan()`` claims good jobs, highest priority first, while ``has_capacity()`` says so, and hands each to
     ``start(claim, job, producer, recovered=False)``; bad files are moved to
     ``rejected/`` once settled and reported to ``rejected``. ``adopt_orphans()`` hands
     the jobs of ``processing/`` whose owner is gone to ``start(claim, job, producer,
@@ -110,14 +112,16 @@ class Intake:
         return job, producer
 
     async def scan(self, stopping: Callable[[], bool]) -> None:
-        """Judge every file of ``incoming/``, oldest first, then reject the bad ones that have settled.
+        """Judge every file of ``incoming/``, claim the good ones in priority order, then reject the bad ones that have settled.
 
         A verdict is remembered while its file is unchanged, so a rescan of thousands
-        of waiting files reads only the new or changed ones. Bad files are judged even
-        when no slot is free, and rejected (three fsyncs each) only after the pass that
-        claims, and for at most ``_REJECT_BUDGET_S`` per scan, so good jobs never wait
-        behind bad ones (#6). The loop yields every ``_YIELD_EVERY`` files so that
-        running jobs go on during a flood.
+        of waiting files reads only the new or changed ones. Good jobs are claimed
+        while slots are free, highest ``priority`` first, then oldest (#13), so a
+        high-priority job dropped while every slot is busy takes the next free one.
+        Bad files are rejected (three fsyncs each) only after the pass that claims,
+        and for at most ``_REJECT_BUDGET_S`` per scan, so good jobs never wait behind
+        bad ones (#6). The loop yields every ``_YIELD_EVERY`` files so that running
+        jobs go on during a flood.
         """
         candidates = self.queue.scan()
         to_reject: list[str] = []
@@ -132,12 +136,14 @@ class Intake:
         for cache in (self._verdicts, self._broken):
             for name in [n for n in cache if n not in present]:
                 del cache[name]
+        self._claim_waiting()
         deadline = time.monotonic() + _REJECT_BUDGET_S
         for i, name in enumerate(to_reject):
             if time.monotonic() > deadline:
                 return
-            verdict = self._verdicts[name]
-            self._guarded(verdict.candidate, partial(self._reject, verdict))
+            verdict = self._verdicts.get(name)
+            if verdict is not None:
+                self._guarded(verdict.candidate, partial(self._reject, verdict))
             if i % _YIELD_EVERY == _YIELD_EVERY - 1:
                 await asyncio.sleep(0)
 
@@ -157,38 +163,52 @@ class Intake:
             return False
 
     def _judge(self, candidate: Candidate) -> bool:
-        """Claim a good job when a slot is free; True when the file is bad and has settled."""
+        """Read a new or changed file and remember the verdict; True when the file is bad and has settled."""
         known = self._verdicts.get(candidate.name)
         if known is None or known.candidate != candidate:
-            known = _Verdict(candidate, None, time.monotonic())
-        elif known.error is None and not self._has_capacity():
-            return False  # a good job, read before: it waits for a free slot unread
-        if known.error is None:
-            known.error = self._try_claim(candidate)
-            if known.error is None:
+            try:
+                job, _ = self._read(candidate)
+            except ClaimLost:
+                self._verdicts.pop(candidate.name, None)  # gone: another daemon took it
                 return False
-        self._verdicts[candidate.name] = known
-        return self._settled(known)
+            except JobRejected as exc:
+                known = _Verdict(candidate, exc.with_file(printable_name(candidate.name)))
+            else:
+                known = _Verdict(candidate, None, priority=job.priority)
+            self._verdicts[candidate.name] = known
+        return known.error is not None and self._settled(known)
 
-    def _try_claim(self, candidate: Candidate) -> JobRejected | None:
-        """Read, admit and claim the file; the rejection when it is bad, else None."""
-        name = candidate.name
-        try:
-            data, st = self.queue.read(name, self.settings.max_job_bytes)
-            producer = producer_of(st)  # from the descriptor read: the owner of these bytes
-            job = self.admit(candidate, data, producer)
+    def _read(self, candidate: Candidate) -> tuple[Job, Producer]:
+        """Read and admit ``incoming/NAME``; raises ``JobRejected``, or ``ClaimLost`` when it is gone."""
+        data, st = self.queue.read(candidate.name, self.settings.max_job_bytes)
+        producer = producer_of(st)  # from the descriptor read: the owner of these bytes
+        return self.admit(candidate, data, producer), producer
+
+    def _claim_waiting(self) -> None:
+        """Claim good jobs while slots are free: highest ``priority`` first, then oldest."""
+        waiting = sorted(
+            (v for v in self._verdicts.values() if v.error is None),
+            key=lambda v: (-v.priority, v.candidate.mtime_ns, v.candidate.name),
+        )
+        for verdict in waiting:
             if not self._has_capacity():
-                self._verdicts[name] = _Verdict(candidate, None, time.monotonic())
-                return None
+                return
+            self._guarded(verdict.candidate, partial(self._try_claim, verdict))
+
+    def _try_claim(self, verdict: _Verdict) -> None:
+        """Read the file again (it may have been replaced since it was judged) and claim it."""
+        name = verdict.candidate.name
+        try:
+            job, producer = self._read(verdict.candidate)
             claim = self.queue.claim(name, job.id or new_job_id())
         except ClaimLost:
             self._verdicts.pop(name, None)  # gone, or its id is running right now: look again later
-            return None
+            return
         except JobRejected as exc:
-            return exc.with_file(printable_name(name))
+            verdict.error = exc.with_file(printable_name(name))  # rejected once it has settled
+            return
         self._verdicts.pop(name, None)
         self._start(claim, job, producer, False)
-        return None
 
     def _settled(self, verdict: _Verdict) -> bool:
         """True once the file has stayed unchanged for ``settle_s``: a bad file still being written is never rejected.

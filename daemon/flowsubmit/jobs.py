@@ -18,6 +18,8 @@ from flowsubmit.errors import JobRejected
 __all__ = [
     "DEPLOYMENT_HINT",
     "MAX_NESTING",
+    "PRIORITY_MAX",
+    "PRIORITY_MIN",
     "Job",
     "RunSpec",
     "Stage",
@@ -28,6 +30,9 @@ __all__ = [
 
 #: JSON nesting deeper than this is refused before parsing (a parser bomb costs nothing).
 MAX_NESTING = 32
+
+#: The range of a job's ``priority`` (higher first; 0 by default).
+PRIORITY_MIN, PRIORITY_MAX = -100, 100
 
 #: Integers longer than this are refused (Python's own int-from-text limit is 4300 digits).
 MAX_DIGITS = 4300
@@ -194,6 +199,15 @@ class Job(Stage):
         min_length=1,
         max_length=100,
         description="Run one after another; a stage starts only when the one before Completed in full.",
+    )
+    priority: int = Field(
+        default=0,
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        description=(
+            "Higher first: orders claims from `incoming/` and the turns jobs get at submission "
+            f"({PRIORITY_MIN} to {PRIORITY_MAX}; 0 by default)."
+        ),
     )
 
     @model_validator(mode="after")

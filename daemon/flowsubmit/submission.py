@@ -284,6 +284,7 @@ class FlowSubmission:
                 job_variables=item.job_variables,
                 work_queue_name=self._work_queue_name,
                 name=item.flow_run_name,
+                lane=self.submission_id,
             )
             async with self._slot(engine):
                 run_id = await engine.gateway.create_run(deployment, request)

@@ -1,0 +1,144 @@
+"""Fair, prioritised submission on the real server (issue 13): small jobs never wait behind big ones.
+
+Runs belong to the never-served ``driven`` deployment: big jobs' runs stay Scheduled
+(they are deleted afterwards); the runs of jobs that must finish are moved through
+their states by ``BackgroundDriver``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from prefect.client.orchestration import get_client
+
+from flowsubmit.executor import job_tag
+from flowsubmit.journal import replay
+from tests.conftest import Daemon, result_of
+from tests.crashkit import BackgroundDriver
+from tests.test_crash import _assert_exactly_once, _drop, _job
+
+
+def _tagged_job(job_id: str, runs: int, tag: str, **extra: Any) -> dict[str, Any]:
+    return _job(job_id, runs, tags=[tag], **extra)
+
+
+def _submitted(daemon: Daemon) -> list[str]:
+    """The job id of every ``run.submitted`` line, in log order."""
+    return [line["job_id"] for line in daemon.events("run.submitted")]
+
+
+def _delete_runs(*job_ids: str) -> None:
+    """Delete the runs of these jobs from the server (big jobs' runs are never driven)."""
+
+    async def delete(tag: str) -> None:
+        async with get_client() as client:
+            while True:
+                response = await client._client.post(
+                    "/flow_runs/bulk_delete",
+                    json={"flow_runs": {"tags": {"all_": [tag]}}, "limit": 50},
+                )
+                response.raise_for_status()
+                if not response.json()["deleted"]:
+                    return
+
+    for job_id in job_ids:
+        asyncio.run(delete(job_tag(job_id)))
+
+
+def test_a_small_job_is_created_while_a_big_one_is_still_submitting(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """A 1-run job dropped while a 2,000-run job submits has its run created before the big job's last one."""
+    suffix = uuid.uuid4().hex[:8]
+    big, small = f"fair-big-{suffix}", f"fair-small-{suffix}"
+    daemon = start_daemon()
+    try:
+        _drop(daemon.queue, _job(big, 2000))
+        daemon.wait_for(lambda: big in _submitted(daemon), what="the big job's first run")
+        _drop(daemon.queue, _job(small, 1))
+        daemon.wait_for(lambda: small in _submitted(daemon), what="the small job's run")
+        order = _submitted(daemon)
+        big_before_small = order[: order.index(small)].count(big)
+        assert 0 < big_before_small < 2000
+    finally:
+        daemon.stop()
+        _delete_runs(big, small)
+
+
+def test_a_higher_priority_job_takes_turns_first(start_daemon: Callable[..., Daemon]) -> None:
+    """Dropped while a low-priority job submits, a priority-5 job gets every turn but one in ten until it is done."""
+    suffix = uuid.uuid4().hex[:8]
+    low, high = f"fair-low-{suffix}", f"fair-high-{suffix}"
+    daemon = start_daemon(max_inflight_submissions=1, submit_batch_size=10)
+    try:
+        _drop(daemon.queue, _job(low, 500))
+        daemon.wait_for(lambda: low in _submitted(daemon), what="the low job's first run")
+        _drop(daemon.queue, _job(high, 100, priority=5))
+        daemon.wait_for(lambda: _submitted(daemon).count(high) == 100, what="the high job's runs")
+        order = _submitted(daemon)
+        first, last = order.index(high), len(order) - order[::-1].index(high)
+        during = order[first:last]
+        # 10 turns of the high job; after 9 of them the low job gets one (the relief turn).
+        assert during.count(high) == 100
+        assert during.count(low) <= 10
+        assert order.count(low) < 500  # the low job was still submitting throughout
+    finally:
+        daemon.stop()
+        _delete_runs(low, high)
+
+
+def test_with_every_slot_busy_the_highest_priority_job_is_claimed_next(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """With one job slot, busy: of three jobs dropped meanwhile, the priority-5 one (dropped last) is claimed first."""
+    suffix = uuid.uuid4().hex[:8]
+    tag = f"fair-claims-{suffix}"
+    blocker, low1, low2, high = (f"{name}-{suffix}" for name in ("block", "low1", "low2", "high"))
+    daemon = start_daemon(max_concurrent_jobs=1)
+    _drop(daemon.queue, _tagged_job(blocker, 1, tag))
+    daemon.wait_for_event("job.claimed")
+    _drop(daemon.queue, _tagged_job(low1, 1, tag))
+    _drop(daemon.queue, _tagged_job(low2, 1, tag))
+    _drop(daemon.queue, _tagged_job(high, 1, tag, priority=5))
+    with BackgroundDriver(tag):  # the blocker's run ends only now, freeing the slot
+        daemon.wait_for(
+            lambda: all(result_of(daemon.queue, j) for j in (blocker, low1, low2, high)),
+            what="all four jobs",
+        )
+    assert daemon.stop() == 0
+    claimed = [line["job_id"] for line in daemon.events("job.claimed")]
+    assert claimed == [blocker, high, low1, low2]
+
+
+def test_kill_9_in_an_interleaved_submission_then_both_jobs_finish_exactly_once(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """Killed by SIGKILL while two jobs' creates interleave, a restarted daemon ends both with every run created once."""
+    suffix = uuid.uuid4().hex[:8]
+    big, small = f"fair-crash-big-{suffix}", f"fair-crash-small-{suffix}"
+    with BackgroundDriver(job_tag(big)), BackgroundDriver(job_tag(small)):
+        first = start_daemon(
+            test_crash_at="created:50", max_inflight_submissions=1, submit_batch_size=10
+        )
+        _drop(first.queue, _job(big, 100))
+        _drop(first.queue, _job(small, 30))
+        assert first.process.wait(90) == -signal.SIGKILL
+        journals = {
+            job_id: replay(first.queue / "processing" / f"{job_id}.journal").created
+            for job_id in (big, small)
+        }
+        # Both jobs had runs created, neither all of them: the kill hit an interleaving.
+        assert 0 < len(journals[big]) < 100 and 0 < len(journals[small]) < 30
+        assert len(journals[big]) + len(journals[small]) == 50
+        second = start_daemon(first.queue)
+        second.wait_for(
+            lambda: result_of(second.queue, big) and result_of(second.queue, small),
+            what="both results",
+        )
+        assert second.stop() == 0
+    _assert_exactly_once(first.queue, big, 100)
+    _assert_exactly_once(first.queue, small, 30)

@@ -1,0 +1,161 @@
+"""The create scheduler's pure logic (issue 13): turn order by priority and fairness, and batches per free slot."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from flowsubmit._types import Deployment, RunRequest
+from flowsubmit.errors import ClosedError
+from flowsubmit.scheduler import RELIEF_EVERY, CreateScheduler, TurnOrder
+
+
+def _fill(order: TurnOrder[int], lane: str, runs: int, priority: int = 0, group: str = "d") -> None:
+    for i in range(runs):
+        order.add(lane, priority, group, i)
+
+
+def _turns(order: TurnOrder[int], limit: int = 100) -> list[tuple[str, int]]:
+    """Every turn until nothing waits, as (lane, batch size)."""
+    turns = []
+    while (turn := order.next_batch(limit)) is not None:
+        turns.append((turn[0], len(turn[2])))
+    return turns
+
+
+def test_two_busy_jobs_alternate_full_batches() -> None:
+    """Two jobs of one priority, both with runs waiting, take turns, each turn a full batch."""
+    order: TurnOrder[int] = TurnOrder()
+    _fill(order, "a", 300)
+    _fill(order, "b", 250)
+    assert _turns(order) == [
+        ("a", 100),
+        ("b", 100),
+        ("a", 100),
+        ("b", 100),
+        ("b", 50),  # its batch ends first on the clock (250 < 300)
+        ("a", 100),
+    ]
+    assert len(order) == 0
+
+
+def test_a_job_that_arrives_while_a_big_one_submits_gets_the_next_turn() -> None:
+    """A small job queued after a big job's first batches went out is served in the very next turn."""
+    order: TurnOrder[int] = TurnOrder()
+    _fill(order, "big", 3000)
+    assert [order.next_batch(100)[0] for _ in range(5)] == ["big"] * 5  # type: ignore[index]
+    _fill(order, "one", 1)
+    _fill(order, "twenty", 20)
+    assert _turns(order)[:3] == [("one", 1), ("twenty", 20), ("big", 100)]
+
+
+def test_higher_priority_goes_first_and_lower_priority_gets_one_turn_in_ten() -> None:
+    """Strict priority between levels, except that waiting lower priority gets every tenth turn."""
+    order: TurnOrder[int] = TurnOrder()
+    _fill(order, "low", 300, priority=0)
+    _fill(order, "high", 3000, priority=5)
+    lanes = [lane for lane, _ in _turns(order)]
+    assert lanes[: RELIEF_EVERY * 3] == (["high"] * (RELIEF_EVERY - 1) + ["low"]) * 3
+    assert lanes[RELIEF_EVERY * 3 :] == ["high"] * (30 - 3 * (RELIEF_EVERY - 1))
+
+
+def test_a_batch_holds_runs_of_one_deployment() -> None:
+    """One turn sends runs of one deployment (the bulk route's unit); the next turn sends the next one's."""
+    order: TurnOrder[int] = TurnOrder()
+    _fill(order, "a", 3, group="d1")
+    _fill(order, "a", 2, group="d2")
+    _fill(order, "a", 1, group="d1")
+    batches = []
+    while (turn := order.next_batch(100)) is not None:
+        batches.append((turn[1], turn[2]))
+    assert batches == [("d1", [0, 1, 2, 0]), ("d2", [0, 1])]
+
+
+def test_no_job_waits_behind_more_than_two_batches_of_another() -> None:
+    """Random arrivals at one priority: while a job waits, no other job is given more than two batches."""
+    rng = random.Random(13)
+    order: TurnOrder[int] = TurnOrder()
+    given: dict[str, int] = {}
+    waiting_since: dict[str, dict[str, int]] = {}
+    for step in range(400):
+        if rng.random() < 0.3:
+            lane = f"job{rng.randrange(6)}"
+            _fill(order, lane, rng.choice([1, 5, 50, 300]))
+            waiting_since.setdefault(lane, dict(given))
+        turn = order.next_batch(50)
+        if turn is None:
+            continue
+        lane, _, items = turn
+        given[lane] = given.get(lane, 0) + len(items)
+        for other, snapshot in waiting_since.items():
+            if other != lane:
+                assert given[lane] - snapshot.get(lane, 0) <= 2 * 50, (step, lane, other)
+        waiting_since.pop(lane, None)
+        if lane in order._lanes:
+            waiting_since[lane] = dict(given)
+
+
+def _request(lane: str, i: int, priority: int = 0) -> RunRequest:
+    return RunRequest(f"{lane}/{i}", {}, lane=lane, priority=priority)
+
+
+class _SlowSender:
+    """A sender that answers a batch only when told to; records what it was given."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[str]] = []
+        self._gates: list[asyncio.Event] = []
+
+    async def __call__(
+        self, deployment: Deployment, requests: list[RunRequest]
+    ) -> list[str | Exception]:
+        self.sent.append([r.idempotency_key for r in requests])
+        gate = asyncio.Event()
+        self._gates.append(gate)
+        await gate.wait()
+        return [f"run-{r.idempotency_key}" for r in requests]
+
+    def release_first(self) -> None:
+        self._gates.pop(0).set()
+
+
+async def test_a_batch_is_formed_only_when_a_slot_is_free() -> None:
+    """With one slot busy on a big job, a small job's create is the next batch sent, before the big job's next one."""
+    sender = _SlowSender()
+    scheduler = CreateScheduler(sender, capacity=lambda: 1, batch_size=lambda: 100)
+    deployment = Deployment(id="d", name="flow/d")
+    big = [
+        asyncio.create_task(scheduler.create(deployment, _request("big", i))) for i in range(250)
+    ]
+    await asyncio.sleep(0.01)
+    assert [len(b) for b in sender.sent] == [100]
+    small = asyncio.create_task(scheduler.create(deployment, _request("small", 0)))
+    await asyncio.sleep(0.01)
+    sender.release_first()
+    await asyncio.sleep(0.01)
+    assert sender.sent[1] == ["small/0"]
+    sender.release_first()
+    assert await small == "run-small/0"
+    for _ in range(2):
+        await asyncio.sleep(0.01)
+        sender.release_first()
+    assert await asyncio.gather(*big) == [f"run-big/{i}" for i in range(250)]
+    assert [len(b) for b in sender.sent] == [100, 1, 100, 50]
+
+
+async def test_close_fails_the_creates_still_waiting() -> None:
+    """Closing the scheduler fails every create not yet answered with ClosedError, and refuses new ones."""
+    sender = _SlowSender()
+    scheduler = CreateScheduler(sender, capacity=lambda: 1, batch_size=lambda: 2)
+    deployment = Deployment(id="d", name="flow/d")
+    waiting = [
+        asyncio.create_task(scheduler.create(deployment, _request("a", i))) for i in range(5)
+    ]
+    await asyncio.sleep(0.01)
+    scheduler.close()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert [type(r) for r in results] == [ClosedError] * 5
+    with pytest.raises(ClosedError):
+        await scheduler.create(deployment, _request("a", 9))
