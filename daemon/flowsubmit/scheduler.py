@@ -188,12 +188,18 @@ class CreateScheduler:
             task.add_done_callback(self._sent)
 
     def _sent(self, task: asyncio.Task[None]) -> None:
-        self._out.discard(task)
+        self._release(task)  # already done unless the task died before its `finally`
         if not task.cancelled() and task.exception() is not None:
             log.error("gateway.task_failed", task=task.get_name(), exc_info=task.exception())
-        self._dispatch()
+
+    def _release(self, task: asyncio.Task[None] | None) -> None:
+        """Free a batch's slot and hand the sender the next batch at once."""
+        if task in self._out:
+            self._out.discard(task)
+            self._dispatch()
 
     async def _send_batch(self, deployment: Deployment, batch: list[_Pending]) -> None:
+        results: list[str | Exception]
         try:
             results = await self._send(deployment, [p.request for p in batch])
         except asyncio.CancelledError:
@@ -201,9 +207,11 @@ class CreateScheduler:
                 _fail(pending, ClosedError("the gateway was closed while this run was created"))
             raise
         except Exception as exc:
-            for pending in batch:
-                _fail(pending, exc)
-            return
+            results = [exc] * len(batch)
+        finally:
+            # The next batch goes out before these results are handed over: their callers
+            # write the journal (an fsync each), and the server need not idle meanwhile.
+            self._release(asyncio.current_task())
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 _fail(pending, result)
