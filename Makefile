@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint mypy format bench bench-scale config all clean
+.PHONY: install demo test lint mypy format bench bench-scale bench-fairness config all clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench: $(STAMP)
 bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py 10000
 	$(BIN)/python bench/scale.py 10000 --topology
+
+bench-fairness: $(STAMP)
+	$(BIN)/python bench/fairness.py
 
 config: $(STAMP)
 	$(BIN)/python -c "import sys; from flowsubmit.settings import example_toml; sys.stdout.write(example_toml())" > config/flowsubmit.toml
