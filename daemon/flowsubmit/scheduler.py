@@ -1,7 +1,8 @@
 """Fair, prioritised submission: in which order the pending run creates of many jobs go out in batches.
 
 Issue 13. A job's runs are one *lane* (``RunRequest.lane``, its job id) with one
-``priority``. Each *turn* sends one batch, of one deployment, from one lane:
+``priority``. Each *turn* sends one batch, of one deployment, from one lane (lanes that have not
+had a turn yet fill the room it leaves):
 
 - **Strict priority between levels.** The turn goes to the highest priority that has
   runs waiting, with one exception that bounds starvation: after ``RELIEF_EVERY - 1``
@@ -58,6 +59,8 @@ class _Lane(Generic[T]):
     finish: float = 0.0
     #: The turn number at which it last had a turn or started waiting.
     since: int = 0
+    #: True once it has had a turn since it started waiting.
+    served: bool = False
     groups: dict[str, deque[T]] = field(default_factory=dict)
 
     def next_size(self, limit: int) -> int:
@@ -89,23 +92,46 @@ class TurnOrder(Generic[T]):
         found.groups.setdefault(group, deque()).append(item)
         self._pending += 1
 
-    def next_batch(self, limit: int) -> tuple[str, str, list[T]] | None:
-        """Take the next turn: (lane, group, up to ``limit`` items), or ``None`` when nothing waits."""
+    def next_batch(self, limit: int) -> tuple[str, list[T]] | None:
+        """Take the next turn: (group, up to ``limit`` items), or ``None`` when nothing waits.
+
+        The turn is one lane's; when its runs leave room, lanes that have not had a
+        turn yet and wait with the same group share it, in turn order: a burst of
+        small jobs goes out in one call, and a small job's first call is never
+        padded with a big job's runs.
+        """
         if not self._lanes:
             return None
         lane = self._choose(list(self._lanes.values()), limit)
-        group, queue = next(iter(lane.groups.items()))
+        group = next(iter(lane.groups))
+        self._turns += 1
+        items = self._take(lane, group, limit)
+        while len(items) < limit:
+            newcomers = [
+                other
+                for other in self._lanes.values()
+                if not other.served and next(iter(other.groups)) == group
+            ]
+            if not newcomers:
+                break
+            room = limit - len(items)
+            other = min(newcomers, key=lambda o: (-o.priority, o.finish + o.next_size(room), o.seq))
+            items += self._take(other, group, room)
+        return group, items
+
+    def _take(self, lane: _Lane[T], group: str, limit: int) -> list[T]:
+        """Give ``lane`` up to ``limit`` items of ``group``, and advance its place on the clock."""
+        queue = lane.groups[group]
         items = [queue.popleft() for _ in range(min(limit, len(queue)))]
         if not queue:
             del lane.groups[group]  # the lane's next batch is of its next group
         lane.finish += len(items)
         self._clock[lane.priority] = max(self._clock.get(lane.priority, 0.0), lane.finish)
-        self._turns += 1
-        lane.since = self._turns
+        lane.since, lane.served = self._turns, True
         self._pending -= len(items)
         if not lane.groups:
             del self._lanes[lane.key]  # back later, it starts at the clock: idle time earns nothing
-        return lane.key, group, items
+        return items
 
     def _choose(self, waiting: list[_Lane[T]], limit: int) -> _Lane[T]:
         top = max(lane.priority for lane in waiting)
@@ -166,7 +192,7 @@ class CreateScheduler:
         for task in list(self._out):
             task.cancel()
         while (turn := self._order.next_batch(len(self._order) or 1)) is not None:
-            for pending in turn[2]:
+            for pending in turn[1]:
                 _fail(pending, ClosedError("the gateway was closed before this run was created"))
 
     def _dispatch(self) -> None:
@@ -176,7 +202,7 @@ class CreateScheduler:
             turn = self._order.next_batch(self._batch_size())
             if turn is None:
                 return
-            _, deployment_id, batch = turn
+            deployment_id, batch = turn
             batch = [p for p in batch if not p.future.done()]  # its caller stopped waiting
             if not batch:
                 continue
