@@ -1,19 +1,18 @@
 """Fair, prioritised submission on the real server (issue 13): small jobs never wait behind big ones.
 
 Runs belong to the never-served ``driven`` deployment: big jobs' runs stay Scheduled
-(they are deleted afterwards); the runs of jobs that must finish are moved through
-their states by ``BackgroundDriver``.
+and are left on the session server (nothing ever starts them; deleting them costs a
+loaded SQLite server minutes), and each daemon is stopped as soon as the test has its
+answer; the runs of jobs that must finish are moved through their states by
+``BackgroundDriver``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import uuid
 from collections.abc import Callable
 from typing import Any
-
-from prefect.client.orchestration import get_client
 
 from flowsubmit.executor import job_tag
 from flowsubmit.journal import replay
@@ -29,24 +28,6 @@ def _tagged_job(job_id: str, runs: int, tag: str, **extra: Any) -> dict[str, Any
 def _submitted(daemon: Daemon) -> list[str]:
     """The job id of every ``run.submitted`` line, in log order."""
     return [line["job_id"] for line in daemon.events("run.submitted")]
-
-
-def _delete_runs(*job_ids: str) -> None:
-    """Delete the runs of these jobs from the server (big jobs' runs are never driven)."""
-
-    async def delete(tag: str) -> None:
-        async with get_client() as client:
-            while True:
-                response = await client._client.post(
-                    "/flow_runs/bulk_delete",
-                    json={"flow_runs": {"tags": {"all_": [tag]}}, "limit": 50},
-                )
-                response.raise_for_status()
-                if not response.json()["deleted"]:
-                    return
-
-    for job_id in job_ids:
-        asyncio.run(delete(job_tag(job_id)))
 
 
 def test_a_small_job_is_created_while_a_big_one_is_still_submitting(
@@ -66,7 +47,6 @@ def test_a_small_job_is_created_while_a_big_one_is_still_submitting(
         assert 0 < big_before_small < 2000
     finally:
         daemon.stop()
-        _delete_runs(big, small)
 
 
 def test_a_higher_priority_job_takes_turns_first(start_daemon: Callable[..., Daemon]) -> None:
@@ -88,7 +68,6 @@ def test_a_higher_priority_job_takes_turns_first(start_daemon: Callable[..., Dae
         assert order.count(low) < 500  # the low job was still submitting throughout
     finally:
         daemon.stop()
-        _delete_runs(low, high)
 
 
 def test_with_every_slot_busy_the_highest_priority_job_is_claimed_next(
@@ -125,14 +104,14 @@ def test_kill_9_in_an_interleaved_submission_then_both_jobs_finish_exactly_once(
             test_crash_at="created:30", max_inflight_submissions=1, submit_batch_size=10
         )
         _drop(first.queue, _job(big, 60))
-        _drop(first.queue, _job(small, 20))
+        _drop(first.queue, _job(small, 30))
         assert first.process.wait(90) == -signal.SIGKILL
         journals = {
             job_id: replay(first.queue / "processing" / f"{job_id}.journal").created
             for job_id in (big, small)
         }
         # Both jobs had runs created, neither all of them: the kill hit an interleaving.
-        assert 0 < len(journals[big]) < 60 and 0 < len(journals[small]) < 20
+        assert 0 < len(journals[big]) < 60 and 0 < len(journals[small]) < 30
         assert len(journals[big]) + len(journals[small]) == 30
         second = start_daemon(first.queue)
         second.wait_for(
@@ -141,4 +120,4 @@ def test_kill_9_in_an_interleaved_submission_then_both_jobs_finish_exactly_once(
         )
         assert second.stop() == 0
     _assert_exactly_once(first.queue, big, 60)
-    _assert_exactly_once(first.queue, small, 20)
+    _assert_exactly_once(first.queue, small, 30)
