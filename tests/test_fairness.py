@@ -18,7 +18,7 @@ from flowsubmit.executor import job_tag
 from flowsubmit.journal import replay
 from tests.conftest import Daemon, result_of
 from tests.crashkit import BackgroundDriver
-from tests.test_crash import _assert_exactly_once, _drop, _job
+from tests.test_crash import _job, assert_exactly_once, drop
 
 
 def _tagged_job(job_id: str, runs: int, tag: str, **extra: Any) -> dict[str, Any]:
@@ -38,9 +38,9 @@ def test_a_small_job_is_created_while_a_big_one_is_still_submitting(
     big, small = f"fair-big-{suffix}", f"fair-small-{suffix}"
     daemon = start_daemon()
     try:
-        _drop(daemon.queue, _job(big, 2000))
+        drop(daemon.queue, _job(big, 2000))
         daemon.wait_for(lambda: big in _submitted(daemon), what="the big job's first run")
-        _drop(daemon.queue, _job(small, 1))
+        drop(daemon.queue, _job(small, 1))
         daemon.wait_for(lambda: small in _submitted(daemon), what="the small job's run")
         order = _submitted(daemon)
         big_before_small = order[: order.index(small)].count(big)
@@ -55,9 +55,9 @@ def test_a_higher_priority_job_takes_turns_first(start_daemon: Callable[..., Dae
     low, high = f"fair-low-{suffix}", f"fair-high-{suffix}"
     daemon = start_daemon(max_inflight_submissions=1, submit_batch_size=10)
     try:
-        _drop(daemon.queue, _job(low, 500))
+        drop(daemon.queue, _job(low, 500))
         daemon.wait_for(lambda: low in _submitted(daemon), what="the low job's first run")
-        _drop(daemon.queue, _job(high, 100, priority=5))
+        drop(daemon.queue, _job(high, 100, priority=5))
         daemon.wait_for(lambda: _submitted(daemon).count(high) == 100, what="the high job's runs")
         order = _submitted(daemon)
         first, last = order.index(high), len(order) - order[::-1].index(high)
@@ -78,11 +78,11 @@ def test_with_every_slot_busy_the_highest_priority_job_is_claimed_next(
     tag = f"fair-claims-{suffix}"
     blocker, low1, low2, high = (f"{name}-{suffix}" for name in ("block", "low1", "low2", "high"))
     daemon = start_daemon(max_concurrent_jobs=1)
-    _drop(daemon.queue, _tagged_job(blocker, 1, tag))
+    drop(daemon.queue, _tagged_job(blocker, 1, tag))
     daemon.wait_for_event("job.claimed")
-    _drop(daemon.queue, _tagged_job(low1, 1, tag))
-    _drop(daemon.queue, _tagged_job(low2, 1, tag))
-    _drop(daemon.queue, _tagged_job(high, 1, tag, priority=5))
+    drop(daemon.queue, _tagged_job(low1, 1, tag))
+    drop(daemon.queue, _tagged_job(low2, 1, tag))
+    drop(daemon.queue, _tagged_job(high, 1, tag, priority=5))
     with BackgroundDriver(tag):  # the blocker's run ends only now, freeing the slot
         daemon.wait_for(
             lambda: all(result_of(daemon.queue, j) for j in (blocker, low1, low2, high)),
@@ -103,8 +103,8 @@ def test_kill_9_in_an_interleaved_submission_then_both_jobs_finish_exactly_once(
         first = start_daemon(
             test_crash_at="created:30", max_inflight_submissions=1, submit_batch_size=10
         )
-        _drop(first.queue, _job(big, 60))
-        _drop(first.queue, _job(small, 30))
+        drop(first.queue, _job(big, 60))
+        drop(first.queue, _job(small, 30))
         assert first.process.wait(90) == -signal.SIGKILL
         journals = {
             job_id: replay(first.queue / "processing" / f"{job_id}.journal").created
@@ -119,5 +119,5 @@ def test_kill_9_in_an_interleaved_submission_then_both_jobs_finish_exactly_once(
             what="both results",
         )
         assert second.stop() == 0
-    _assert_exactly_once(first.queue, big, 60)
-    _assert_exactly_once(first.queue, small, 30)
+    assert_exactly_once(first.queue, big, 60)
+    assert_exactly_once(first.queue, small, 30)
