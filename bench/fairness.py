@@ -4,8 +4,8 @@ Run: ``.venv/bin/python bench/fairness.py [big_runs]`` (``make bench-fairness``;
 default). Prints a table; asserts nothing.
 
 One local SQLite-backed server and one daemon per scenario (default settings, JSON logs),
-on a deployment nobody serves: runs stay Scheduled, and each scenario's runs are
-deleted before the next one. A scenario drops the big job, waits until a tenth of its
+on a deployment nobody serves: runs stay Scheduled (and stay on the server; the
+"alone" baseline runs first, on the emptiest database). A scenario drops the big job, waits until a tenth of its
 runs are created, then drops a 1-run job and a 20-run job (at priority 0, or 10). Times
 come from the daemon's own log lines: a job's wait is its ``job.claimed`` to its last
 ``run.submitted``; the big job's submission time is the same span for it. "alone" is
@@ -124,26 +124,19 @@ async def _setup() -> None:
     await deployment.apply()
 
 
-async def _delete_runs() -> None:
-    from prefect.client.orchestration import get_client
-
-    async with get_client() as client:
-        while True:
-            response = await client._client.post("/flow_runs/bulk_delete", json={"limit": 50})
-            response.raise_for_status()
-            if not response.json()["deleted"]:
-                return
-
-
 def main(big: int) -> None:
     rows = [("alone", None), ("equal", 0), ("higher", 10)]
-    with tempfile.TemporaryDirectory(prefix="flowsubmit-fair-") as tmp, LocalServer() as server:
-        os.environ.update(server.env())
-        asyncio.run(_setup())
-        results = {}
-        for name, priority in rows:
-            results[name] = scenario(server, Path(tmp), name, big, priority)
-            asyncio.run(_delete_runs())
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="flowsubmit-fair-") as tmp:
+        server = LocalServer()
+        try:
+            server.start(timeout_s=600)  # minutes on a loaded machine
+            os.environ.update(server.env())
+            asyncio.run(_setup())
+            for name, priority in rows:
+                results[name] = scenario(server, Path(tmp), name, big, priority)
+        finally:
+            server.close()
     alone = results["alone"]["alone-big"]
     assert not isinstance(alone, str)
     alone_s = alone[1] - alone[0]
