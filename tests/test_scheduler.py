@@ -131,6 +131,12 @@ def _request(lane: str, i: int, priority: int = 0) -> RunRequest:
     return RunRequest(f"{lane}/{i}", {}, lane=lane, priority=priority)
 
 
+async def _settle() -> None:
+    """Let every ready task and callback run (a few loop iterations, no timer)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
 class _SlowSender:
     """A sender that answers a batch only when told to; records what it was given."""
 
@@ -159,17 +165,17 @@ async def test_a_batch_is_formed_only_when_a_slot_is_free() -> None:
     big = [
         asyncio.create_task(scheduler.create(deployment, _request("big", i))) for i in range(250)
     ]
-    await asyncio.sleep(0.01)
+    await _settle()
     assert [len(b) for b in sender.sent] == [100]
     small = asyncio.create_task(scheduler.create(deployment, _request("small", 0)))
-    await asyncio.sleep(0.01)
+    await _settle()
     sender.release_first()
-    await asyncio.sleep(0.01)
+    await _settle()
     assert sender.sent[1] == ["small/0"]  # its own short call: no big runs padded in
     sender.release_first()
     assert await small == "run-small/0"
     for _ in range(2):
-        await asyncio.sleep(0.01)
+        await _settle()
         sender.release_first()
     assert await asyncio.gather(*big) == [f"run-big/{i}" for i in range(250)]
     assert [len(b) for b in sender.sent] == [100, 1, 100, 50]
@@ -183,7 +189,7 @@ async def test_close_fails_the_creates_still_waiting() -> None:
     waiting = [
         asyncio.create_task(scheduler.create(deployment, _request("a", i))) for i in range(5)
     ]
-    await asyncio.sleep(0.01)
+    await _settle()
     scheduler.close()
     results = await asyncio.gather(*waiting, return_exceptions=True)
     assert [type(r) for r in results] == [ClosedError] * 5
