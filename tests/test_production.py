@@ -7,12 +7,43 @@ only through Redis. ``pytest -m production`` runs these alone.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
 import pytest
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from redis import Redis
 
-from flowsubmit.topology import REDIS, claim_redis_db, release_redis_db
+from flowsubmit import AuthenticationError, flow_submitter
+from flowsubmit.demo import FAILING_TABLES
+from flowsubmit.errors import TransientGatewayError
+from flowsubmit.executor import job_tag
+from flowsubmit.gateway import _translate_errors
+from flowsubmit.localserver import LocalServer
+from flowsubmit.topology import REDIS, Topology, claim_redis_db, release_redis_db
+from tests.conftest import Daemon, enqueue, result_of
+from tests.crashkit import BackgroundDriver, client_of, server_runs
+from tests.driver import drive
+from tests.flows import DRIVEN, ETL
+from tests.test_crash import (
+    assert_exactly_once,
+    drop,
+    kill_9_then_restart,
+    two_daemons_run_each_job_once,
+)
+from tests.test_tracking import Proxy
 
-pytestmark = pytest.mark.production
+#: Starting the topology (a migration, three Prefect processes) counts against the first test's timeout.
+pytestmark = [pytest.mark.production, pytest.mark.timeout(1200)]
 
 
 def test_two_claims_get_distinct_redis_indexes_and_a_released_one_is_empty() -> None:
@@ -27,3 +58,209 @@ def test_two_claims_get_distinct_redis_indexes_and_a_released_one_is_empty() -> 
         assert first != second
     finally:
         release_redis_db(first)
+
+
+def test_matrix_job_with_two_failures_is_tracked_across_replicas(
+    start_prod_daemon: Callable[..., Daemon], topology_served: Topology
+) -> None:
+    """A 20-run job (2 fail on purpose) run through replica B ends with the exact summary, every run as the server holds it."""
+    daemon = start_prod_daemon()
+    tables = [t for t in range(1, 21) if t not in FAILING_TABLES]
+    job = {
+        "deployment": ETL,
+        "parameters": {"seconds": 0},
+        "runs": [{"parameters": {"table": t, "fail": True}} for t in FAILING_TABLES],
+        "matrix": {"table": tables},
+    }
+    job_id = enqueue(daemon.queue, job)
+
+    folder, result = daemon.wait_for(
+        lambda: result_of(daemon.queue, job_id), timeout_s=600, what="result"
+    )
+    assert daemon.stop() == 0
+
+    assert (folder, result["status"]) == ("failed", "failed")
+    assert result["summary"] == {
+        "total": 20,
+        "succeeded": 18,
+        "failed": 2,
+        "by_state": {"Completed": 18, "Failed": 2},
+        "line": "Summary → 18/20 succeeded, 2 failed",
+    }
+    assert [r["parameters"]["table"] for r in result["runs"]] == [*FAILING_TABLES, *tables]
+    assert [r["state_type"] for r in result["runs"]] == ["FAILED"] * 2 + ["COMPLETED"] * 18
+    on_server = {
+        str(r.id): r.state_type.value for r in server_runs(job_tag(job_id), topology_served.b)
+    }  # type: ignore[union-attr]
+    assert on_server == {r["flow_run_id"]: r["state_type"] for r in result["runs"]}
+    finished = daemon.events("run.finished")
+    assert sorted(line["flow_run_id"] for line in finished) == sorted(on_server)  # once each
+    assert daemon.events("tracker.fallback") == []
+
+
+def test_kill_9_mid_submission_then_restart_creates_every_run_once(
+    start_prod_daemon: Callable[..., Daemon], topology_served: Topology
+) -> None:
+    """Killed with SIGKILL after 15 of 30 creations, a restarted daemon ends the job with each run created once."""
+    kill_9_then_restart(start_prod_daemon, "created:15", topology_served.b)
+
+
+def test_two_daemons_on_one_queue_run_each_of_30_jobs_once(
+    start_prod_daemon: Callable[..., Daemon], topology_served: Topology, tmp_path: Path
+) -> None:
+    """30 one-run jobs dropped into a queue two daemons share each end once, with one run on the server."""
+    two_daemons_run_each_job_once(start_prod_daemon, tmp_path / "queue", 30, topology_served.b)
+
+
+@contextlib.contextmanager
+def _proxy_thread(upstream_port: int) -> Iterator[tuple[Proxy, asyncio.AbstractEventLoop]]:
+    """The tracking tests' ``Proxy``, on an event loop of its own thread, for a daemon subprocess."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="proxy", daemon=True)
+    thread.start()
+    proxy = Proxy(upstream_port)
+    asyncio.run_coroutine_threadsafe(proxy.__aenter__(), loop).result(10)
+    try:
+        yield proxy, loop
+    finally:
+        asyncio.run_coroutine_threadsafe(proxy.__aexit__(None, None, None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def _driven_job(runs: int) -> dict[str, Any]:
+    return {
+        "id": f"prod-{uuid.uuid4().hex[:8]}",
+        "deployment": DRIVEN,
+        "runs": [{"parameters": {"table": t}} for t in range(runs)],
+    }
+
+
+def _drive(server: LocalServer, run_ids: list[str], final: str = "Completed") -> None:
+    with client_of(server):
+        asyncio.run(drive(run_ids, final=final))
+
+
+def _submitted(daemon: Daemon, count: int) -> list[str]:
+    """The flow run ids of the first ``count`` runs the daemon submitted, by index."""
+    lines = daemon.wait_for_event("run.submitted", count=count)
+    return [line["flow_run_id"] for line in sorted(lines, key=lambda line: line["index"])]
+
+
+def test_event_stream_cut_by_a_proxy_falls_back_to_polling_and_resumes(
+    topology_served: Topology, spawn: Callable[..., Daemon]
+) -> None:
+    """With replica A's websocket cut mid-job the daemon polls (tracker.fallback), the job completes, and the stream resumes."""
+    a, b = topology_served.a, topology_served.b
+    with _proxy_thread(a.port) as (proxy, loop):
+        env = a.env(PREFECT_API_URL=proxy.api_url)
+        daemon = spawn(env, poll_interval_s=0.5, resubscribe_max_backoff_s=1.0)
+        daemon.wait_for_event("service.ready")
+        job_id = drop(daemon.queue, _driven_job(10))
+        ids = _submitted(daemon, 10)
+        _drive(b, ids[:5])
+        daemon.wait_for_event("run.finished", count=5)
+
+        proxy.refuse_websockets = True
+        loop.call_soon_threadsafe(proxy.cut_websockets)
+        daemon.wait_for_event("tracker.fallback")
+        _drive(b, ids[5:], final="Failed")
+        folder, result = daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="result")
+
+        proxy.refuse_websockets = False
+        daemon.wait_for_event("tracker.resumed")
+        assert daemon.stop() == 0
+
+    assert (folder, result["summary"]["succeeded"], result["summary"]["failed"]) == ("failed", 5, 5)
+    finished = {line["flow_run_id"]: line["source"] for line in daemon.events("run.finished")}
+    assert finished == {i: "event" for i in ids[:5]} | {i: "poll" for i in ids[5:]}
+    on_server = {str(r.id): r.state_type.value for r in server_runs(job_tag(job_id), b)}  # type: ignore[union-attr]
+    assert on_server == {r["flow_run_id"]: r["state_type"] for r in result["runs"]}
+    tracker = [line["event"] for line in daemon.lines() if line["event"].startswith("tracker.")]
+    assert tracker == ["tracker.streaming", "tracker.fallback", "tracker.resumed"]
+
+
+def test_a_refused_auth_string_claims_nothing_and_the_job_runs_once_it_is_fixed(
+    topology_served: Topology,
+    spawn: Callable[..., Daemon],
+    start_prod_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """With a wrong auth string the daemon logs one unauthorized error and leaves the job in incoming/; restarted with the right one it runs it."""
+    a, b = topology_served.a, topology_served.b
+    queue = tmp_path / "queue"
+    job_id = drop(queue, _driven_job(3))
+    wrong = spawn(a.env(PREFECT_API_AUTH_STRING="wrong:secret-value"), queue)
+    (refused,) = wrong.wait_for_event("service.unauthorized")
+    # The credentials are checked again with backoff (0.5, 1, 2 s): nothing changes meanwhile.
+    time.sleep(4)
+    assert wrong.stop() == 0
+    assert (refused["level"], refused["prefect_api_url"]) == ("error", a.api_url)
+    assert "Unauthorized" in refused["error"] and "PREFECT_API_AUTH_STRING" in refused["error"]
+    assert len(wrong.events("service.unauthorized")) == 1
+    assert wrong.events("service.ready") == wrong.events("job.claimed") == []
+    assert "secret-value" not in wrong.log_path.read_text()
+    assert os.listdir(queue / "incoming") == [f"{job_id}.json"]
+    assert os.listdir(queue / "rejected") == os.listdir(queue / "processing") == []
+
+    with BackgroundDriver(job_tag(job_id), server=b):
+        right = start_prod_daemon(queue)
+        right.wait_for(lambda: result_of(queue, job_id), what="result")
+        assert right.stop() == 0
+    assert_exactly_once(queue, job_id, runs=3, server=b)
+    assert right.events("service.unauthorized") == []
+
+
+async def test_the_library_raises_a_clear_error_at_once_for_a_refused_auth_string(
+    topology_served: Topology,
+) -> None:
+    """``flow_submitter`` with a wrong auth string raises AuthenticationError on its first call, naming the setting to check."""
+    settings = {PREFECT_API_URL: topology_served.a.api_url, PREFECT_API_AUTH_STRING: "wrong:key"}
+    with temporary_settings(settings):
+        async with flow_submitter(DRIVEN) as submission:
+            with pytest.raises(AuthenticationError) as refused:
+                await submission.submit(table=1)
+    assert "refused the credentials (HTTP 401" in str(refused.value)
+    assert "PREFECT_API_AUTH_STRING or PREFECT_API_KEY" in str(refused.value)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_credentials_are_an_authentication_error_not_a_verdict(status: int) -> None:
+    """A 401 or 403 becomes AuthenticationError (waited out like an outage), naming the URL without user info."""
+    request = httpx.Request("POST", "http://user:pw@prefect.example/api/deployments/filter")
+    response = httpx.Response(status, json={"detail": "Unauthorized"}, request=request)
+    with pytest.raises(AuthenticationError) as refused, _translate_errors("check credentials"):
+        response.raise_for_status()
+    assert isinstance(refused.value, TransientGatewayError)
+    assert str(refused.value) == (
+        "check credentials: Prefect at http://prefect.example/api/deployments/filter refused"
+        f" the credentials (HTTP {status}: Unauthorized); check PREFECT_API_AUTH_STRING or PREFECT_API_KEY"
+    )
+
+
+# Last: it restarts replica A.
+def test_replica_a_killed_mid_job_and_restarted_loses_no_run(
+    topology_served: Topology, start_prod_daemon: Callable[..., Daemon]
+) -> None:
+    """Replica A (the daemon's) dies by SIGKILL mid-job while runs end through B; once it is back the job completes, each run once."""
+    a, b = topology_served.a, topology_served.b
+    daemon = start_prod_daemon(poll_interval_s=0.5, resubscribe_max_backoff_s=1.0)
+    job_id = drop(daemon.queue, _driven_job(20))
+    ids = _submitted(daemon, 20)
+    _drive(b, ids[:10])
+    daemon.wait_for_event("run.finished", count=10)
+
+    assert a.process is not None
+    os.killpg(a.process.pid, signal.SIGKILL)
+    a.process.wait()
+    daemon.wait_for_event("service.prefect_unreachable")
+    _drive(b, ids[10:])
+    a.start()
+    daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="result")
+    assert daemon.stop() == 0
+
+    assert_exactly_once(daemon.queue, job_id, runs=20, server=b)
+    finished = [line["flow_run_id"] for line in daemon.events("run.finished")]
+    assert sorted(finished) == sorted(ids)  # each run recorded once
+    assert len(daemon.events("service.prefect_reachable")) == 1

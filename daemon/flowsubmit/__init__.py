@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from flowsubmit.errors import (
+    AuthenticationError,
     ClaimLost,
     ClosedError,
     FlowsubmitError,
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from flowsubmit.submission import FlowSubmission, flow_submitter
 
 __all__ = [
+    "AuthenticationError",
     "ClaimLost",
     "ClosedError",
     "FlowSubmission",

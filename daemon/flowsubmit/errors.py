@@ -6,6 +6,7 @@
       JobRejected              bad JSON, schema or field: the file goes to rejected/ with NAME.error.json
       GatewayError
         TransientGatewayError  network, timeouts, 429, 5xx: retried with backoff and jitter
+          AuthenticationError  401/403: the client's credentials are refused; never a verdict on a job
         PermanentGatewayError  unknown deployment, refused parameters: the job fails clearly
       ClaimLost                another daemon renamed the file first
       WaitTimeout              FlowSubmission.wait() ran out of time; carries the partial results
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 __all__ = [
     "ClaimLost",
+    "AuthenticationError",
     "ClosedError",
     "FlowsubmitError",
     "GatewayError",
@@ -81,6 +83,14 @@ class GatewayError(FlowsubmitError):
 
 class TransientGatewayError(GatewayError):
     """Prefect could not be reached or was busy; the same call may succeed later."""
+
+
+class AuthenticationError(TransientGatewayError):
+    """Prefect refused the client's credentials (HTTP 401/403): a configuration error of the client.
+
+    Never a verdict on a job: it is waited out like an outage (retried within
+    ``prefect_outage_tolerance_s``), and the daemon claims nothing while it lasts.
+    """
 
 
 class PermanentGatewayError(GatewayError):

@@ -57,8 +57,9 @@ from tenacity.wait import wait_exponential_jitter
 
 from flowsubmit import metrics
 from flowsubmit._types import FINAL_STATE_TYPES, Deployment, RunRequest, RunSnapshot
-from flowsubmit.connection import configured_api_url
+from flowsubmit.connection import configured_api_url, display_url
 from flowsubmit.errors import (
+    AuthenticationError,
     ClosedError,
     GatewayError,
     PermanentGatewayError,
@@ -76,6 +77,8 @@ log = structlog.get_logger("flowsubmit.gateway")
 READ_BATCH = 200
 _BULK_PATH = "/deployments/{id}/create_flow_run/bulk"
 _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: Credentials refused: a configuration error of this client, never a verdict on what it asked.
+_AUTH_STATUS = frozenset({401, 403})
 _TRANSIENT_DB_ERROR = re.compile(
     r"database is locked|OperationalError|deadlock|could not serialize|timed? ?out", re.I
 )
@@ -94,7 +97,8 @@ def _translate_errors(operation: str, deployment: str | None = None) -> Iterator
 
 @contextlib.contextmanager
 def _translate(operation: str, deployment: str | None = None) -> Iterator[None]:
-    """Map foreign exceptions to ``errors.py``: transport and 5xx are transient, 4xx permanent."""
+    """Map foreign exceptions to ``errors.py``: transport and 5xx are transient, 401/403 an
+    authentication error (waited out like an outage), other 4xx permanent."""
     try:
         yield
     except ObjectNotFound as exc:
@@ -109,11 +113,15 @@ def _translate(operation: str, deployment: str | None = None) -> Iterator[None]:
         ) from exc
     except httpx.HTTPStatusError as exc:
         detail = _http_detail(exc)
-        cls = (
-            TransientGatewayError
-            if exc.response.status_code in _TRANSIENT_STATUS
-            else PermanentGatewayError
-        )
+        status = exc.response.status_code
+        if status in _AUTH_STATUS:
+            raise AuthenticationError(
+                f"{operation}: Prefect at {display_url(str(exc.request.url))} refused the credentials ({detail}); "
+                "check PREFECT_API_AUTH_STRING or PREFECT_API_KEY",
+                operation=operation,
+                deployment=deployment,
+            ) from exc
+        cls = TransientGatewayError if status in _TRANSIENT_STATUS else PermanentGatewayError
         raise cls(
             f"{operation}: {detail}",
             operation=operation,
@@ -293,6 +301,16 @@ class Gateway:
         """The Prefect server's version (one call, no retries)."""
         with _translate_errors("read server version"):
             return str(await self.client.api_version())
+
+    async def check_credentials(self) -> None:
+        """One cheap authenticated read, no retries (Prefect's health route needs no credentials).
+
+        Raises:
+            AuthenticationError: Prefect refused the credentials (401/403).
+            TransientGatewayError: Prefect did not answer.
+        """
+        with _translate_errors("check credentials"):
+            await self.client.read_deployments(limit=1)
 
     async def resolve_deployment(self, name: str) -> Deployment:
         """Return the deployment ``flow/deployment``; unknown names are a permanent error."""

@@ -1,4 +1,4 @@
-"""Whether Prefect answers: the wait for it at start-up and the periodic check while the daemon runs."""
+"""Whether Prefect answers and takes our credentials: the wait at start-up and the periodic check while running."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import structlog
 
 from flowsubmit._aio import wait_event
 from flowsubmit.connection import display_url
-from flowsubmit.errors import GatewayError
+from flowsubmit.errors import AuthenticationError, GatewayError
 from flowsubmit.gateway import Gateway
 from flowsubmit.sdnotify import Notifier
 
@@ -20,7 +20,15 @@ log = structlog.get_logger("flowsubmit.service")
 
 
 class PrefectHealth:
-    """Owns the health checks of one gateway and when Prefect stopped answering."""
+    """Owns the health checks of one gateway, when Prefect stopped answering, and whether it
+    refuses the credentials.
+
+    A check is Prefect's health route, then one cheap authenticated read: the health
+    route answers without credentials, so it cannot tell a wrong key from a right one.
+    Refused credentials (401/403) count as Prefect not answering: nothing is claimed,
+    running jobs wait within ``prefect_outage_tolerance_s``; ``service.unauthorized`` is
+    logged once, as an error, instead of a warning per check.
+    """
 
     def __init__(
         self,
@@ -38,6 +46,8 @@ class PrefectHealth:
         self._tolerance_s = outage_tolerance_s
         #: When Prefect stopped answering (monotonic), or None while it answers.
         self.down_since: float | None = None
+        #: Why Prefect refuses the credentials, while it does.
+        self.refused: AuthenticationError | None = None
 
     async def wait_until_up(self, beat: Callable[[float], None] | None = None) -> bool:
         """Health-check Prefect with backoff until it answers; False if stopped first.
@@ -54,13 +64,15 @@ class PrefectHealth:
                 self.down_since = None
                 return True
             self.down_since = self.down_since or time.monotonic()
-            log.warning(
-                "service.waiting_for_prefect",
-                prefect_api_url=display_url(self._gateway.api_url or ""),
-                error=error,
-                retry_in_s=round(delay, 1),
-            )
-            self._notifier.notify("WATCHDOG=1", "STATUS=waiting for Prefect")
+            if self.refused is None:  # a refusal is logged once, as an error
+                log.warning(
+                    "service.waiting_for_prefect",
+                    prefect_api_url=display_url(self._gateway.api_url or ""),
+                    error=error,
+                    retry_in_s=round(delay, 1),
+                )
+            why = ": it refuses the credentials" if self.refused else ""
+            self._notifier.notify("WATCHDOG=1", f"STATUS=waiting for Prefect{why}")
             if beat is not None:
                 beat(delay + timeout_s)
             await wait_event(self._stop, delay)
@@ -77,13 +89,16 @@ class PrefectHealth:
         """
         period_s = min(self._poll_interval_s, self._tolerance_s / 2)
         while not self._stop.is_set():
-            if await self._error(timeout_s=max(period_s, 1.0)) is None:
+            # A database read besides the health ping: a busy server gets a few seconds.
+            if await self._error(timeout_s=max(period_s, 5.0)) is None:
                 self._back()
             elif self.down_since is None:
                 self.down_since = time.monotonic()
-                log.warning("service.prefect_unreachable", running=running())
+                if self.refused is None:
+                    log.warning("service.prefect_unreachable", running=running())
             elif time.monotonic() - self.down_since > self._tolerance_s:
-                abort(f"Prefect unreachable for more than {self._tolerance_s:g} s")
+                what = "refused the credentials" if self.refused else "unreachable"
+                abort(f"Prefect {what} for more than {self._tolerance_s:g} s")
             await wait_event(self._stop, period_s)
 
     def _back(self) -> None:
@@ -93,12 +108,28 @@ class PrefectHealth:
         self.down_since = None
 
     async def _error(self, timeout_s: float) -> str | None:
-        """One health check, bounded (Prefect's client retries a refused connection for a
-        minute): None when Prefect answers, else what went wrong."""
+        """One health check and one authenticated read, bounded (Prefect's client retries a
+        refused connection for a minute): None when Prefect answers and takes the
+        credentials, else what went wrong."""
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._gateway.health_error()
+                error = await self._gateway.health_error()
+                if error is None:
+                    await self._gateway.check_credentials()
         except TimeoutError:
             return f"no answer within {timeout_s:g} s"
+        except AuthenticationError as exc:
+            if self.refused is None:
+                log.error(
+                    "service.unauthorized",
+                    prefect_api_url=display_url(self._gateway.api_url or ""),
+                    error=str(exc),
+                )
+            self.refused = exc
+            return str(exc)
         except GatewayError as exc:
             return str(exc)
+        if error is None and self.refused is not None:
+            log.info("service.authorized", prefect_api_url=display_url(self._gateway.api_url or ""))
+            self.refused = None
+        return error

@@ -31,7 +31,13 @@ from typing import Any, Self
 import structlog
 
 from flowsubmit._types import Deployment, RunRequest, RunSnapshot
-from flowsubmit.errors import ClosedError, PermanentGatewayError, WaitTimeout
+from flowsubmit.errors import (
+    AuthenticationError,
+    ClosedError,
+    GatewayError,
+    PermanentGatewayError,
+    WaitTimeout,
+)
 from flowsubmit.gateway import Gateway, parameter_problem
 from flowsubmit.results import finished_message, summary_counts, summary_line
 from flowsubmit.tracker import Tracker
@@ -235,6 +241,8 @@ class FlowSubmission:
 
         Raises:
             PermanentGatewayError: unknown deployment, or parameters the flow refuses.
+            AuthenticationError: Prefect refuses the credentials (at once on the first
+                call; later refusals are waited out within ``outage_tolerance_s``).
             ClosedError: the submission was closed.
         """
         return await self.submit_with(parameters)
@@ -470,6 +478,7 @@ class FlowSubmission:
             gateway = await stack.enter_async_context(
                 Gateway(outage_tolerance_s=self.outage_tolerance_s)
             )
+            await _refuse_wrong_credentials(gateway)
             if self._resolved is None:
                 self._resolved = await gateway.resolve_deployment(self.deployment)
             tracker = await stack.enter_async_context(
@@ -570,3 +579,17 @@ def _check_parameters(deployment: Deployment, parameters: dict[str, Any]) -> Non
             operation="validate_parameters",
             deployment=deployment.name,
         )
+
+
+async def _refuse_wrong_credentials(gateway: Gateway) -> None:
+    """Raise ``AuthenticationError`` at once when Prefect refuses the credentials.
+
+    Only a refusal: Prefect not answering is left to the calls that follow, which wait
+    for it within ``outage_tolerance_s`` (as they would for refused credentials later on).
+    """
+    try:
+        await gateway.check_credentials()
+    except AuthenticationError:
+        raise
+    except GatewayError:
+        pass
