@@ -239,19 +239,19 @@ def two_daemons_run_each_job_once(
 def other_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     """A second Prefect server with the ``driven`` deployment registered, for outage tests."""
     server = LocalServer(home=tmp_path_factory.mktemp("other-prefect"))
-    server.start()
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from tests.flows import _deployment, driven; _deployment(driven, 'driven-deployment').apply()",
-        ],
-        env=server.env(),
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
     try:
+        server.start()  # inside the try: a start that times out must not leave the server running
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from tests.flows import _deployment, driven; _deployment(driven, 'driven-deployment').apply()",
+            ],
+            env=server.env(),
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         yield server
     finally:
         server.close()
