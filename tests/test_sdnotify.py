@@ -92,7 +92,9 @@ def test_daemon_notifies_ready_status_and_stopping_in_order(
         assert daemon.stop() == 0
     messages.extend(_received(sock))
 
-    others = [m for m in messages if m != "WATCHDOG=1"]
+    # A busy server may miss the first checks' bound (half the watchdog interval): waiting
+    # for Prefect pings the watchdog too, before READY=1.
+    others = [m for m in messages if not m.startswith("WATCHDOG=1")]
     idle = "0 jobs running, 0 runs tracked, 0 succeeded, 0 failed"
     assert others[0] == f"READY=1\nSTATUS={idle}"
     assert set(others[1:-1]) == {f"STATUS={idle}"}
