@@ -118,6 +118,8 @@ class Proxy:
         )
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
+        #: The loop the proxy runs on (other threads call its methods through it).
+        self.loop = asyncio.get_running_loop()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -8,13 +8,11 @@ only through Redis. ``pytest -m production`` runs these alone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +32,13 @@ from tests.conftest import Daemon, enqueue, result_of
 from tests.crashkit import BackgroundDriver, client_of, server_runs
 from tests.driver import drive
 from tests.flows import DRIVEN, ETL
+from tests.proxy import Proxy, running
 from tests.test_crash import (
     assert_exactly_once,
     drop,
     kill_9_then_restart,
     two_daemons_run_each_job_once,
 )
-from tests.test_tracking import Proxy
 
 #: Starting the topology (a migration, three Prefect processes) counts against the first test's timeout.
 pytestmark = [pytest.mark.production, pytest.mark.timeout(1200)]
@@ -112,23 +110,6 @@ def test_two_daemons_on_one_queue_run_each_of_30_jobs_once(
     two_daemons_run_each_job_once(start_prod_daemon, tmp_path / "queue", 30, topology_served.b)
 
 
-@contextlib.contextmanager
-def _proxy_thread(upstream_port: int) -> Iterator[tuple[Proxy, asyncio.AbstractEventLoop]]:
-    """The tracking tests' ``Proxy``, on an event loop of its own thread, for a daemon subprocess."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="proxy", daemon=True)
-    thread.start()
-    proxy = Proxy(upstream_port)
-    asyncio.run_coroutine_threadsafe(proxy.__aenter__(), loop).result(10)
-    try:
-        yield proxy, loop
-    finally:
-        asyncio.run_coroutine_threadsafe(proxy.__aexit__(None, None, None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-
 def _driven_job(runs: int) -> dict[str, Any]:
     return {
         "id": f"prod-{uuid.uuid4().hex[:8]}",
@@ -153,7 +134,7 @@ def test_event_stream_cut_by_a_proxy_falls_back_to_polling_and_resumes(
 ) -> None:
     """With replica A's websocket cut mid-job the daemon polls (tracker.fallback), the job completes, and the stream resumes."""
     a, b = topology_served.a, topology_served.b
-    with _proxy_thread(a.port) as (proxy, loop):
+    with running(Proxy(a.port)) as proxy:
         env = a.env(PREFECT_API_URL=proxy.api_url)
         daemon = spawn(env, poll_interval_s=0.5, resubscribe_max_backoff_s=1.0)
         daemon.wait_for_event("service.ready")
@@ -163,7 +144,7 @@ def test_event_stream_cut_by_a_proxy_falls_back_to_polling_and_resumes(
         daemon.wait_for_event("run.finished", count=5)
 
         proxy.refuse_websockets = True
-        loop.call_soon_threadsafe(proxy.cut_websockets)
+        proxy.loop.call_soon_threadsafe(proxy.cut_websockets)
         daemon.wait_for_event("tracker.fallback")
         _drive(b, ids[5:], final="Failed")
         folder, result = daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="result")
