@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 
 from flowsubmit.errors import ClaimLost
-from flowsubmit.executor import job_tag
 from flowsubmit.journal import Journal, replay
 from flowsubmit.localserver import LocalServer
 from flowsubmit.queue import JobLock, Queue
+from flowsubmit.runset import job_tag
 from tests.conftest import ROOT, Daemon, result_of
 from tests.crashkit import BackgroundDriver, server_runs
 from tests.flows import DRIVEN

@@ -15,9 +15,9 @@ from structlog.testing import capture_logs
 
 from flowsubmit._types import RunRequest
 from flowsubmit.errors import PermanentGatewayError, TransientGatewayError
-from flowsubmit.executor import idempotency_key
 from flowsubmit.gateway import Gateway
 from flowsubmit.localserver import LocalServer, free_port
+from flowsubmit.runset import idempotency_key
 from tests.flows import DRIVEN
 from tests.proxy import Proxy, missing_route
 

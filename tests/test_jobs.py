@@ -7,8 +7,8 @@ import json
 import pytest
 
 from flowsubmit.errors import JobRejected
-from flowsubmit.executor import idempotency_key
 from flowsubmit.jobs import RunSpec, parse_job
+from flowsubmit.runset import idempotency_key
 
 
 def _job(**fields: object) -> bytes:

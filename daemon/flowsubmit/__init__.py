@@ -18,7 +18,7 @@ from flowsubmit.errors import (
 )
 
 if TYPE_CHECKING:
-    from flowsubmit.submission import FlowSubmission, flow_submitter
+    from flowsubmit.submission import FlowSubmission, flow_submitter, run_batch
 
 __all__ = [
     "AuthenticationError",
@@ -33,12 +33,13 @@ __all__ = [
     "TransientGatewayError",
     "WaitTimeout",
     "flow_submitter",
+    "run_batch",
 ]
 
 # The library API imports Prefect, whose settings are read at import: `import flowsubmit`
-# stays cheap (the CLI imports it before Prefect's environment is set), and these two
+# stays cheap (the CLI imports it before Prefect's environment is set), and these
 # names are imported on first use.
-_LAZY = frozenset({"FlowSubmission", "flow_submitter"})
+_LAZY = frozenset({"FlowSubmission", "flow_submitter", "run_batch"})
 
 
 def __getattr__(name: str) -> Any:

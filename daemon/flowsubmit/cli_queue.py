@@ -187,11 +187,11 @@ def cancel(queue: Queue, job_id: str) -> str:
 
 
 def _cancel_waiting(queue: Queue, name: str, job_id: str) -> str:
-    from flowsubmit.results import result_document
+    from flowsubmit.results import JobResult
 
     claim = queue.claim(name, job_id)
     now = datetime.now(UTC)
-    result = result_document(
+    result = JobResult.of(
         job_id=job_id,
         status=JobStatus.CANCELLED,
         started_at=now,
@@ -199,7 +199,7 @@ def _cancel_waiting(queue: Queue, name: str, job_id: str) -> str:
         records=[],
         error="cancelled before it started (flowsubmit cancel): no run was created",
     )
-    queue.finish(claim, False, result)
+    queue.finish(claim, False, result.as_dict())
     return f"cancelled {job_id} before it started: no run was created (failed/{job_id}.result.json)"
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 from flowsubmit.localserver import LocalServer, served_flows
 from flowsubmit.queue import Queue
-from flowsubmit.results import summary_line
 
 __all__ = ["demo_job", "plan", "run_demo"]
 
@@ -117,8 +116,7 @@ def _print_result(result: dict[str, Any], say: Any) -> None:
         say(
             f"{mark} [{run['deployment']}] Run {short} finished with state: {run['state_name']}  (table {run['parameters'].get('table')})"
         )
-    summary = result["summary"]
-    say(summary_line(summary["succeeded"], summary["total"]))
+    say(result["summary"]["line"])
     say(f"result file: {result['_path']}")
 
 

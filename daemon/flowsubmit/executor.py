@@ -5,43 +5,28 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 from structlog.contextvars import bound_contextvars
 
 from flowsubmit import metrics
-from flowsubmit._types import Deployment, GatewayProtocol, JobStatus, RunRequest, RunSnapshot
+from flowsubmit._types import Deployment, GatewayProtocol, JobStatus, RunSnapshot
 from flowsubmit.errors import (
     GatewayError,
     JobRejected,
     PermanentGatewayError,
     TransientGatewayError,
 )
-from flowsubmit.gateway import parameter_problem
-from flowsubmit.jobs import DEPLOYMENT_HINT, Job, RunSpec, Stage
+from flowsubmit.jobs import DEPLOYMENT_HINT, Job, Stage
 from flowsubmit.journal import Journal, JournalState, snapshot_record
 from flowsubmit.policy import Producer
-from flowsubmit.results import RunRecord, finished_message, result_document, summary_line
+from flowsubmit.results import JobResult, RunRecord
+from flowsubmit.runset import CANCEL_GRACE_S, RunSet, idempotency_key, job_tag, parameter_error
 from flowsubmit.tracker import Tracker
 
-__all__ = ["Executor", "JobOutcome", "idempotency_key", "job_tag", "prepare"]
+__all__ = ["Executor", "JobOutcome", "prepare"]
 
 log = structlog.get_logger("flowsubmit.executor")
-
-
-#: After cancelling a job's runs, how long it waits for them to reach a final state.
-CANCEL_GRACE_S = 10.0
-
-
-def idempotency_key(deployment_id: str, job_id: str, stage: int, index: int, attempt: int) -> str:
-    """The key of one creation. It carries the deployment id because Prefect scopes keys per flow."""
-    return f"flowsubmit/{deployment_id}/{job_id}/{stage}/{index}/{attempt}"
-
-
-def job_tag(job_id: str) -> str:
-    """The tag that marks every run of one job (to find them on the server)."""
-    return f"flowsubmit-job:{job_id}"
 
 
 @dataclass(frozen=True)
@@ -49,7 +34,68 @@ class JobOutcome:
     """How a job ended and its result document."""
 
     status: JobStatus
-    result: dict[str, Any]
+    result: JobResult
+
+
+class _JournalLedger:
+    """The run-set's ledger for a daemon job: its journal, appended before anything counts."""
+
+    def __init__(self, journal: Journal, state: JournalState) -> None:
+        self._journal = journal
+        self._state = state
+
+    def created(self, record: RunRecord, attempt: int) -> str | None:
+        return self._state.created.get((record.stage, record.index, attempt))
+
+    def final(self, run_id: str) -> RunSnapshot | None:
+        return self._state.finals.get(run_id)
+
+    def add_created(self, record: RunRecord, attempt: int, run_id: str) -> None:
+        self._journal.append(
+            "created", stage=record.stage, index=record.index, attempt=attempt, flow_run_id=run_id
+        )
+        self._state.created[(record.stage, record.index, attempt)] = run_id
+
+    def add_final(self, snap: RunSnapshot) -> None:
+        self._journal.append("final", **snapshot_record(snap))
+        self._state.finals[snap.flow_run_id] = snap
+
+
+class _JobReporter:
+    """The run-set's events as the daemon's structlog lines (``run.*`` in docs/logs.md)."""
+
+    def submitted(self, record: RunRecord, run_id: str) -> None:
+        log.info("run.submitted", index=record.index, attempt=record.attempts, flow_run_id=run_id)
+
+    def retrying(self, record: RunRecord, previous: RunSnapshot, run_id: str) -> None:
+        log.info(
+            "run.retrying",
+            index=record.index,
+            flow_run_id=previous.flow_run_id,
+            state=previous.state_name,
+            attempt=record.attempts,
+        )
+
+    def finished(self, record: RunRecord, snap: RunSnapshot, message: str) -> None:
+        metrics.observe_detection(snap)
+        log.info(
+            "run.finished",
+            index=record.index,
+            flow_run_id=snap.flow_run_id,
+            flow_run_name=snap.flow_run_name,
+            state=snap.state_name,
+            state_type=snap.state_type,
+            source=snap.source,
+            message=message,
+        )
+
+    def cancelled(self, record: RunRecord, run_id: str, snap: RunSnapshot | None) -> None:
+        log.info(
+            "run.cancelled", index=record.index, flow_run_id=run_id, state=snap and snap.state_name
+        )
+
+    def cancel_failed(self, record: RunRecord, run_id: str, error: GatewayError) -> None:
+        log.warning("run.cancel_failed", index=record.index, flow_run_id=run_id, error=str(error))
 
 
 class Executor:
@@ -79,7 +125,8 @@ class Executor:
         self._journal = journal
         self._state = state
         self._run_tag = run_tag
-        self._records: dict[tuple[int, int], RunRecord] = {}
+        #: The run-sets of the stages started so far (the result lists their runs).
+        self._started: list[RunSet] = []
         self._deadline: asyncio.Timeout | None = None
         self._cancel_requested = False
         self._abort_reason: str | None = None
@@ -93,8 +140,8 @@ class Executor:
     @property
     def progress(self) -> tuple[int, int]:
         """(runs final, runs known) so far."""
-        finished = sum(1 for r in self._records.values() if r.state_type is not None)
-        return finished, len(self._records)
+        records = self._records()
+        return sum(1 for r in records if r.state_type is not None), len(records)
 
     def cancel(self) -> None:
         """Stop the job now: runs still going are cancelled in Prefect, the job ends ``cancelled``.
@@ -117,11 +164,52 @@ class Executor:
         if self._deadline is not None and not self._deadline.expired():
             self._deadline.reschedule(asyncio.get_running_loop().time())
 
-    async def prepare(self) -> list[tuple[Stage, Deployment]]:
-        """``prepare(job, gateway)`` for this job: the checks before anything is created."""
-        return await prepare(self.job, self._gateway)
+    async def prepare(self) -> list[tuple[Stage, RunSet]]:
+        """``prepare(job, gateway)`` for this job, then one run-set per stage.
 
-    async def run(self, prepared: list[tuple[Stage, Deployment]]) -> JobOutcome:
+        Raises:
+            JobRejected: unknown deployment, parameters the flow does not take or its
+                schema refuses, or a work queue that does not exist.
+        """
+        checked = await prepare(self.job, self._gateway)
+        return [
+            (stage, self._run_set(stage, deployment, i))
+            for i, (stage, deployment) in enumerate(checked)
+        ]
+
+    def _run_set(self, stage: Stage, deployment: Deployment, stage_index: int) -> RunSet:
+        job_id = self.job_id
+        runs = RunSet(
+            deployment,
+            key=lambda deployment_id, index, attempt: idempotency_key(
+                deployment_id, job_id, stage_index, index, attempt
+            ),
+            tags=self._own_tags,
+            reporter=_JobReporter(),
+            work_queue_name=stage.work_queue_name,
+            lane=job_id,
+            priority=self.job.priority,
+            ledger=_JournalLedger(self._journal, self._state),
+            recovered=self._recovered,
+        )
+        for spec in stage.expand(stage_index):
+            runs.add(
+                RunRecord(
+                    spec.stage,
+                    spec.index,
+                    deployment.name,
+                    spec.parameters,
+                    tags=spec.tags,
+                    job_variables=stage.job_variables,
+                    name=spec.name,
+                )
+            )
+        return runs
+
+    def _records(self) -> list[RunRecord]:
+        return [record for runs in self._started for record in runs.ordered()]
+
+    async def run(self, prepared: list[tuple[Stage, RunSet]]) -> JobOutcome:
         """Run the stages; never raises for failed runs (they are data in the result)."""
         started = datetime.now(UTC)
         status, error = JobStatus.SUCCEEDED, None
@@ -132,26 +220,25 @@ class Executor:
                 status, error = await self._run_stages(prepared)
         except TimeoutError:
             status, error = await self._interrupted()
-        records = list(self._records.values())
-        result = result_document(
+        result = JobResult.of(
             job_id=self.job_id,
             status=status,
             started_at=started,
             ended_at=datetime.now(UTC),
-            records=records,
+            records=self._records(),
             error=error,
             producer=self._producer.as_dict() if self._producer else None,
         )
-        summary = result["summary"]
+        summary = result.summary
         log.info(
             "job.summary",
             status=status.value,
-            total=summary["total"],
-            succeeded=summary["succeeded"],
-            failed=summary["failed"],
-            by_state=summary["by_state"],
-            duration_s=result["duration_s"],
-            message=summary_line(summary["succeeded"], summary["total"]),
+            total=summary.total,
+            succeeded=summary.succeeded,
+            failed=summary.failed,
+            by_state=summary.by_state,
+            duration_s=result.duration_s,
+            message=summary.line,
         )
         return JobOutcome(status, result)
 
@@ -166,24 +253,23 @@ class Executor:
         if self._abort_reason is not None:
             return JobStatus.FAILED, self._abort_reason  # Prefect is gone: nothing to cancel
         status = JobStatus.CANCELLED if self._cancel_requested else JobStatus.TIMED_OUT
-        if self._cancel_requested or self.job.on_timeout == "cancel":
-            await self._cancel_unfinished()
+        for runs in self._started:
+            if self._cancel_requested or self.job.on_timeout == "cancel":
+                await runs.cancel_unfinished(CANCEL_GRACE_S)
+            runs.abandon()  # what has not ended is left to Prefect, recorded without a final state
         return status, None
 
     # -- stages -----------------------------------------------------------------------------
 
     async def _run_stages(
-        self, prepared: list[tuple[Stage, Deployment]]
+        self, prepared: list[tuple[Stage, RunSet]]
     ) -> tuple[JobStatus, str | None]:
-        for stage_index, (stage, deployment) in enumerate(prepared):
-            specs = stage.expand(stage_index)
-            for spec in specs:
-                self._records[(spec.stage, spec.index)] = RunRecord(
-                    spec.stage, spec.index, deployment.name, spec.parameters
-                )
-            with bound_contextvars(deployment=deployment.name, stage=stage_index):
-                await self._run_stage(stage, deployment, specs)
-            if not all(self._records[(s.stage, s.index)].succeeded for s in specs):
+        for stage_index, (stage, runs) in enumerate(prepared):
+            runs.attach(self._gateway, self._tracker)
+            self._started.append(runs)
+            with bound_contextvars(deployment=runs.deployment.name, stage=stage_index):
+                await self._run_stage(stage, runs)
+            if not all(record.succeeded for record in runs.ordered()):
                 left = len(prepared) - stage_index - 1
                 error = (
                     f"stage {stage_index} did not complete in full; {left} later stage(s) not started"
@@ -193,137 +279,32 @@ class Executor:
                 return JobStatus.FAILED, error
         return JobStatus.SUCCEEDED, None
 
-    async def _run_stage(self, stage: Stage, deployment: Deployment, specs: list[RunSpec]) -> None:
-        slots = asyncio.Semaphore(stage.max_concurrency or len(specs))
+    async def _run_stage(self, stage: Stage, runs: RunSet) -> None:
+        records = runs.ordered()
+        slots = asyncio.Semaphore(stage.max_concurrency or len(records))
         async with asyncio.TaskGroup() as tg:
-            for spec in specs:
-                tg.create_task(self._run_one(stage, deployment, spec, slots))
+            for record in records:
+                tg.create_task(self._run_one(stage, runs, record, slots))
 
     async def _run_one(
-        self, stage: Stage, deployment: Deployment, spec: RunSpec, slots: asyncio.Semaphore
+        self, stage: Stage, runs: RunSet, record: RunRecord, slots: asyncio.Semaphore
     ) -> None:
-        record = self._records[(spec.stage, spec.index)]
+        """The retry policy: up to ``stage.retries`` more attempts while the run does not complete."""
         async with slots:
-            for attempt in range(stage.retries + 1):
-                record.attempts = attempt + 1
+            for _ in range(stage.retries + 1):
                 try:
-                    run_id = await self._created_run(stage, deployment, spec, attempt)
+                    run_id = await runs.create(record)
                 except PermanentGatewayError as exc:
                     record.error, record.state_name = str(exc), "NotCreated"
-                    log.error("run.refused", index=spec.index, error=str(exc))
+                    log.error("run.refused", index=record.index, error=str(exc))
                     return
                 except TransientGatewayError as exc:
                     # The gateway retried for prefect_outage_tolerance_s: the job fails as a whole.
                     record.error, record.state_name = str(exc), "NotCreated"
                     self.abort(f"Prefect unreachable beyond prefect_outage_tolerance_s: {exc}")
                     return
-                record.flow_run_id = run_id
-                snap = await self._final_state(run_id, deployment.name, spec)
-                record.record(snap)
-                if snap.succeeded:
+                if (await runs.final(run_id)).succeeded:
                     return
-                if attempt < stage.retries:
-                    log.info(
-                        "run.retrying",
-                        index=spec.index,
-                        flow_run_id=run_id,
-                        state=snap.state_name,
-                        attempt=attempt + 2,
-                    )
-
-    async def _created_run(
-        self, stage: Stage, deployment: Deployment, spec: RunSpec, attempt: int
-    ) -> str:
-        known = self._state.created.get((spec.stage, spec.index, attempt))
-        if known is not None:
-            return known
-        request = RunRequest(
-            idempotency_key=idempotency_key(
-                deployment.id, self.job_id, spec.stage, spec.index, attempt
-            ),
-            parameters=spec.parameters,
-            tags=tuple(dict.fromkeys([*self._own_tags, *spec.tags])),
-            job_variables=stage.job_variables,
-            work_queue_name=stage.work_queue_name,
-            name=spec.name,
-            lane=self.job_id,
-            priority=self.job.priority,
-        )
-        run_id = await self._gateway.create_run(deployment, request)
-        self._journal.append(
-            "created", stage=spec.stage, index=spec.index, attempt=attempt, flow_run_id=run_id
-        )
-        self._state.created[(spec.stage, spec.index, attempt)] = run_id
-        log.info("run.submitted", index=spec.index, attempt=attempt + 1, flow_run_id=run_id)
-        return run_id
-
-    async def _final_state(self, run_id: str, deployment: str, spec: RunSpec) -> RunSnapshot:
-        known = self._state.finals.get(run_id)
-        if known is not None:
-            return known
-        waiting = asyncio.shield(self._tracker.watch(run_id))
-        if self._recovered:
-            self._tracker.reconcile_soon()  # it may have ended while no daemon listened
-        return self._record_final(await waiting, deployment, spec)
-
-    def _record_final(self, snap: RunSnapshot, deployment: str, spec: RunSpec) -> RunSnapshot:
-        """Journal a run's final state, then log it: the one canonical line per run attempt."""
-        self._journal.append("final", **snapshot_record(snap))
-        self._state.finals[snap.flow_run_id] = snap
-        metrics.observe_detection(snap)
-        log.info(
-            "run.finished",
-            index=spec.index,
-            flow_run_id=snap.flow_run_id,
-            flow_run_name=snap.flow_run_name,
-            state=snap.state_name,
-            state_type=snap.state_type,
-            source=snap.source,
-            message=finished_message(deployment, snap),
-        )
-        return snap
-
-    async def _cancel_unfinished(self) -> None:
-        """Ask Prefect to cancel every run not final yet, then give them ``CANCEL_GRACE_S`` to end.
-
-        A Scheduled run has nothing to stop and ends Cancelled at once; a running one
-        ends when its worker or runner has stopped it. What has not ended by then is
-        left to Prefect and recorded without a final state.
-        """
-        stopping: dict[str, RunRecord] = {}
-        for record in self._records.values():
-            if record.flow_run_id and record.state_type is None:
-                snap = await self._cancel(record, record.flow_run_id)
-                if snap is not None and snap.final:
-                    self._tracker.forget(record.flow_run_id)
-                    record.record(self._record_final(snap, record.deployment, _spec_of(record)))
-                else:
-                    stopping[record.flow_run_id] = record
-        if stopping:
-            await self._collect_cancelled(stopping)
-
-    async def _cancel(self, record: RunRecord, run_id: str) -> RunSnapshot | None:
-        try:
-            snap = await self._gateway.cancel_run(run_id)
-        except GatewayError as exc:
-            log.warning("run.cancel_failed", index=record.index, flow_run_id=run_id, error=str(exc))
-            return None
-        log.info(
-            "run.cancelled", index=record.index, flow_run_id=run_id, state=snap and snap.state_name
-        )
-        return snap
-
-    async def _collect_cancelled(self, stopping: dict[str, RunRecord]) -> None:
-        futures = {self._tracker.watch(run_id): run_id for run_id in stopping}
-        done, _ = await asyncio.wait(futures, timeout=CANCEL_GRACE_S)
-        for future, run_id in futures.items():
-            record = stopping[run_id]
-            if future in done and not future.cancelled():
-                record.record(
-                    self._record_final(future.result(), record.deployment, _spec_of(record))
-                )
-            else:
-                self._tracker.forget(run_id)  # its job no longer waits for it
 
 
 async def prepare(job: Job, gateway: GatewayProtocol) -> list[tuple[Stage, Deployment]]:
@@ -345,16 +326,10 @@ async def prepare(job: Job, gateway: GatewayProtocol) -> list[tuple[Stage, Deplo
             raise JobRejected(str(exc), field=field, hint=DEPLOYMENT_HINT) from exc
         await _check_work_queue(job, gateway, stage, deployment, stage_index)
         for spec in stage.expand(stage_index):
-            problem = parameter_problem(deployment, spec.parameters)
+            where = f"stage {stage_index} run {spec.index}" if job.stages else f"run {spec.index}"
+            problem = parameter_error(deployment, spec.parameters, where)
             if problem is not None:
-                reason, parameter = problem
-                where = (
-                    f"stage {stage_index} run {spec.index}" if job.stages else f"run {spec.index}"
-                )
-                raise JobRejected(
-                    f"{where}: {reason}",
-                    field=f"parameters.{parameter}" if parameter else "parameters",
-                )
+                raise problem
         prepared.append((stage, deployment))
     return prepared
 
@@ -371,7 +346,3 @@ async def _check_work_queue(
         raise JobRejected(
             str(exc), field=field, hint='set "create_work_queue": true to allow a new queue'
         ) from exc
-
-
-def _spec_of(record: RunRecord) -> RunSpec:
-    return RunSpec(record.stage, record.index, record.parameters)

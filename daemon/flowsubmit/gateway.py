@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, Self
 
 import httpx
-import structlog
 from jsonschema.exceptions import best_match  # type: ignore[import-untyped]
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.actions import DeploymentFlowRunCreate
@@ -65,13 +64,14 @@ from flowsubmit.errors import (
     PermanentGatewayError,
     TransientGatewayError,
 )
+from flowsubmit.logs import get_logger
 from flowsubmit.pacer import Pacer
 from flowsubmit.redaction import mentions_secret
 from flowsubmit.scheduler import CreateScheduler
 
 __all__ = ["READ_BATCH", "Gateway", "parameter_problem"]
 
-log = structlog.get_logger("flowsubmit.gateway")
+log = get_logger("flowsubmit.gateway")
 
 #: Runs read per ``read_flow_runs`` call (the server's default page size).
 READ_BATCH = 200

@@ -24,6 +24,7 @@ __all__ = [
     "RunSpec",
     "Stage",
     "check_job",
+    "deployment_name_problem",
     "job_schema",
     "parse_job",
 ]
@@ -509,6 +510,13 @@ def _rejection_from(error: Any) -> JobRejected:
     if error["type"] == "string_pattern_mismatch":
         return _pattern_rejection(str(error["loc"][-1]), error["input"], field)
     return JobRejected(sentence(error), field=field)
+
+
+def deployment_name_problem(name: str) -> JobRejected | None:
+    """Why ``name`` is not ``flow-name/deployment-name``, as a job file's ``deployment`` is told; None when it is."""
+    if re.match(DEPLOYMENT_PATTERN, name):
+        return None
+    return _pattern_rejection("deployment", name, "deployment")
 
 
 def _pattern_rejection(name: str, value: str, field: str | None) -> JobRejected:

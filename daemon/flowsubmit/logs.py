@@ -11,7 +11,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from flowsubmit.redaction import redact
 
-__all__ = ["configure", "get_logger", "render_console", "resolve_format"]
+__all__ = ["EngineLogger", "configure", "get_logger", "render_console", "resolve_format"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -88,6 +88,44 @@ def configure(fmt: str = "json", level: str = "info", *, cache: bool = True) -> 
     )
 
 
-def get_logger(name: str) -> Any:
-    """A structlog logger; ``name`` is kept as the ``logger`` key."""
-    return structlog.get_logger(logger=name)
+def get_logger(name: str) -> EngineLogger:
+    """The logger of a module the daemon and the library share (gateway, tracker)."""
+    return EngineLogger(name)
+
+
+class EngineLogger:
+    """structlog events once ``configure`` ran (the daemon), else stdlib ``logging`` (the library).
+
+    In library use the events go to the stdlib logger ``name`` as ``event key=value``
+    messages (secrets masked), ``info`` ones at ``DEBUG``: the engine's own news
+    (stream up, resumed) is not the script's, its warnings and errors are.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._struct = structlog.get_logger(name)
+        self._std = logging.getLogger(name)
+
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        if structlog.is_configured():
+            getattr(self._struct, level)(event, **fields)
+            return
+        exc_info = fields.pop("exc_info", None)
+        text = " ".join([event, *(f"{k}={v}" for k, v in redact(fields).items())])
+        std_level = _LEVELS[level] if _LEVELS[level] > logging.INFO else logging.DEBUG
+        self._std.log(std_level, text, exc_info=exc_info)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        """Log at debug."""
+        self._emit("debug", event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        """Log at info (debug in library use)."""
+        self._emit("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        """Log at warning."""
+        self._emit("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        """Log at error."""
+        self._emit("error", event, fields)

@@ -1,27 +1,31 @@
-"""What a job produced: per-run records, the summary counts and sentence, the result document."""
+"""What runs produced: per-run records, the summary counts and sentence, the typed result document."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from flowsubmit._types import JobStatus, RunSnapshot
 from flowsubmit.redaction import redact
 
-__all__ = ["RunRecord", "finished_message", "result_document", "summary_counts", "summary_line"]
+__all__ = ["JobResult", "RunRecord", "RunResult", "Summary", "finished_message"]
 
 
 @dataclass
 class RunRecord:
-    """One run of a job as it stands: filled in as it is created, retried and finished."""
+    """One run of a set as it stands: what to create, and what became of every attempt."""
 
     stage: int
     index: int
     deployment: str
     parameters: dict[str, Any]
+    tags: tuple[str, ...] = ()
+    job_variables: dict[str, Any] = field(default_factory=dict)
+    #: The flow run name asked for (Prefect makes one up when None).
+    name: str | None = None
     flow_run_id: str | None = None
     flow_run_name: str | None = None
     state_name: str | None = None
@@ -30,6 +34,10 @@ class RunRecord:
     start_time: datetime | None = None
     end_time: datetime | None = None
     error: str | None = None
+    #: The run of every attempt, oldest first (the last one is ``flow_run_id``).
+    run_ids: list[str] = field(default_factory=list)
+    #: The final state of every attempt that has one.
+    snapshots: dict[str, RunSnapshot] = field(default_factory=dict)
 
     @property
     def succeeded(self) -> bool:
@@ -45,8 +53,43 @@ class RunRecord:
         self.start_time = snap.start_time
         self.end_time = snap.end_time
 
+    def result(self) -> RunResult:
+        """The run's entry in the result document, as it stands now."""
+        return RunResult(
+            stage=self.stage,
+            index=self.index,
+            deployment=self.deployment,
+            parameters=self.parameters,
+            flow_run_id=self.flow_run_id,
+            flow_run_name=self.flow_run_name,
+            state_name=self.state_name,
+            state_type=self.state_type,
+            attempts=self.attempts,
+            start_time=self.start_time,
+            end_time=self.end_time,
+            error=self.error,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """One run's entry in ``JOB.result.json``."""
+
+    stage: int
+    index: int
+    deployment: str
+    parameters: dict[str, Any]
+    flow_run_id: str | None
+    flow_run_name: str | None
+    state_name: str | None
+    state_type: str | None
+    attempts: int
+    start_time: datetime | None
+    end_time: datetime | None
+    error: str | None
+
     def as_dict(self) -> dict[str, Any]:
-        """The run's entry in the result file (secret-like parameters masked)."""
+        """The JSON form (secret-like parameters masked)."""
         return {
             "stage": self.stage,
             "index": self.index,
@@ -63,24 +106,37 @@ class RunRecord:
         }
 
 
-def summary_counts(
-    state_types_and_names: Iterable[tuple[str | None, str | None]],
-) -> dict[str, Any]:
-    """Counts of a set of runs: total, succeeded, failed and by state name."""
-    pairs = list(state_types_and_names)
-    succeeded = sum(1 for state_type, _ in pairs if state_type == "COMPLETED")
-    by_state = Counter(name or "NotFinished" for _, name in pairs)
-    return {
-        "total": len(pairs),
-        "succeeded": succeeded,
-        "failed": len(pairs) - succeeded,
-        "by_state": dict(sorted(by_state.items())),
-    }
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The counts of a set of runs (their latest attempts) and the seed's sentence."""
 
+    total: int
+    succeeded: int
+    failed: int
+    by_state: dict[str, int]
 
-def summary_line(succeeded: int, total: int) -> str:
-    """``Summary → 18/20 succeeded, 2 failed``."""
-    return f"Summary → {succeeded}/{total} succeeded, {total - succeeded} failed"
+    @classmethod
+    def of(cls, records: Iterable[RunRecord]) -> Summary:
+        """Count ``records`` by their current state (``NotFinished`` when they have none)."""
+        pairs = [(r.state_type, r.state_name) for r in records]
+        succeeded = sum(1 for state_type, _ in pairs if state_type == "COMPLETED")
+        by_state = Counter(name or "NotFinished" for _, name in pairs)
+        return cls(len(pairs), succeeded, len(pairs) - succeeded, dict(sorted(by_state.items())))
+
+    @property
+    def line(self) -> str:
+        """``Summary → 18/20 succeeded, 2 failed``."""
+        return f"Summary → {self.succeeded}/{self.total} succeeded, {self.failed} failed"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``summary`` object of the result document."""
+        return {
+            "total": self.total,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "by_state": dict(self.by_state),
+            "line": self.line,
+        }
 
 
 def finished_message(deployment: str, snap: RunSnapshot) -> str:
@@ -91,29 +147,63 @@ def finished_message(deployment: str, snap: RunSnapshot) -> str:
     )
 
 
-def result_document(
-    *,
-    job_id: str,
-    status: JobStatus,
-    started_at: datetime,
-    ended_at: datetime,
-    records: list[RunRecord],
-    error: str | None = None,
-    producer: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The content of ``JOB.result.json``; ``producer`` is who dropped the job (#14)."""
-    counts = summary_counts((r.state_type, r.state_name) for r in records)
-    return {
-        "job_id": job_id,
-        "status": status.value,
-        "producer": producer,
-        "started_at": _iso(started_at),
-        "ended_at": _iso(ended_at),
-        "duration_s": round((ended_at - started_at).total_seconds(), 3),
-        "summary": {**counts, "line": summary_line(counts["succeeded"], counts["total"])},
-        "error": error,
-        "runs": [r.as_dict() for r in sorted(records, key=lambda r: (r.stage, r.index))],
-    }
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """What a job produced: the content of ``JOB.result.json``."""
+
+    job_id: str
+    status: JobStatus
+    started_at: datetime
+    ended_at: datetime
+    summary: Summary
+    runs: tuple[RunResult, ...]
+    error: str | None = None
+    #: Who dropped the job (#14), as ``Producer.as_dict()``.
+    producer: dict[str, Any] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        job_id: str,
+        status: JobStatus,
+        started_at: datetime,
+        ended_at: datetime,
+        records: Iterable[RunRecord],
+        error: str | None = None,
+        producer: dict[str, Any] | None = None,
+    ) -> JobResult:
+        """The result of a job whose runs stand as ``records``."""
+        ordered = sorted(records, key=lambda r: (r.stage, r.index))
+        return cls(
+            job_id=job_id,
+            status=status,
+            started_at=started_at,
+            ended_at=ended_at,
+            summary=Summary.of(ordered),
+            runs=tuple(r.result() for r in ordered),
+            error=error,
+            producer=producer,
+        )
+
+    @property
+    def duration_s(self) -> float:
+        """Seconds from start to end, to the millisecond."""
+        return round((self.ended_at - self.started_at).total_seconds(), 3)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form written to ``JOB.result.json``."""
+        return {
+            "job_id": self.job_id,
+            "status": self.status.value,
+            "producer": self.producer,
+            "started_at": _iso(self.started_at),
+            "ended_at": _iso(self.ended_at),
+            "duration_s": self.duration_s,
+            "summary": self.summary.as_dict(),
+            "error": self.error,
+            "runs": [r.as_dict() for r in self.runs],
+        }
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
+from collections.abc import Callable
+
+from flowsubmit._aio import wait_event
 
 __all__ = ["Notifier"]
 
@@ -53,3 +58,15 @@ class Notifier:
     def watchdog(self) -> None:
         """WATCHDOG=1."""
         self.notify("WATCHDOG=1")
+
+    async def keep_alive(
+        self, last_tick: Callable[[], float], stale_after_s: float, stop: asyncio.Event
+    ) -> None:
+        """Ping the watchdog only while ``last_tick()`` (monotonic) is recent, so a wedged loop gets restarted."""
+        interval_s = self.watchdog_interval_s
+        if interval_s is None:
+            return
+        while not stop.is_set():
+            if time.monotonic() - last_tick() < stale_after_s:
+                self.watchdog()
+            await wait_event(stop, interval_s)

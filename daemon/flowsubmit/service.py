@@ -15,7 +15,6 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from flowsubmit import metrics, retention
-from flowsubmit._aio import wait_event
 from flowsubmit._types import JobStatus
 from flowsubmit.connection import display_url, versions
 from flowsubmit.errors import GatewayError, JobRejected
@@ -28,7 +27,7 @@ from flowsubmit.jobs import Job
 from flowsubmit.policy import Producer
 from flowsubmit.prefect_health import PrefectHealth
 from flowsubmit.queue import FOLDERS, Claim, Queue, job_files
-from flowsubmit.results import result_document
+from flowsubmit.results import JobResult
 from flowsubmit.sdnotify import Notifier
 from flowsubmit.settings import Settings, crash_point
 from flowsubmit.tracker import Tracker
@@ -178,10 +177,6 @@ class Service:
                     helper.cancel()  # a health check in flight must not delay the exit
                 await self._drain()
         log.info("service.stopped", **self.counts)
-
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, but wake at once on ``stop()``."""
-        await wait_event(self._stop, seconds)
 
     def _abort_jobs(self, reason: str) -> None:
         for job_id, executor in self._executors.items():
@@ -351,34 +346,31 @@ class Service:
             error = exc.with_file(claim.source)
             self._rejected(error, self.queue.reject_claimed(claim, error))
             return
-        outcome = await executor.run(prepared)
-        succeeded = outcome.status is JobStatus.SUCCEEDED
-        target = self.queue.finish(claim, succeeded, outcome.result)
-        self.counts["succeeded" if succeeded else "failed"] += 1
-        metrics.JOBS.labels(outcome.status.value).inc()
-        log.info(
-            "job.finished",
-            status=outcome.status.value,
-            moved_to=str(target),
-            error=outcome.result.get("error"),
-        )
+        self._finish(claim, (await executor.run(prepared)).result)
 
     def _finish_crashed(self, claim: Claim, producer: Producer, exc: Exception) -> None:
         now = datetime.now(UTC)
-        result = result_document(
-            job_id=claim.job_id,
-            status=JobStatus.FAILED,
-            producer=producer.as_dict(),
-            started_at=now,
-            ended_at=now,
-            records=[],
-            error=str(exc),
+        self._finish(
+            claim,
+            JobResult.of(
+                job_id=claim.job_id,
+                status=JobStatus.FAILED,
+                started_at=now,
+                ended_at=now,
+                records=[],
+                error=str(exc),
+                producer=producer.as_dict(),
+            ),
         )
-        target = self.queue.finish(claim, False, result)
-        self.counts["failed"] += 1
-        metrics.JOBS.labels(JobStatus.FAILED.value).inc()
+
+    def _finish(self, claim: Claim, result: JobResult) -> None:
+        """Write the result and move the job to ``done/`` or ``failed/``; count and log it."""
+        succeeded = result.status is JobStatus.SUCCEEDED
+        target = self.queue.finish(claim, succeeded, result.as_dict())
+        self.counts["succeeded" if succeeded else "failed"] += 1
+        metrics.JOBS.labels(result.status.value).inc()
         log.info(
-            "job.finished", status=JobStatus.FAILED.value, moved_to=str(target), error=str(exc)
+            "job.finished", status=result.status.value, moved_to=str(target), error=result.error
         )
 
     # -- watchdog ----------------------------------------------------------------------------------
@@ -387,12 +379,6 @@ class Service:
         interval = self.notifier.watchdog_interval_s
         if interval is None:
             return []
-        return [tg.create_task(self._watchdog(interval), name="flowsubmit-watchdog")]
-
-    async def _watchdog(self, interval_s: float) -> None:
-        """Ping systemd only while the claim loop makes progress, so a wedged loop gets restarted."""
-        stale_after_s = self.settings.rescan_interval_s * 3 + interval_s
-        while not self._stop.is_set():
-            if time.monotonic() - self._heartbeat < stale_after_s:
-                self.notifier.watchdog()
-            await self._sleep(interval_s)
+        stale_after_s = self.settings.rescan_interval_s * 3 + interval
+        alive = self.notifier.keep_alive(lambda: self._heartbeat, stale_after_s, self._stop)
+        return [tg.create_task(alive, name="flowsubmit-watchdog")]

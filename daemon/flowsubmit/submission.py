@@ -22,43 +22,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Self
 
-import structlog
-
-from flowsubmit._types import Deployment, RunRequest, RunSnapshot
+from flowsubmit._types import RunSnapshot
 from flowsubmit.errors import (
     AuthenticationError,
     ClosedError,
     GatewayError,
     PermanentGatewayError,
+    TransientGatewayError,
     WaitTimeout,
 )
-from flowsubmit.gateway import Gateway, parameter_problem
-from flowsubmit.results import finished_message, summary_counts, summary_line
+from flowsubmit.gateway import Gateway
+from flowsubmit.jobs import deployment_name_problem
+from flowsubmit.library_log import SubmissionReporter
+from flowsubmit.results import RunRecord
+from flowsubmit.runset import CANCEL_GRACE_S, RunSet, submission_key, submission_tag
 from flowsubmit.tracker import Tracker
 
-__all__ = ["FlowSubmission", "flow_submitter", "submission_key", "submission_tag"]
-
-log = structlog.get_logger("flowsubmit.submission")
+__all__ = ["FlowSubmission", "flow_submitter", "run_batch"]
 
 #: How long opening an engine waits for the event subscription before creating runs
 #: anyway (if the stream is late, the tracker's reconciliation reads catch up).
 CONNECT_TIMEOUT_S = 10.0
-
-
-def submission_tag(submission_id: str) -> str:
-    """The tag on every run of one submission: its tracker subscribes to exactly these runs."""
-    return f"flowsubmit-submission:{submission_id}"
-
-
-def submission_key(deployment_id: str, submission_id: str, index: int, attempt: int) -> str:
-    """The idempotency key of one creation (Prefect scopes keys per flow, hence the deployment id)."""
-    return f"flowsubmit-lib/{deployment_id}/{submission_id}/{index}/{attempt}"
 
 
 def flow_submitter(
@@ -70,7 +59,7 @@ def flow_submitter(
     job_variables: Mapping[str, Any] | None = None,
     work_queue_name: str | None = None,
     submission_id: str | None = None,
-    outage_tolerance_s: float = 3600.0,
+    outage_tolerance_s: float = 60.0,
 ) -> FlowSubmission:
     """Start a submission of runs of ``deployment``; nothing talks to Prefect until the first call.
 
@@ -86,7 +75,11 @@ def flow_submitter(
             uuid). Reusing one after a crash, with the same ``submit()`` calls in
             the same order, finds the runs created before instead of creating more.
         outage_tolerance_s: how long a call keeps retrying while Prefect is
-            unreachable before it raises ``TransientGatewayError``.
+            unreachable before it raises ``TransientGatewayError`` naming the API URL.
+
+    Raises:
+        ValueError: ``deployment`` is not ``flow-name/deployment-name`` (the daemon's
+            message), or an option is out of range.
 
     Example::
 
@@ -107,26 +100,52 @@ def flow_submitter(
     )
 
 
-@dataclass
-class _Item:
-    """One ``submit()``: what to create, and the run of every attempt (``retry_failed`` adds one)."""
+def run_batch(
+    deployment: str,
+    parameter_sets: Iterable[Mapping[str, Any]],
+    *,
+    max_concurrency: int | None = None,
+    timeout: float | None = None,
+    show_summary: bool = True,
+    tags: Iterable[str] = (),
+    job_variables: Mapping[str, Any] | None = None,
+    work_queue_name: str | None = None,
+    outage_tolerance_s: float = 60.0,
+) -> dict[str, str]:
+    """Submit one run per parameter set, wait for them all, and return ``{run_id: state name}`` in order.
 
-    index: int
-    parameters: dict[str, Any]
-    tags: tuple[str, ...]
-    job_variables: dict[str, Any]
-    flow_run_name: str | None
-    run_ids: list[str] = field(default_factory=list)
+    The synchronous entry point for plain scripts (it runs its own event loop, so
+    call it where no loop runs; in async code use ``flow_submitter``). Failed runs
+    are results, not exceptions; the errors are ``flow_submitter``'s and ``wait()``'s.
+
+    Example::
+
+        results = run_batch("etl/etl-deployment", [{"table": t} for t in range(20)])
+    """
+    sets = [dict(p) for p in parameter_sets]
+
+    async def submit_and_wait() -> dict[str, str]:
+        async with flow_submitter(
+            deployment,
+            max_concurrency=max_concurrency,
+            tags=tags,
+            job_variables=job_variables,
+            work_queue_name=work_queue_name,
+            outage_tolerance_s=outage_tolerance_s,
+        ) as runs:
+            await asyncio.gather(*(runs.submit_with(p) for p in sets))
+            return await runs.wait(timeout=timeout, show_summary=show_summary)
+
+    return asyncio.run(submit_and_wait())
 
 
 @dataclass
 class _Engine:
-    """One opened gateway and tracker, and the tracker futures of the runs watched through them."""
+    """One opened gateway and tracker."""
 
     gateway: Gateway
     tracker: Tracker
     stack: contextlib.AsyncExitStack
-    futures: dict[str, asyncio.Future[RunSnapshot]] = field(default_factory=dict)
 
 
 class FlowSubmission:
@@ -147,8 +166,11 @@ class FlowSubmission:
         job_variables: Mapping[str, Any] | None = None,
         work_queue_name: str | None = None,
         submission_id: str | None = None,
-        outage_tolerance_s: float = 3600.0,
+        outage_tolerance_s: float = 60.0,
     ) -> None:
+        problem = deployment_name_problem(deployment)
+        if problem is not None:
+            raise ValueError(problem.message)
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1 (or None for no cap)")
         if poll_interval <= 0:
@@ -163,12 +185,11 @@ class FlowSubmission:
         self._job_variables = dict(job_variables or {})
         self._work_queue_name = work_queue_name
         self._slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-        self._items: dict[int, _Item] = {}
         self._next_index = 0
-        self._owner: dict[str, tuple[_Item, int]] = {}
-        self._finals: dict[str, RunSnapshot] = {}
         self._holding: set[str] = set()
-        self._resolved: Deployment | None = None
+        self._reporter = SubmissionReporter(self.submission_id, deployment)
+        #: The runs; made when the engine first opens (it needs the resolved deployment).
+        self._runs: RunSet | None = None
         self._engine: _Engine | None = None
         self._opening: asyncio.Task[_Engine] | None = None
         self._busy = 0
@@ -177,7 +198,7 @@ class FlowSubmission:
 
     def __repr__(self) -> str:
         return (
-            f"<FlowSubmission {self.deployment!r} id={self.submission_id} runs={len(self._items)}"
+            f"<FlowSubmission {self.deployment!r} id={self.submission_id} runs={len(self.run_ids)}"
             f" final={len(self.results)} connected={self.connected}>"
         )
 
@@ -207,28 +228,27 @@ class FlowSubmission:
     @property
     def run_ids(self) -> list[str]:
         """Flow run ids in ``submit()`` order (the latest attempt of each)."""
-        return [item.run_ids[-1] for item in self._ordered()]
+        return self._runs.latest() if self._runs else []
 
     @property
     def results(self) -> dict[str, str]:
         """Run id -> final state name, for the runs of ``run_ids`` that are final."""
-        return {
-            run_id: self._finals[run_id].state_name
-            for run_id in self.run_ids
-            if run_id in self._finals
-        }
+        return {r: snap.state_name for r, snap in self._finals()}
 
     def succeeded(self) -> list[str]:
         """Run ids whose final state type is COMPLETED (whatever the state's name)."""
-        return [r for r in self.run_ids if r in self._finals and self._finals[r].succeeded]
+        return [r for r, snap in self._finals() if snap.succeeded]
 
     def failed(self) -> list[str]:
         """Run ids that are final and did not complete (Failed, Crashed, Cancelled, TimedOut...)."""
-        return [r for r in self.run_ids if r in self._finals and not self._finals[r].succeeded]
+        return [r for r, snap in self._finals() if not snap.succeeded]
 
     def snapshot(self, run_id: str) -> RunSnapshot | None:
         """The final snapshot of a run of this submission (name, state type, times), if final."""
-        return self._finals.get(run_id)
+        return self._runs.snapshot(run_id) if self._runs else None
+
+    def _finals(self) -> list[tuple[str, RunSnapshot]]:
+        return [(r, snap) for r in self.run_ids if (snap := self.snapshot(r)) is not None]
 
     # -- submitting -----------------------------------------------------------------------
 
@@ -258,14 +278,16 @@ class FlowSubmission:
         """``submit()`` with per-run options; parameters come as a mapping so no name can clash."""
         self._check_open()
         index, self._next_index = self._next_index, self._next_index + 1
-        item = _Item(
-            index=index,
-            parameters=dict(parameters),
-            tags=tuple(tags),
+        record = RunRecord(
+            0,
+            index,
+            self.deployment,
+            dict(parameters),
+            tags=(*self._tags, *tags),
             job_variables={**self._job_variables, **(job_variables or {})},
-            flow_run_name=flow_run_name,
+            name=flow_run_name,
         )
-        return await self._create(item)
+        return await self._create(record)
 
     async def retry_failed(self) -> list[str]:
         """Submit again, with new idempotency keys, every run that is final and did not complete.
@@ -274,49 +296,29 @@ class FlowSubmission:
             The new run ids, which replace the failed ones in ``run_ids`` and ``results``.
         """
         failed = set(self.failed())
-        items = [item for item in self._ordered() if item.run_ids[-1] in failed]
-        return list(await asyncio.gather(*(self._create(item) for item in items)))
+        runs = [r for r in self._runs.ordered() if r.run_ids[-1] in failed] if self._runs else []
+        return list(await asyncio.gather(*(self._create(record) for record in runs)))
 
-    async def _create(self, item: _Item) -> str:
+    async def _create(self, record: RunRecord) -> str:
         async with self._using() as engine:
-            deployment = self._deployment()
-            attempt = len(item.run_ids)
-            if attempt == 0:
-                _check_parameters(deployment, item.parameters)
-            request = RunRequest(
-                idempotency_key=submission_key(
-                    deployment.id, self.submission_id, item.index, attempt
-                ),
-                parameters=item.parameters,
-                tags=tuple(dict.fromkeys([self.tag, *self._tags, *item.tags])),
-                job_variables=item.job_variables,
-                work_queue_name=self._work_queue_name,
-                name=item.flow_run_name,
-                lane=self.submission_id,
-            )
+            runs = self._run_set()
+            if not record.run_ids:
+                problem = runs.check(record, self.deployment)
+                if problem is not None:
+                    raise PermanentGatewayError(
+                        problem.reason, operation="validate_parameters", deployment=self.deployment
+                    )
             async with self._slot(engine):
-                run_id = await engine.gateway.create_run(deployment, request)
+                run_id = await runs.create(record)
                 self._holding.add(run_id)
-            self._add_run(item, run_id, engine)
+            runs.add(record)
             return run_id
 
-    def _add_run(self, item: _Item, run_id: str, engine: _Engine) -> None:
-        if item.run_ids:
-            previous = item.run_ids[-1]
-            log.info(
-                "submission.retrying",
-                submission_id=self.submission_id,
-                deployment=self.deployment,
-                index=item.index,
-                attempt=len(item.run_ids) + 1,
-                flow_run_id=run_id,
-                previous_flow_run_id=previous,
-                state=self._finals[previous].state_name,
-            )
-        item.run_ids.append(run_id)
-        self._items.setdefault(item.index, item)
-        self._owner[run_id] = (item, len(item.run_ids) - 1)
-        self._watch(engine, run_id)
+    def _freed(self, record: RunRecord, snap: RunSnapshot) -> None:
+        """A run is final: its concurrency slot is free."""
+        if snap.flow_run_id in self._holding and self._slots is not None:
+            self._holding.discard(snap.flow_run_id)
+            self._slots.release()
 
     @contextlib.asynccontextmanager
     async def _slot(self, engine: _Engine) -> AsyncIterator[None]:
@@ -369,7 +371,7 @@ class FlowSubmission:
         except TimeoutError:
             pending = self._unfinished()
             raise WaitTimeout(
-                f"{len(pending)} of {len(self._items)} runs of {self.deployment!r}"
+                f"{len(pending)} of {len(self.run_ids)} runs of {self.deployment!r}"
                 f" not final after {timeout} s",
                 results=self.results,
                 pending=pending,
@@ -377,8 +379,8 @@ class FlowSubmission:
         finally:
             if not self._entered and self._busy == 0:
                 await self._close_engine()
-        if show_summary:
-            self._log_summary()
+        if show_summary and self._runs is not None:
+            self._reporter.summary(self._runs.summary())
         return self.results
 
     async def wait_for(self, run_id: str) -> str:
@@ -389,54 +391,36 @@ class FlowSubmission:
         Raises:
             KeyError: ``run_id`` is not a run of this submission.
         """
-        if run_id not in self._owner:
+        if self._runs is None or self._runs.owner(run_id) is None:
             raise KeyError(f"{run_id} is not a run of this submission")
-        while run_id not in self._finals:
-            async with self._using() as engine:
-                await self._await_final(engine, [run_id])
-        return self._finals[run_id].state_name
+        while (snap := self._runs.snapshot(run_id)) is None:
+            async with self._using():
+                await self._runs.wait([run_id])
+        return snap.state_name
 
     async def _wait_all(self) -> None:
         # No read of its own: the tracker reads, batched, any run it watches without an
         # event to cover it (a run found again by its key may be final already; issue 3).
         while unfinished := self._unfinished():
-            async with self._using() as engine:
-                await self._await_final(engine, unfinished)
-
-    async def _await_final(self, engine: _Engine, run_ids: list[str]) -> None:
-        await asyncio.wait([engine.futures[r] for r in run_ids])
-        for run_id in run_ids:
-            self._settle(run_id, engine.futures[run_id])
+            async with self._using():
+                await self._run_set().wait(unfinished)
 
     # -- cancelling ---------------------------------------------------------------------
 
-    async def cancel(self) -> list[str]:
-        """Ask Prefect to cancel every run not final yet; ``wait()`` then collects their final states.
+    async def cancel(self, grace_s: float = CANCEL_GRACE_S) -> list[str]:
+        """Ask Prefect to cancel every run not final yet, and give them ``grace_s`` to end.
 
-        One batched read first, so that runs which ended a moment ago are recorded as
-        they ended (Prefect would refuse to cancel them anyway) and not asked again.
+        Runs which ended a moment ago are recorded as they ended; a cancel Prefect
+        refuses is logged (warning) and the other runs are cancelled all the same.
+        ``wait()`` collects whatever has not ended by then.
 
         Returns:
             The run ids cancellation was asked for.
         """
         if not self._unfinished():
             return []
-        async with self._using() as engine:
-            unfinished = self._unfinished()
-            current = {s.flow_run_id: s for s in await engine.gateway.read_runs(unfinished)}
-            for snap in current.values():
-                engine.tracker.observe(snap)
-            to_cancel = [r for r in unfinished if r not in current or not current[r].final]
-            for run_id in to_cancel:
-                await engine.gateway.cancel_run(run_id)
-                log.info(
-                    "submission.run_cancelled",
-                    submission_id=self.submission_id,
-                    deployment=self.deployment,
-                    index=self._owner[run_id][0].index,
-                    flow_run_id=run_id,
-                )
-        return to_cancel
+        async with self._using():
+            return await self._run_set().cancel_unfinished(grace_s)
 
     # -- engine ---------------------------------------------------------------------------
 
@@ -447,6 +431,8 @@ class FlowSubmission:
         self._busy += 1
         try:
             yield await self._open()
+        except TransientGatewayError as exc:
+            raise _unreachable(exc, self.outage_tolerance_s) from exc
         finally:
             self._busy -= 1
             if not self._entered and self._busy == 0 and not self._unfinished():
@@ -479,8 +465,19 @@ class FlowSubmission:
                 Gateway(outage_tolerance_s=self.outage_tolerance_s)
             )
             await _refuse_wrong_credentials(gateway)
-            if self._resolved is None:
-                self._resolved = await gateway.resolve_deployment(self.deployment)
+            if self._runs is None:
+                deployment = await gateway.resolve_deployment(self.deployment)
+                self._runs = RunSet(
+                    deployment,
+                    key=lambda deployment_id, index, attempt: submission_key(
+                        deployment_id, self.submission_id, index, attempt
+                    ),
+                    tags=(self.tag,),
+                    reporter=self._reporter,
+                    work_queue_name=self._work_queue_name,
+                    lane=self.submission_id,
+                    on_final=self._freed,
+                )
             tracker = await stack.enter_async_context(
                 Tracker(gateway, tag=self.tag, poll_interval_s=self.poll_interval)
             )
@@ -488,13 +485,8 @@ class FlowSubmission:
         except BaseException:
             await stack.aclose()
             raise
-        engine = _Engine(gateway, tracker, stack)
-        unfinished = self._unfinished()
-        for run_id in unfinished:
-            self._watch(engine, run_id)
-        if unfinished:
-            tracker.reconcile_soon()  # they may have ended while nothing was subscribed
-        return engine
+        self._runs.attach(gateway, tracker)
+        return _Engine(gateway, tracker, stack)
 
     async def _close_engine(self) -> None:
         opening = self._opening
@@ -503,39 +495,9 @@ class FlowSubmission:
                 await asyncio.shield(opening)
         engine, self._engine = self._engine, None
         if engine is not None:
+            if self._runs is not None:
+                self._runs.detach()
             await engine.stack.aclose()  # the tracker first, then the client it uses
-
-    def _watch(self, engine: _Engine, run_id: str) -> None:
-        if run_id in engine.futures:
-            return
-        future = engine.futures[run_id] = engine.tracker.watch(run_id)
-        future.add_done_callback(functools.partial(self._settle, run_id))
-
-    def _settle(self, run_id: str, future: asyncio.Future[RunSnapshot]) -> None:
-        """Record a run's final snapshot once: free its slot, log its line."""
-        if not future.done() or future.cancelled() or future.exception() is not None:
-            return  # the tracker was closed; a later engine watches the run again
-        snap = future.result()
-        if run_id in self._finals:
-            return
-        self._finals[run_id] = snap
-        if run_id in self._holding and self._slots is not None:
-            self._holding.discard(run_id)
-            self._slots.release()
-        item, attempt = self._owner[run_id]
-        log.info(
-            "submission.run_finished",
-            submission_id=self.submission_id,
-            deployment=self.deployment,
-            index=item.index,
-            attempt=attempt + 1,
-            flow_run_id=run_id,
-            flow_run_name=snap.flow_run_name,
-            state=snap.state_name,
-            state_type=snap.state_type,
-            source=snap.source,
-            message=finished_message(self.deployment, snap),
-        )
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -543,42 +505,13 @@ class FlowSubmission:
         if self._closed:
             raise ClosedError("this FlowSubmission is closed; create a new one")
 
-    def _deployment(self) -> Deployment:
-        if self._resolved is None:  # pragma: no cover - resolved when the engine opens
-            raise AssertionError("the deployment is resolved when the engine opens")
-        return self._resolved
-
-    def _ordered(self) -> list[_Item]:
-        return [self._items[i] for i in sorted(self._items)]
+    def _run_set(self) -> RunSet:
+        if self._runs is None:  # pragma: no cover - made when the engine opens
+            raise AssertionError("the run-set is made when the engine opens")
+        return self._runs
 
     def _unfinished(self) -> list[str]:
-        return [r for r in self.run_ids if r not in self._finals]
-
-    def _log_summary(self) -> None:
-        counts = summary_counts(
-            (self._finals[r].state_type, self._finals[r].state_name) for r in self.run_ids
-        )
-        log.info(
-            "submission.summary",
-            submission_id=self.submission_id,
-            deployment=self.deployment,
-            total=counts["total"],
-            succeeded=counts["succeeded"],
-            failed=counts["failed"],
-            by_state=counts["by_state"],
-            message=summary_line(counts["succeeded"], counts["total"]),
-        )
-
-
-def _check_parameters(deployment: Deployment, parameters: dict[str, Any]) -> None:
-    """Refuse what Prefect would accept and then crash on (unknown names) or refuse (types)."""
-    problem = parameter_problem(deployment, parameters)
-    if problem is not None:
-        raise PermanentGatewayError(
-            f"{deployment.name}: {problem[0]}",
-            operation="validate_parameters",
-            deployment=deployment.name,
-        )
+        return self._runs.unfinished() if self._runs else []
 
 
 async def _refuse_wrong_credentials(gateway: Gateway) -> None:
@@ -593,3 +526,15 @@ async def _refuse_wrong_credentials(gateway: Gateway) -> None:
         raise
     except GatewayError:
         pass
+
+
+def _unreachable(exc: TransientGatewayError, tolerance_s: float) -> TransientGatewayError:
+    """The one error a script sees when Prefect does not answer: which API, for how long."""
+    from flowsubmit.connection import configured_api_url, display_url
+
+    url = display_url(configured_api_url())
+    return TransientGatewayError(
+        f"Prefect API at {url} unreachable for {tolerance_s:g} s (outage_tolerance_s): {exc}",
+        operation=exc.operation,
+        deployment=exc.deployment,
+    )

@@ -35,17 +35,16 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Self
 
-import structlog
-
 from flowsubmit import metrics
 from flowsubmit._aio import wait_event
 from flowsubmit._types import GatewayProtocol, RunSnapshot
 from flowsubmit.errors import ClosedError, GatewayError
 from flowsubmit.gateway import READ_BATCH
+from flowsubmit.logs import get_logger
 
 __all__ = ["Tracker", "TrackerMode"]
 
-log = structlog.get_logger("flowsubmit.tracker")
+log = get_logger("flowsubmit.tracker")
 
 #: Events of runs nobody watches yet (created a moment ago, or another job's) kept
 #: per stream session, so that a final event arriving before ``watch()`` is not lost.

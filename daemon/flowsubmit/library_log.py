@@ -1,0 +1,108 @@
+"""The library's log lines: stdlib ``logging`` under ``flowsubmit``, or the Prefect run's logger inside a run.
+
+A plain script decides with its own ``logging`` configuration what shows and how;
+each record's message is the sentence alone (``✅ [flow/deployment] Run abc12345
+finished with state: Completed``, ``Summary → 18/20 succeeded, 2 failed``) and its
+``event`` and fields travel as record attributes (``record.run_id``...). The
+submitted run's id is ``run_id``, never ``flow_run_id``: Prefect's log handler
+reads that one as the run whose logs the record belongs to.
+Inside a Prefect flow or task run the same records go to ``get_run_logger()``, so
+they appear in that run's logs in Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flowsubmit._types import RunSnapshot
+from flowsubmit.errors import GatewayError
+from flowsubmit.results import RunRecord, Summary
+
+__all__ = ["LOGGER_NAME", "SubmissionReporter"]
+
+LOGGER_NAME = "flowsubmit.submission"
+_log = logging.getLogger(LOGGER_NAME)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The run logger inside a Prefect flow or task run, else ``flowsubmit.submission``."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging import get_run_logger
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return _log
+    return get_run_logger()
+
+
+class SubmissionReporter:
+    """A ``RunReporter`` for one ``FlowSubmission``, and its summary line."""
+
+    def __init__(self, submission_id: str, deployment: str) -> None:
+        self._fields = {"submission_id": submission_id, "deployment": deployment}
+        self._deployment = deployment
+
+    def _emit(self, level: int, event: str, message: str, **fields: Any) -> None:
+        _logger().log(level, message, extra={"event": event, **self._fields, **fields})
+
+    def submitted(self, record: RunRecord, run_id: str) -> None:
+        """Nothing: a creation is not news to the script that asked for it."""
+
+    def retrying(self, record: RunRecord, previous: RunSnapshot, run_id: str) -> None:
+        self._emit(
+            logging.INFO,
+            "submission.retrying",
+            f"🔁 [{self._deployment}] Run {previous.flow_run_id[:8]} ({previous.state_name})"
+            f" submitted again as {run_id[:8]}",
+            index=record.index,
+            attempt=record.attempts,
+            run_id=run_id,
+            previous_flow_run_id=previous.flow_run_id,
+            state=previous.state_name,
+        )
+
+    def finished(self, record: RunRecord, snap: RunSnapshot, message: str) -> None:
+        self._emit(
+            logging.INFO,
+            "submission.run_finished",
+            message,
+            index=record.index,
+            attempt=record.run_ids.index(snap.flow_run_id) + 1,
+            run_id=snap.flow_run_id,
+            flow_run_name=snap.flow_run_name,
+            state=snap.state_name,
+            state_type=snap.state_type,
+            source=snap.source,
+        )
+
+    def cancelled(self, record: RunRecord, run_id: str, snap: RunSnapshot | None) -> None:
+        self._emit(
+            logging.INFO,
+            "submission.run_cancelled",
+            f"[{self._deployment}] Run {run_id[:8]} cancel requested",
+            index=record.index,
+            run_id=run_id,
+            state=snap and snap.state_name,
+        )
+
+    def cancel_failed(self, record: RunRecord, run_id: str, error: GatewayError) -> None:
+        self._emit(
+            logging.WARNING,
+            "submission.cancel_failed",
+            f"[{self._deployment}] Run {run_id[:8]} could not be cancelled: {error}",
+            index=record.index,
+            run_id=run_id,
+            error=str(error),
+        )
+
+    def summary(self, summary: Summary) -> None:
+        """Log ``Summary → 18/20 succeeded, 2 failed``."""
+        self._emit(
+            logging.INFO,
+            "submission.summary",
+            summary.line,
+            total=summary.total,
+            succeeded=summary.succeeded,
+            failed=summary.failed,
+            by_state=summary.by_state,
+        )
