@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flowsubmit.localserver import LocalServer
 from tests.conftest import ROOT
 
@@ -15,10 +17,12 @@ DOCS = ("README.md", "docs/library.md")
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 #: Runs each snippet as ``__main__`` in a fresh namespace, one after another, in one process.
 _RUNNER = """
-import json, sys
+import json, sys, time
 for name, code in json.load(open(sys.argv[1])):
+    print("running", name, flush=True)
+    started = time.monotonic()
     exec(compile(code, name, "exec"), {"__name__": "__main__"})
-    print("ran", name, flush=True)
+    print("ran", name, round(time.monotonic() - started, 1), "s", flush=True)
 """
 
 
@@ -39,13 +43,15 @@ def _run(served: LocalServer, tmp_path: Path, snippets: list[tuple[str, str]]) -
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=840,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert done.stdout.count("ran ") == len(snippets), done.stdout
     return done.stderr
 
 
+@pytest.mark.timeout(900)  # about 25 real runs of the served flow, one snippet after another
 def test_every_python_snippet_runs_as_written(served: LocalServer, tmp_path: Path) -> None:
     """Each ```python block of README.md and docs/library.md runs as a script against the real server."""
     snippets = [s for s in _snippets() if "run_batch(" not in s[1] or "import asyncio" in s[1]]
