@@ -24,9 +24,9 @@ from redis import Redis
 from flowsubmit import AuthenticationError, flow_submitter
 from flowsubmit.demo import FAILING_TABLES
 from flowsubmit.errors import TransientGatewayError
-from flowsubmit.executor import job_tag
 from flowsubmit.gateway import _translate_errors
 from flowsubmit.localserver import LocalServer
+from flowsubmit.runset import job_tag
 from flowsubmit.topology import REDIS, Topology, claim_redis_db, release_redis_db
 from tests.conftest import Daemon, enqueue, result_of
 from tests.crashkit import BackgroundDriver, client_of, server_runs
