@@ -225,8 +225,8 @@ def _pct(values: list[float], q: float) -> float:
 async def main(runs: int, label: str, driver_env: dict[str, str]) -> None:
     from tests.proxy import Proxy
 
-    from flowsubmit.executor import job_tag
     from flowsubmit.gateway import Gateway
+    from flowsubmit.runset import job_tag
 
     name = await _deployment()
     async with Gateway() as gateway:

@@ -14,8 +14,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from flowsubmit.executor import job_tag
 from flowsubmit.journal import replay
+from flowsubmit.runset import job_tag
 from tests.conftest import Daemon, result_of
 from tests.crashkit import BackgroundDriver
 from tests.test_crash import _job, assert_exactly_once, drop

@@ -13,8 +13,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
 
-from flowsubmit.executor import job_tag
 from flowsubmit.localserver import LocalServer
+from flowsubmit.runset import job_tag
 from tests.conftest import Daemon, enqueue, result_of
 from tests.driver import drive
 from tests.flows import DRIVEN
