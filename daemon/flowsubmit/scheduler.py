@@ -158,7 +158,9 @@ class CreateScheduler:
     The sender (``send``) owns the call itself (bulk or single route, retries, its own
     in-flight limit); ``capacity`` says how many batches may be out at once and
     ``batch_size`` how large one may be, both read at every turn so that either may
-    change while running.
+    change while running. A batch is out until the sender returns, its retries
+    included: one backing off after a call that created nothing holds its turn (the
+    next call would most likely fail the same way).
     """
 
     def __init__(
