@@ -40,6 +40,7 @@ def test_job_of_five_with_one_failure_lands_in_failed(start_daemon: Callable[...
         "total": 5,
         "succeeded": 4,
         "failed": 1,
+        "cancelled": 0,
         "by_state": {"Completed": 4, "Failed": 1},
         "line": "Summary → 4/5 succeeded, 1 failed",
     }
@@ -54,7 +55,7 @@ def test_job_of_five_with_one_failure_lands_in_failed(start_daemon: Callable[...
         "COMPLETED",
         "COMPLETED",
     ]
-    assert all(r["attempts"] == 1 and r["flow_run_name"] and r["end_time"] for r in runs)
+    assert all(len(r["attempts"]) == 1 and r["flow_run_name"] and r["end_time"] for r in runs)
     on_server = asyncio.run(_server_states([r["flow_run_id"] for r in runs]))
     assert {rid: state for rid, (state, _) in on_server.items()} == {
         r["flow_run_id"]: r["state_type"] for r in runs

@@ -25,7 +25,7 @@ async def _states_tagged(tag: str) -> list[str]:
 def test_retries_resubmit_a_failed_run_with_a_new_attempt(
     start_daemon: Callable[..., Daemon],
 ) -> None:
-    """With retries=1 a run that fails is created once more (new idempotency key); the result counts 2 attempts."""
+    """With retries=1 a failing run is created once more (new key); the result lists both attempts with the flow's exception text."""
     daemon = start_daemon()
     job_id = enqueue(
         daemon.queue,
@@ -42,9 +42,20 @@ def test_retries_resubmit_a_failed_run_with_a_new_attempt(
     folder, result = daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="result")
 
     assert folder == "failed"
-    assert [(r["attempts"], r["state_name"]) for r in result["runs"]] == [
+    assert [(len(r["attempts"]), r["state_name"]) for r in result["runs"]] == [
         (2, "Failed"),
         (1, "Completed"),
+    ]
+    failing = result["runs"][0]
+    assert "table 1: failing on purpose" in failing["state_message"]
+    assert [a["state_name"] for a in failing["attempts"]] == ["Failed", "Failed"]
+    assert len({a["flow_run_id"] for a in failing["attempts"]}) == 2
+    assert failing["attempts"][-1]["flow_run_id"] == failing["flow_run_id"]
+    assert all("failing on purpose" in a["state_message"] for a in failing["attempts"])
+    failed_lines = [e for e in daemon.events("run.finished") if e["state_type"] != "COMPLETED"]
+    assert [(e["level"], "failing on purpose" in e["state_message"]) for e in failed_lines] == [
+        ("warning", True),
+        ("warning", True),
     ]
     assert [line["index"] for line in daemon.events("run.retrying")] == [0]
     assert len(daemon.events("run.submitted")) == 3

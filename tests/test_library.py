@@ -335,7 +335,7 @@ async def test_pattern_watch_one_critical_run_among_many() -> None:
         (i, r) for i, r in enumerate(others, 1)
     ]
     assert _events(logs, "submission.summary", "by_state", "message") == [
-        ({"Cancelled": 30, "Failed": 1}, "Summary → 0/31 succeeded, 31 failed")
+        ({"Cancelled": 30, "Failed": 1}, "Summary → 0/31 succeeded, 1 failed, 30 cancelled")
     ]
 
 

@@ -1,4 +1,4 @@
-"""The queue's own protocols, without a server: cancel requests, progress, and the watcher's filter."""
+"""The queue's own protocols and small pure rules, without a server: cancel requests, progress, the watcher's filter, masking, the summary."""
 
 from __future__ import annotations
 
@@ -39,3 +39,28 @@ def test_watcher_filter_follows_the_queue_rule() -> None:
     """The watcher wakes for exactly the names the queue scans."""
     for name in ("a.json", ".a.json", "a.json.tmp", "a.json.part", "a.txt", "x.tmp.json"):
         assert job_file_changed(Change.added, f"/q/incoming/{name}") == is_job_name(name)
+
+
+def test_state_messages_are_masked_like_parameters() -> None:
+    """A state message loses the values of secret-like parameters and any `secret=value` it spells out."""
+    from flowsubmit.redaction import redact_text
+
+    text = "login failed for hunter2-pw; retry with api_key=abc123 and table=3"
+    masked = redact_text(text, {"db_password": "hunter2-pw", "table": 3})
+    assert masked == "login failed for ***; retry with api_key=*** and table=3"
+
+
+def test_summary_names_cancelled_runs() -> None:
+    """The summary sentence says how many runs were cancelled, and `failed` does not count them."""
+    from flowsubmit.results import RunRecord, Summary
+
+    def record(state_type: str | None) -> RunRecord:
+        return RunRecord(0, 0, "f/d", {}, state_type=state_type, state_name=state_type)
+
+    summary = Summary.of(
+        [record("COMPLETED"), record("FAILED"), *(record("CANCELLED") for _ in range(9))]
+    )
+    assert summary.line == "Summary → 1/11 succeeded, 1 failed, 9 cancelled"
+    assert Summary.of([record("COMPLETED"), record(None)]).line == (
+        "Summary → 1/2 succeeded, 1 failed"
+    )

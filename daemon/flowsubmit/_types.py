@@ -47,6 +47,8 @@ class RunSnapshot:
     source: str = "poll"
     #: When the state was entered, by the server's clock (the event's ``occurred``).
     occurred: datetime | None = None
+    #: Prefect's state message (a failed flow's exception text), unmasked.
+    state_message: str | None = None
 
     @property
     def final(self) -> bool:

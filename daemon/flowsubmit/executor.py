@@ -78,16 +78,19 @@ class _JobReporter:
 
     def finished(self, record: RunRecord, snap: RunSnapshot, message: str) -> None:
         metrics.observe_detection(snap)
-        log.info(
-            "run.finished",
-            index=record.index,
-            flow_run_id=snap.flow_run_id,
-            flow_run_name=snap.flow_run_name,
-            state=snap.state_name,
-            state_type=snap.state_type,
-            source=snap.source,
-            message=message,
-        )
+        fields = {
+            "index": record.index,
+            "flow_run_id": snap.flow_run_id,
+            "flow_run_name": snap.flow_run_name,
+            "state": snap.state_name,
+            "state_type": snap.state_type,
+            "source": snap.source,
+            "message": message,
+        }
+        if snap.succeeded:
+            log.info("run.finished", **fields)
+        else:  # a failure is a warning, with Prefect's reason (the flow's exception text)
+            log.warning("run.finished", **fields, state_message=record.message_of(snap))
 
     def cancelled(self, record: RunRecord, run_id: str, snap: RunSnapshot | None) -> None:
         log.info(
@@ -236,6 +239,7 @@ class Executor:
             total=summary.total,
             succeeded=summary.succeeded,
             failed=summary.failed,
+            cancelled=summary.cancelled,
             by_state=summary.by_state,
             duration_s=result.duration_s,
             message=summary.line,

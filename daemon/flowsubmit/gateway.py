@@ -491,6 +491,7 @@ class Gateway:
             end_time=state.timestamp if state.type.value in FINAL_STATE_TYPES else None,
             source="cancel",
             occurred=state.timestamp,
+            state_message=state.message or None,
         )
 
     @contextlib.asynccontextmanager
@@ -586,6 +587,7 @@ def _snapshot_from_run(run: FlowRun) -> RunSnapshot:
         end_time=run.end_time,
         source="poll",
         occurred=state.timestamp if state else None,
+        state_message=(state.message or None) if state else None,
     )
 
 
@@ -607,6 +609,7 @@ def snapshot_from_event(event: Event) -> RunSnapshot | None:
         end_time=event.occurred if final else None,
         source="event",
         occurred=event.occurred,
+        state_message=resource.get("prefect.state-message") or None,
     )
 
 

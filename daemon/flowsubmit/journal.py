@@ -151,6 +151,7 @@ def snapshot_record(snap: RunSnapshot) -> dict[str, Any]:
         "start_time": snap.start_time,
         "end_time": snap.end_time,
         "source": snap.source,
+        "state_message": snap.state_message,
     }
 
 
@@ -164,6 +165,7 @@ def _snapshot_from(record: dict[str, Any]) -> RunSnapshot:
         start_time=_time(record.get("start_time")),
         end_time=_time(record.get("end_time")),
         source="journal",
+        state_message=record.get("state_message"),
     )
 
 

@@ -63,7 +63,7 @@ class SubmissionReporter:
 
     def finished(self, record: RunRecord, snap: RunSnapshot, message: str) -> None:
         self._emit(
-            logging.INFO,
+            logging.INFO if snap.succeeded else logging.WARNING,
             "submission.run_finished",
             message,
             index=record.index,
@@ -72,6 +72,7 @@ class SubmissionReporter:
             flow_run_name=snap.flow_run_name,
             state=snap.state_name,
             state_type=snap.state_type,
+            state_message=record.message_of(snap),
             source=snap.source,
         )
 
@@ -104,5 +105,6 @@ class SubmissionReporter:
             total=summary.total,
             succeeded=summary.succeeded,
             failed=summary.failed,
+            cancelled=summary.cancelled,
             by_state=summary.by_state,
         )

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["MASK", "is_secret_name", "mentions_secret", "redact"]
+__all__ = ["MASK", "is_secret_name", "mentions_secret", "redact", "redact_text"]
 
 MASK = "***"
 
@@ -41,6 +41,34 @@ def redact(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact(item) for item in value]
     return value
+
+
+#: ``name=value`` or ``name: value`` in free text, for masking the value under a secret-like name.
+_ASSIGNMENT = re.compile(r"([A-Za-z][A-Za-z0-9_-]*)(\s*[=:]\s*)(['\"]?)([^\s'\",;)]+)")
+
+
+def redact_text(text: str, parameters: Mapping[str, Any]) -> str:
+    """``text`` (a state message) with secret values masked: the values of secret-like
+    ``parameters`` wherever they appear, and any ``name=value`` under a secret-like name."""
+    for value in _secret_values(parameters):
+        text = text.replace(value, MASK)
+    return _ASSIGNMENT.sub(
+        lambda m: f"{m[1]}{m[2]}{m[3]}{MASK}" if is_secret_name(m[1]) else m[0], text
+    )
+
+
+def _secret_values(value: Any, secret: bool = False) -> list[str]:
+    """The scalar values held under secret-like names, longest first (so none is masked in part)."""
+    found: list[str] = []
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            found += _secret_values(v, secret or is_secret_name(str(k)))
+    elif isinstance(value, list | tuple):
+        for item in value:
+            found += _secret_values(item, secret)
+    elif secret and value is not None and len(str(value)) >= 3:
+        found.append(str(value))
+    return sorted(set(found), key=len, reverse=True)
 
 
 def mentions_secret(path: Iterable[object], value: Any) -> bool:

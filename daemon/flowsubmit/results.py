@@ -9,9 +9,9 @@ from datetime import datetime
 from typing import Any
 
 from flowsubmit._types import JobStatus, RunSnapshot
-from flowsubmit.redaction import redact
+from flowsubmit.redaction import redact, redact_text
 
-__all__ = ["JobResult", "RunRecord", "RunResult", "Summary", "finished_message"]
+__all__ = ["AttemptResult", "JobResult", "RunRecord", "RunResult", "Summary", "finished_message"]
 
 
 @dataclass
@@ -30,6 +30,7 @@ class RunRecord:
     flow_run_name: str | None = None
     state_name: str | None = None
     state_type: str | None = None
+    state_message: str | None = None
     attempts: int = 0
     start_time: datetime | None = None
     end_time: datetime | None = None
@@ -50,8 +51,13 @@ class RunRecord:
         self.flow_run_name = snap.flow_run_name or self.flow_run_name
         self.state_name = snap.state_name
         self.state_type = snap.state_type
+        self.state_message = snap.state_message
         self.start_time = snap.start_time
         self.end_time = snap.end_time
+
+    def message_of(self, snap: RunSnapshot) -> str | None:
+        """The state message of one of this run's attempts, secrets masked."""
+        return redact_text(snap.state_message, self.parameters) if snap.state_message else None
 
     def result(self) -> RunResult:
         """The run's entry in the result document, as it stands now."""
@@ -64,11 +70,51 @@ class RunRecord:
             flow_run_name=self.flow_run_name,
             state_name=self.state_name,
             state_type=self.state_type,
-            attempts=self.attempts,
+            state_message=(
+                redact_text(self.state_message, self.parameters) if self.state_message else None
+            ),
+            attempts=tuple(self._attempt(run_id) for run_id in self.run_ids),
             start_time=self.start_time,
             end_time=self.end_time,
             error=self.error,
         )
+
+    def _attempt(self, run_id: str) -> AttemptResult:
+        snap = self.snapshots.get(run_id)
+        if snap is None:
+            return AttemptResult(run_id, None, None, None, None, None)
+        return AttemptResult(
+            run_id,
+            snap.state_name,
+            snap.state_type,
+            self.message_of(snap),
+            snap.start_time,
+            snap.end_time,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """One creation of a run (``retries`` make more): its flow run and how it ended."""
+
+    flow_run_id: str
+    state_name: str | None
+    state_type: str | None
+    #: Prefect's state message, secrets masked.
+    state_message: str | None
+    start_time: datetime | None
+    end_time: datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {
+            "flow_run_id": self.flow_run_id,
+            "state_name": self.state_name,
+            "state_type": self.state_type,
+            "state_message": self.state_message,
+            "start_time": _iso(self.start_time),
+            "end_time": _iso(self.end_time),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +129,9 @@ class RunResult:
     flow_run_name: str | None
     state_name: str | None
     state_type: str | None
-    attempts: int
+    #: The latest attempt's state message, secrets masked.
+    state_message: str | None
+    attempts: tuple[AttemptResult, ...]
     start_time: datetime | None
     end_time: datetime | None
     error: str | None
@@ -99,7 +147,8 @@ class RunResult:
             "flow_run_name": self.flow_run_name,
             "state_name": self.state_name,
             "state_type": self.state_type,
-            "attempts": self.attempts,
+            "state_message": self.state_message,
+            "attempts": [a.as_dict() for a in self.attempts],
             "start_time": _iso(self.start_time),
             "end_time": _iso(self.end_time),
             "error": self.error,
@@ -112,21 +161,26 @@ class Summary:
 
     total: int
     succeeded: int
+    #: Runs that did not complete and were not cancelled (Failed, Crashed, not finished...).
     failed: int
     by_state: dict[str, int]
+    cancelled: int = 0
 
     @classmethod
     def of(cls, records: Iterable[RunRecord]) -> Summary:
         """Count ``records`` by their current state (``NotFinished`` when they have none)."""
         pairs = [(r.state_type, r.state_name) for r in records]
         succeeded = sum(1 for state_type, _ in pairs if state_type == "COMPLETED")
+        cancelled = sum(1 for state_type, _ in pairs if state_type == "CANCELLED")
         by_state = Counter(name or "NotFinished" for _, name in pairs)
-        return cls(len(pairs), succeeded, len(pairs) - succeeded, dict(sorted(by_state.items())))
+        failed = len(pairs) - succeeded - cancelled
+        return cls(len(pairs), succeeded, failed, dict(sorted(by_state.items())), cancelled)
 
     @property
     def line(self) -> str:
-        """``Summary → 18/20 succeeded, 2 failed``."""
-        return f"Summary → {self.succeeded}/{self.total} succeeded, {self.failed} failed"
+        """``Summary → 18/20 succeeded, 2 failed``; ``…, 1 failed, 9 cancelled`` when runs were cancelled."""
+        line = f"Summary → {self.succeeded}/{self.total} succeeded, {self.failed} failed"
+        return f"{line}, {self.cancelled} cancelled" if self.cancelled else line
 
     def as_dict(self) -> dict[str, Any]:
         """The ``summary`` object of the result document."""
@@ -134,6 +188,7 @@ class Summary:
             "total": self.total,
             "succeeded": self.succeeded,
             "failed": self.failed,
+            "cancelled": self.cancelled,
             "by_state": dict(self.by_state),
             "line": self.line,
         }

@@ -369,9 +369,13 @@ class Service:
         target = self.queue.finish(claim, succeeded, result.as_dict())
         self.counts["succeeded" if succeeded else "failed"] += 1
         metrics.JOBS.labels(result.status.value).inc()
-        log.info(
-            "job.finished", status=result.status.value, moved_to=str(target), error=result.error
-        )
+        fields = {"status": result.status.value, "moved_to": str(target), "error": result.error}
+        if succeeded:
+            log.info("job.finished", **fields)
+        elif result.error and not any(run.flow_run_id for run in result.runs):
+            log.error("job.finished", **fields)  # it could not run at all
+        else:
+            log.warning("job.finished", **fields)
 
     # -- watchdog ----------------------------------------------------------------------------------
 
