@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -16,9 +15,9 @@ from hypothesis import strategies as st
 from flowsubmit._types import Deployment
 from flowsubmit.errors import ClaimLost, JobRejected
 from flowsubmit.gateway import parameter_problem
+from flowsubmit.intake import Intake
 from flowsubmit.jobs import MAX_NESTING, Job, parse_job
 from flowsubmit.queue import Candidate, Queue, printable_name, safe_name
-from flowsubmit.service import Service
 from flowsubmit.settings import Settings
 
 DEPLOYMENT = "etl/etl-deployment"
@@ -472,20 +471,25 @@ def test_a_refused_secret_parameter_is_named_but_its_value_never_shown() -> None
     )
 
 
-async def test_a_file_another_daemon_took_is_neither_an_error_nor_a_rejection(
+def test_a_file_another_daemon_took_is_neither_an_error_nor_a_rejection(
     tmp_path: Path,
 ) -> None:
     """A file gone before its read or before its rejection's move leaves no error file and no count."""
-    service = Service(Settings(queue=tmp_path / "queue", settle_s=0))
-    service.queue.ensure()
-    (service.queue.incoming / "bad.json").write_bytes(b"{")
-    async with asyncio.TaskGroup() as tg:
-        (candidate,) = service.queue.scan()
-        assert service._judge(candidate, tg) is True  # bad and settled: to be rejected
-        os.rename(service.queue.incoming / "bad.json", tmp_path / "taken.json")
-        service._reject(service._verdicts["bad.json"])
-        assert service._judge(Candidate("gone.json", 1, 0, 0), tg) is False
-    assert (service.counts, os.listdir(service.queue.rejected)) == (
-        {"claimed": 0, "succeeded": 0, "failed": 0, "rejected": 0, "recovered": 0},
-        [],
+    settings = Settings(queue=tmp_path / "queue", settle_s=0)
+    queue = Queue(tmp_path / "queue")
+    queue.ensure()
+    rejections: list[JobRejected] = []
+    intake = Intake(
+        queue,
+        settings,
+        has_capacity=lambda: True,
+        start=lambda *_: pytest.fail("nothing is claimed"),
+        rejected=lambda error, _: rejections.append(error),
     )
+    (queue.incoming / "bad.json").write_bytes(b"{")
+    (candidate,) = queue.scan()
+    assert intake._judge(candidate) is True  # bad and settled: to be rejected
+    os.rename(queue.incoming / "bad.json", tmp_path / "taken.json")
+    intake._reject(intake._verdicts["bad.json"])
+    assert intake._judge(Candidate("gone.json", 1, 0, 0)) is False
+    assert (rejections, os.listdir(queue.rejected)) == ([], [])
