@@ -82,6 +82,7 @@ def test_matrix_job_with_two_failures_is_tracked_across_replicas(
         "total": 20,
         "succeeded": 18,
         "failed": 2,
+        "cancelled": 0,
         "by_state": {"Completed": 18, "Failed": 2},
         "line": "Summary → 18/20 succeeded, 2 failed",
     }
