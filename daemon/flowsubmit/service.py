@@ -198,8 +198,10 @@ class Service:
             self._beat(self.settings.rescan_interval_s)
             if not ready:
                 ready = True
-                await self._log_ready()
+                # READY=1 first: the log line asks the server its version, and the
+                # watchdog must not ping while systemd still waits for READY=1.
                 self.notifier.ready(self._status_line())
+                await self._log_ready()
             else:
                 self.notifier.status(self._status_line())
             if self._stop.is_set():
