@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -136,6 +137,16 @@ def _translate(operation: str, deployment: str | None = None) -> Iterator[None]:
         ) from exc
 
 
+def _quiet_httpx() -> None:
+    """Keep httpx's one INFO line per request out of a script's ``basicConfig(level=INFO)`` (#9).
+
+    Only while nobody has set the ``httpx`` logger's level: a level the user chose wins.
+    """
+    httpx_log = logging.getLogger("httpx")
+    if httpx_log.level == logging.NOTSET:
+        httpx_log.setLevel(logging.WARNING)
+
+
 def _http_detail(exc: httpx.HTTPStatusError) -> str:
     try:
         body = exc.response.json()
@@ -244,6 +255,7 @@ class Gateway:
             raise ClosedError("a Gateway cannot be reopened once closed; create a new one")
         hooks = {"request": [self._count], "response": [self._observe]}
         self.api_url = configured_api_url()  # never let get_client() start a temporary server
+        _quiet_httpx()
         self._client = get_client(httpx_settings={"event_hooks": hooks})
         await self._client.__aenter__()
         return self
