@@ -431,6 +431,8 @@ class FlowSubmission:
         self._busy += 1
         try:
             yield await self._open()
+        except AuthenticationError:
+            raise  # refused credentials are said at once, not as an outage (#12)
         except TransientGatewayError as exc:
             raise _unreachable(exc, self.outage_tolerance_s) from exc
         finally:
