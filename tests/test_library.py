@@ -7,6 +7,7 @@ import contextlib
 import logging
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -54,10 +55,10 @@ async def _server_runs(run_ids: list[str]) -> dict[str, dict[str, Any]]:
     }
 
 
-async def _count_tagged(tag: str) -> int:
+async def _count_tagged(*tags: str) -> int:
     async with get_client() as client:
         runs = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=list(tags)))
         )
     return len(runs)
 
@@ -233,17 +234,18 @@ async def test_pattern_react_to_failures_and_retry_them() -> None:
 
 
 async def extract_then_transform(
-    tables: list[int], failing: frozenset[int] = frozenset()
+    tables: list[int], marker: str, failing: frozenset[int] = frozenset()
 ) -> dict[str, str] | None:
-    """The docs' pipeline (plus ``failing``, to make extracts fail on purpose)."""
-    async with flow_submitter(ETL, tags=["extract"]) as extract:
+    """The docs' pipeline (plus ``failing``, to make extracts fail on purpose; ``marker``
+    tags this test's runs apart from the docs snippet's, which runs the same pipeline)."""
+    async with flow_submitter(ETL, tags=["extract", marker]) as extract:
         await asyncio.gather(
             *[extract.submit(table=t, mode="extract", fail=t in failing, seconds=0) for t in tables]
         )
         await extract.wait()
         if extract.failed():
             return None
-    async with flow_submitter(ETL, tags=["transform"]) as transform:
+    async with flow_submitter(ETL, tags=["transform", marker]) as transform:
         await asyncio.gather(
             *[transform.submit(table=t, mode="transform", seconds=0) for t in tables]
         )
@@ -252,15 +254,18 @@ async def extract_then_transform(
 
 async def test_pattern_two_phase_pipeline() -> None:
     """The transform phase starts only when every extract completed, and then runs in full."""
+    marker = f"two-phase-{uuid.uuid4().hex[:8]}"
     stopped, results = await asyncio.gather(  # two pipelines at once, to save time
-        extract_then_transform([1], failing=frozenset({1})),
-        extract_then_transform([2, 3]),
+        extract_then_transform([1], marker, failing=frozenset({1})),
+        extract_then_transform([2, 3], marker),
     )
     assert stopped is None
     assert results is not None
     assert list(results.values()) == ["Completed", "Completed"]
-    assert await _count_tagged("extract") == 3
-    assert await _count_tagged("transform") == 2  # none from the pipeline whose extract failed
+    assert await _count_tagged("extract", marker) == 3
+    assert (
+        await _count_tagged("transform", marker) == 2
+    )  # none from the pipeline whose extract failed
     on_server = await _server_runs(list(results))
     assert [on_server[r]["parameters"] for r in results] == [
         {"table": 2, "mode": "transform", "seconds": 0},
