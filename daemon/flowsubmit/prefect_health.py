@@ -18,6 +18,11 @@ __all__ = ["PrefectHealth"]
 
 log = structlog.get_logger("flowsubmit.service")
 
+#: While all is well, the periodic check reads with credentials at most this often: the
+#: health route is free, but a database read every ``poll_interval_s`` would spend a
+#: rate-limited account's budget (a Cloud-style limit of a few requests a second).
+CREDENTIALS_EVERY_S = 60.0
+
 
 class PrefectHealth:
     """Owns the health checks of one gateway, when Prefect stopped answering, and whether it
@@ -81,16 +86,23 @@ class PrefectHealth:
 
     async def watch(self, running: Callable[[], int], abort: Callable[[str], None]) -> None:
         """One health check per ``poll_interval_s``; ``abort`` once Prefect has been down
-        longer than ``prefect_outage_tolerance_s``.
+        longer than ``prefect_outage_tolerance_s``. The credentials are read again every
+        ``CREDENTIALS_EVERY_S``, and on every check while Prefect is down or refuses them.
 
         Submissions fail by themselves (the gateway's retries are bounded by the same
         tolerance); this covers jobs that only wait for final states, which the tracker
         would otherwise wait for forever.
         """
         period_s = min(self._poll_interval_s, self._tolerance_s / 2)
+        checked_at = time.monotonic()  # wait_until_up has just read with credentials
         while not self._stop.is_set():
+            credentials = (
+                self.down_since is not None or time.monotonic() - checked_at >= CREDENTIALS_EVERY_S
+            )
+            if credentials:
+                checked_at = time.monotonic()
             # A database read besides the health ping: a busy server gets a few seconds.
-            if await self._error(timeout_s=max(period_s, 5.0)) is None:
+            if await self._error(timeout_s=max(period_s, 5.0), credentials=credentials) is None:
                 self._back()
             elif self.down_since is None:
                 self.down_since = time.monotonic()
@@ -107,14 +119,14 @@ class PrefectHealth:
             log.info("service.prefect_reachable", down_s=round(down_s, 1))
         self.down_since = None
 
-    async def _error(self, timeout_s: float) -> str | None:
-        """One health check and one authenticated read, bounded (Prefect's client retries a
-        refused connection for a minute): None when Prefect answers and takes the
-        credentials, else what went wrong."""
+    async def _error(self, timeout_s: float, credentials: bool = True) -> str | None:
+        """One health check and (with ``credentials``) one authenticated read, bounded
+        (Prefect's client retries a refused connection for a minute): None when Prefect
+        answers and takes the credentials, else what went wrong."""
         try:
             async with asyncio.timeout(timeout_s):
                 error = await self._gateway.health_error()
-                if error is None:
+                if error is None and credentials:
                     await self._gateway.check_credentials()
         except TimeoutError:
             return f"no answer within {timeout_s:g} s"
