@@ -199,22 +199,9 @@ async def _raw_bulk(deployment_id: str, runs: int) -> tuple[float, int]:
 
 
 async def _runs_of(tag: str) -> list[Any]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-    from prefect.client.schemas.sorting import FlowRunSort
+    from tests.crashkit import runs_tagged
 
-    found: list[Any] = []
-    async with get_client() as client:
-        while True:
-            page = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])),
-                sort=FlowRunSort.ID_DESC,
-                limit=200,
-                offset=len(found),
-            )
-            found.extend(page)
-            if len(page) < 200:
-                return found
+    return await runs_tagged(tag)
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -15,6 +15,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from flowsubmit.localserver import LocalServer
@@ -95,6 +96,7 @@ async def runs_tagged(tag: str, *, state: StateType | None = None) -> list[FlowR
                 flow_run_filter=FlowRunFilter(
                     tags=FlowRunFilterTags(all_=[tag]), state=state_filter
                 ),
+                sort=FlowRunSort.ID_DESC,  # a stable order, so offset paging neither skips nor repeats
                 offset=len(found),
                 limit=200,
             )

@@ -8,14 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-from prefect.client.schemas.objects import FlowRun
-from prefect.client.schemas.sorting import FlowRunSort
 
 from flowsubmit.localserver import LocalServer
 from flowsubmit.runset import job_tag
 from tests.conftest import Daemon, enqueue, result_of
+from tests.crashkit import runs_tagged
 from tests.driver import drive
 from tests.flows import DRIVEN
 from tests.proxy import Proxy, RateLimit, running
@@ -23,22 +20,6 @@ from tests.proxy import Proxy, RateLimit, running
 #: Safety net for awaiting outcomes; not a timing claim (those live in bench/).
 PATIENCE_S = 300.0
 CREATE_ROUTE = "/create_flow_run"
-
-
-async def _runs_tagged(tag: str) -> list[FlowRun]:
-    """Every run carrying ``tag`` on the server, page by page."""
-    found: list[FlowRun] = []
-    async with get_client() as client:
-        while True:
-            page = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])),
-                sort=FlowRunSort.ID_DESC,
-                limit=200,
-                offset=len(found),
-            )
-            found.extend(page)
-            if len(page) < 200:
-                return found
 
 
 @pytest.mark.timeout(900)  # took 580 s on the shared machine at load 20; ~1 min when quiet
@@ -64,14 +45,14 @@ def test_rate_limited_api_gets_each_run_once_slower_then_faster(
         daemon.wait_for_event("gateway.unthrottled", timeout_s=PATIENCE_S)
         daemon.wait_for_event("run.submitted", count=500, timeout_s=PATIENCE_S)
         tag = job_tag(job_id)
-        ids = [str(r.id) for r in asyncio.run(_runs_tagged(tag))]
+        ids = [str(r.id) for r in asyncio.run(runs_tagged(tag))]
         asyncio.run(drive(ids, concurrency=4, direct=True))
         folder, result = daemon.wait_for(
             lambda: result_of(daemon.queue, job_id), PATIENCE_S, "the job's result"
         )
         events = [e["event"] for e in daemon.lines() if str(e["event"]).startswith("gateway.")]
         daemon.stop()
-    runs = asyncio.run(_runs_tagged(tag))
+    runs = asyncio.run(runs_tagged(tag))
 
     assert (folder, result["summary"]["total"], result["summary"]["succeeded"]) == (
         "done",
