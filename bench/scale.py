@@ -8,15 +8,20 @@ By default the script starts its own embedded SQLite-backed server; with
 PostgreSQL, Redis, two API replicas, an auth string): the daemon talks to replica A,
 the driver to replica B, so every final event reaches the daemon through Redis.
 
-Every request of the raw baseline and of the daemon goes through one counting
-loopback proxy (``tests/proxy.py``), so both pay the same hop. In order:
+Every request of the raw baseline and of the daemon goes through a counting
+loopback proxy (``tests/proxy.py``), so both pay the same hop. Each of the two
+phases gets a server (or topology) of its own, started fresh the same way: on one
+server the daemon would meet the baseline's runs turning Late (Prefect's late-runs
+service rewrites every Scheduled run nobody picked up 15 s after its start time,
+and on SQLite those writes contend with the creates), which slowed the daemon's
+phase by up to half. In order:
 
 1. raw bulk: ``runs`` runs created by sequential ``POST
    /deployments/{id}/create_flow_run/bulk`` calls of 100, items refused by the
    server ("database is locked") put back into the next call;
-2. the daemon (``flowsubmit run``, a subprocess) gets one matrix job of ``runs``
-   runs of a never-served deployment; submission rate = runs / (last
-   ``run.submitted`` - ``job.claimed``);
+2. on the second server, the daemon (``flowsubmit run``, a subprocess) gets one
+   matrix job of ``runs`` runs of a never-served deployment; submission rate =
+   runs / (last ``run.submitted`` - ``job.claimed``);
 3. idle: the daemon's CPU over one reconciliation interval with every run pending;
 4. a separate driver process moves every run straight to its final state through
    the API (every 10th Failed); detection latency of a run = its ``run.finished``
@@ -27,6 +32,7 @@ loopback proxy (``tests/proxy.py``), so both pay the same hop. In order:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -38,6 +44,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -209,26 +216,37 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]  # nearest rank
 
 
-async def main(runs: int, label: str, driver_env: dict[str, str]) -> None:
+def _upstream_port() -> int:
+    return int(os.environ["PREFECT_API_URL"].rsplit(":", 1)[1].split("/", 1)[0])
+
+
+async def raw_phase(runs: int) -> tuple[float, int]:
+    """(runs/s, items refused) of the raw bulk route, through the proxy."""
     from tests.proxy import Proxy
 
     from flowsubmit.gateway import Gateway
-    from flowsubmit.runset import job_tag
 
     name = await _deployment()
     async with Gateway() as gateway:
         deployment = await gateway.resolve_deployment(name)
-    upstream = int(os.environ["PREFECT_API_URL"].rsplit(":", 1)[1].split("/", 1)[0])
     direct_url = os.environ["PREFECT_API_URL"]
-    row: dict[str, Any] = {"server": label, "runs": runs}
-
-    async with Proxy(upstream) as proxy:
+    async with Proxy(_upstream_port()) as proxy:
         os.environ["PREFECT_API_URL"] = proxy.api_url
         try:
-            row["raw"], row["raw_refused"] = await _raw_bulk(deployment.id, runs)
+            return await _raw_bulk(deployment.id, runs)
         finally:
             os.environ["PREFECT_API_URL"] = direct_url
 
+
+async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
+    """The daemon's figures, added to ``row``; then the table is printed."""
+    from tests.proxy import Proxy
+
+    from flowsubmit.runset import job_tag
+
+    runs = row["runs"]
+    name = await _deployment()
+    async with Proxy(_upstream_port()) as proxy:
         work = Path(tempfile.mkdtemp(prefix="flowsubmit-scale-"))
         env = {**os.environ, "PREFECT_API_URL": proxy.api_url}
         env = {k: v for k, v in env.items() if not k.startswith("FLOWSUBMIT_")}
@@ -283,7 +301,12 @@ async def main(runs: int, label: str, driver_env: dict[str, str]) -> None:
     row["finished_twice"] = len(finished) - len({f["flow_run_id"] for f in finished})
     result = json.loads(next(daemon.queue.glob("*/*.result.json")).read_text())
     row["summary"] = result["summary"]["total"], result["summary"]["succeeded"]
-    shutil.rmtree(work, ignore_errors=True)
+    if os.environ.get("BENCH_KEEP"):
+        seen = [[x.at, x.method, x.path, x.status] for x in proxy.seen]
+        (work / "requests.json").write_text(json.dumps(seen))
+        print(f"- kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     _print(row)
 
 
@@ -324,28 +347,49 @@ async def _drive(tag: str, runs: int) -> None:
     )
 
 
+@contextlib.contextmanager
+def _server(topology: bool) -> Iterator[dict[str, str]]:
+    """A fresh server (or topology) for one phase: sets its client environment, yields the driver's."""
+    from flowsubmit.topology import Topology
+
+    before = dict(os.environ)
+    started: Topology | LocalServer = Topology() if topology else LocalServer()
+    try:
+        started.start(timeout_s=600)  # a busy shared machine starts it slowly
+        os.environ.update(started.env())
+        # On the topology the driver talks to replica B, so every final event reaches
+        # the daemon (on A) through Redis.
+        driver = started.b.env() if isinstance(started, Topology) else {}
+        yield {**os.environ, **driver}
+    finally:
+        started.close()
+        os.environ.clear()
+        os.environ.update(before)
+
+
+def main(runs: int, topology: bool) -> None:
+    label = "production topology (A: daemon, B: driver)" if topology else "embedded SQLite"
+    row: dict[str, Any] = {"server": label, "runs": runs}
+    # The raw phase in a process of its own: Prefect reads its settings (the API URL)
+    # once, when it is first imported, and each phase has a server of its own.
+    flags = ["--topology"] if topology else []
+    raw = subprocess.run(
+        [sys.executable, __file__, "--raw", str(runs), *flags],
+        stdout=subprocess.PIPE,
+        check=True,
+        cwd=ROOT,
+    )
+    row["raw"], row["raw_refused"] = json.loads(raw.stdout.decode().strip().splitlines()[-1])
+    with _server(topology) as driver_env:
+        asyncio.run(daemon_phase(row, driver_env))
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     if "--drive" in sys.argv:
         asyncio.run(_drive(args[0], int(args[1])))
-    elif "--topology" in sys.argv:
-        from flowsubmit.topology import Topology
-
-        topology = Topology()
-        try:
-            topology.start(timeout_s=600)
-            os.environ.update(topology.env())
-            driver_env = {**os.environ, **topology.b.env()}
-            runs = int(args[0]) if args else 10_000
-            asyncio.run(main(runs, "production topology (A: daemon, B: driver)", driver_env))
-        finally:
-            topology.close()
+    elif "--raw" in sys.argv:
+        with _server("--topology" in sys.argv):
+            print(json.dumps(asyncio.run(raw_phase(int(args[0])))))
     else:
-        server = LocalServer()
-        try:
-            server.start(timeout_s=600)  # a busy shared machine starts it slowly
-            os.environ.update(server.env())
-            driver_env = dict(os.environ)
-            asyncio.run(main(int(args[0]) if args else 10_000, "embedded SQLite", driver_env))
-        finally:
-            server.close()
+        main(int(args[0]) if args else 10_000, "--topology" in sys.argv)

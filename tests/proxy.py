@@ -162,6 +162,10 @@ class Proxy:
                 await self._exchange(head, reader, writer)
         except (ConnectionError, OSError, httpx.HTTPError):
             return
+        except asyncio.CancelledError:
+            # The proxy is closing. Swallowed: asyncio's server reads this task's
+            # exception() in a done callback, and a cancelled task's raises there.
+            return
         finally:
             writer.close()
             self._handlers.discard(task)

@@ -6,6 +6,8 @@
       JobRejected              bad JSON, schema or field: the file goes to rejected/ with NAME.error.json
       GatewayError
         TransientGatewayError  network, timeouts, 429, 5xx: retried with backoff and jitter
+          ContentionError      the server took the call but refused an item for database
+                               contention ("database is locked"): sent again soon
           AuthenticationError  401/403: the client's credentials are refused; never a verdict on a job
         PermanentGatewayError  unknown deployment, refused parameters: the job fails clearly
       ClaimLost                another daemon renamed the file first
@@ -21,6 +23,7 @@ __all__ = [
     "ClaimLost",
     "AuthenticationError",
     "ClosedError",
+    "ContentionError",
     "FlowsubmitError",
     "GatewayError",
     "JobRejected",
@@ -83,6 +86,14 @@ class GatewayError(FlowsubmitError):
 
 class TransientGatewayError(GatewayError):
     """Prefect could not be reached or was busy; the same call may succeed later."""
+
+
+class ContentionError(TransientGatewayError):
+    """The server answered, but refused an item for database contention ("database is locked").
+
+    Not an outage: the server is busy with another writer for an instant. The item is
+    sent again at once when the same call created others, after a short wait otherwise.
+    """
 
 
 class AuthenticationError(TransientGatewayError):

@@ -10,19 +10,20 @@ operation is that tolerance plus one inner round of Prefect's retries. Creates a
 idempotent because every run carries an idempotency key. Items of a bulk create
 that the server refused for contention ("database is locked") are sent again at
 once while each call still creates something; backoff starts only when a call
-creates nothing.
+creates nothing, and then briefly (0.1 s doubling to 2 s) when the server only
+contended (``ContentionError``).
 
 Rate limits (429) are retried by Prefect's client, as above; the gateway sees every
 response (a response hook, Prefect's own retries included) and, on a 429, its
 ``Pacer`` holds back every create call until ``Retry-After`` has passed and spaces
 create calls out, then speeds up as they are accepted (``gateway.throttled`` /
-``gateway.unthrottled``). A create call holds one of ``max_inflight_submissions``
-slots while it is on the wire, never while it waits to retry.
+``gateway.unthrottled``). Up to ``max_inflight_submissions`` create calls are out at
+once, one while the server refuses items for database contention (``CallLimit``: two
+calls against a SQLite-backed server collide and create fewer runs than one).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
@@ -61,12 +62,13 @@ from flowsubmit.connection import configured_api_url, display_url
 from flowsubmit.errors import (
     AuthenticationError,
     ClosedError,
+    ContentionError,
     GatewayError,
     PermanentGatewayError,
     TransientGatewayError,
 )
 from flowsubmit.logs import get_logger
-from flowsubmit.pacer import Pacer
+from flowsubmit.pacer import CallLimit, Pacer
 from flowsubmit.redaction import mentions_secret
 from flowsubmit.scheduler import CreateScheduler
 
@@ -164,14 +166,21 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 class _WaitHonouringRetryAfter(wait_exponential_jitter):
-    """Exponential backoff with jitter, but never shorter than the server's ``Retry-After``."""
+    """Exponential backoff with jitter, but never shorter than the server's ``Retry-After``;
+    short (``_CONTENTION_WAIT``) when the server answered and only contended."""
 
     def __call__(self, retry_state: RetryCallState) -> float:
-        backoff = super().__call__(retry_state)
         outcome = retry_state.outcome
         exc = outcome.exception() if outcome is not None else None
+        if isinstance(exc, ContentionError):
+            return _CONTENTION_WAIT(retry_state)
+        backoff = super().__call__(retry_state)
         retry_after = getattr(exc, "retry_after_s", None)
         return max(backoff, retry_after) if retry_after else backoff
+
+
+#: Another writer held the database for an instant: try again soon, not after an outage's backoff.
+_CONTENTION_WAIT = wait_exponential_jitter(initial=0.1, max=2.0, jitter=0.1)
 
 
 def parameter_problem(
@@ -234,8 +243,8 @@ class Gateway:
         self.reconnection_attempts = reconnection_attempts
         #: Requests sent to the Prefect API, by route (for tests, bench and metrics).
         self.requests: Counter[str] = Counter()
-        self.max_inflight_submissions = max_inflight_submissions
-        self._slots = asyncio.Semaphore(max_inflight_submissions)
+        #: How many create calls may be out at once (fewer while the database contends).
+        self.calls = CallLimit(max_inflight_submissions)
         #: The Prefect API this gateway talks to (set on entry).
         self.api_url: str | None = None
         #: Spaces out create calls while the API answers 429 (rate limits).
@@ -246,7 +255,7 @@ class Gateway:
         #: Orders the pending creates of every job into batches (fair, by priority: #13).
         self._scheduler = CreateScheduler(
             self._create_batch,
-            capacity=lambda: self.max_inflight_submissions,
+            capacity=lambda: self.calls.limit,
             batch_size=lambda: self.submit_batch_size,
         )
 
@@ -366,19 +375,23 @@ class Gateway:
     async def _create_batch(
         self, deployment: Deployment, requests: list[RunRequest]
     ) -> list[str | Exception]:
-        """Create a batch, retrying only the items that failed transiently (keys make it safe)."""
+        """Create a batch, retrying only the items that failed transiently (keys make it safe).
+
+        The scheduler counts the batch as one call out until this returns: its calls go
+        one after another, and a backoff holds its place (the next call would most
+        likely fail the same way).
+        """
         done: dict[int, str | Exception] = {}
         async for attempt in self._retrying("create_flow_runs", deployment.name):
             with attempt, _translate_errors("create flow runs", deployment.name):
                 while len(done) < len(requests):
                     todo = [i for i in range(len(requests)) if i not in done]
-                    # A slot is held for the call only, never across a backoff: a batch
-                    # waiting to retry must not keep another batch from being sent.
-                    async with self._slots:
-                        with metrics.SUBMIT_SECONDS.time():
-                            outcome = await self._create_some(
-                                deployment, [requests[i] for i in todo]
-                            )
+                    with metrics.SUBMIT_SECONDS.time():
+                        outcome = await self._create_some(deployment, [requests[i] for i in todo])
+                    if any(isinstance(r, ContentionError) for r in outcome):
+                        self.calls.contended()
+                    else:
+                        self.calls.clean()
                     settled = {
                         i: r
                         for i, r in zip(todo, outcome, strict=True)
@@ -567,7 +580,7 @@ def _bulk_item(item: dict[str, Any]) -> str | Exception:
     if item.get("status") == "CREATED" and item.get("flow_run_id"):
         return str(item["flow_run_id"])
     error = str(item.get("error"))
-    cls = TransientGatewayError if _TRANSIENT_DB_ERROR.search(error) else PermanentGatewayError
+    cls = ContentionError if _TRANSIENT_DB_ERROR.search(error) else PermanentGatewayError
     first_line = error.strip().splitlines()[0] if error.strip() else "no reason given"
     return cls(
         f"create flow run: Prefect refused it: {first_line[:300]}", operation="create_flow_run"

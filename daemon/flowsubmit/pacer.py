@@ -1,4 +1,4 @@
-"""Rate adaptation for create calls: after an HTTP 429 the gateway's creates are spaced out, and sped up again as they are accepted."""
+"""How fast create calls go out: spaced out after an HTTP 429 (``Pacer``), one at a time while the database contends (``CallLimit``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import structlog
 
-__all__ = ["Pacer"]
+__all__ = ["CallLimit", "Pacer"]
 
 log = structlog.get_logger("flowsubmit.gateway")
 
@@ -81,3 +81,41 @@ class Pacer:
         if self.gap_s < self.min_gap_s:
             self.gap_s = 0.0
             log.info("gateway.unthrottled", refusals=self.refusals)
+
+
+class CallLimit:
+    """Owns how many create calls may be on the wire at once.
+
+    It starts at ``maximum`` (``max_inflight_submissions``). A call in which the server
+    refused items for database contention (a SQLite-backed server takes one writer at
+    a time, and a second transaction that wants to write fails at once with "database
+    is locked") brings it down to one, so that our own calls stop colliding: two calls
+    in flight against such a server create fewer runs than one. After
+    ``recover_after`` calls in a row without contention it goes up by one again, so a
+    server whose contention was passing (PostgreSQL under a burst) gets its parallel
+    calls back. Logged as ``gateway.call_limit``.
+    """
+
+    def __init__(self, maximum: int, *, recover_after: int = 50) -> None:
+        self.maximum = maximum
+        self.recover_after = recover_after
+        #: Create calls that may be on the wire at once now.
+        self.limit = maximum
+        self._clean = 0
+
+    def contended(self) -> None:
+        """A call met database contention: one call at a time from now on."""
+        self._clean = 0
+        if self.limit > 1:
+            self._set(1, "the server refused items for database contention")
+
+    def clean(self) -> None:
+        """A call met no contention: after ``recover_after`` in a row, one more call at once."""
+        self._clean += 1
+        if self.limit < self.maximum and self._clean >= self.recover_after:
+            self._clean = 0
+            self._set(self.limit + 1, f"{self.recover_after} calls in a row without contention")
+
+    def _set(self, limit: int, reason: str) -> None:
+        log.info("gateway.call_limit", limit=limit, previous=self.limit, reason=reason)
+        self.limit = limit

@@ -55,10 +55,13 @@ UNCLAIMED_MAX = 10_000
 _LIVE_MARGIN = timedelta(seconds=0.25)
 #: Prefect's server drops the events of a subscriber that has 256 waiting
 #: (``SUBSCRIPTION_BACKLOG`` in ``prefect/server/events/stream.py``). After half as
-#: many events since the last reconciliation, some may have been lost in a burst:
-#: the next reconciliation comes ``BURST_RECONCILE_S`` after the last one, not a
-#: whole ``reconcile_interval_s``.
+#: many events within ``BURST_WINDOW_S``, some may have been lost in a burst: the
+#: next reconciliation comes ``BURST_RECONCILE_S`` after the last one, not a whole
+#: ``reconcile_interval_s``. A rate, not a count since the last pass: a steady stream
+#: (a 10,000-run job's creation events, 100 per bulk call) overflows nothing, and
+#: counted it would re-read every pending run every 10 s while the job submits.
 BURST_EVENTS = 128
+BURST_WINDOW_S = 1.0
 BURST_RECONCILE_S = 10.0
 
 
@@ -114,7 +117,9 @@ class Tracker:
         self._unseen: set[str] = set()
         #: What is left of the current pass of the poll loop (kept when a page fails).
         self._pass: list[str] = []
-        self._events_since_pass = 0
+        #: Events in the current burst window, and when it began (loop time).
+        self._window_events = 0
+        self._window_start = 0.0
         self._pass_started = 0.0
         self._burst_timer: asyncio.TimerHandle | None = None
         self._live_since: datetime | None = None
@@ -298,10 +303,13 @@ class Tracker:
 
     def _count_event(self) -> None:
         """Bring the next reconciliation forward once a burst may have overflowed the server's backlog."""
-        self._events_since_pass += 1
-        if self._events_since_pass == BURST_EVENTS and self._burst_timer is None:
-            loop = asyncio.get_running_loop()
-            delay_s = max(0.0, self._pass_started + BURST_RECONCILE_S - loop.time())
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._window_start > BURST_WINDOW_S:
+            self._window_start, self._window_events = now, 0
+        self._window_events += 1
+        if self._window_events == BURST_EVENTS and self._burst_timer is None:
+            delay_s = max(0.0, self._pass_started + BURST_RECONCILE_S - now)
             self._burst_timer = loop.call_later(delay_s, self._burst_due)
 
     def _burst_due(self) -> None:
@@ -314,7 +322,6 @@ class Tracker:
         The next turn goes on where this one stopped, so at 10,000 pending runs a pass
         completes even when a read fails now and then or the server answers slowly.
         """
-        self._events_since_pass = 0
         self._pass_started = asyncio.get_running_loop().time()
         if self._burst_timer is not None:
             self._burst_timer.cancel()  # this pass covers it
