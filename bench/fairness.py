@@ -3,9 +3,11 @@
 Run: ``.venv/bin/python bench/fairness.py [big_runs]`` (``make bench-fairness``; 3000 runs by
 default). Prints a table; asserts nothing.
 
-One local SQLite-backed server and one daemon per scenario (default settings, JSON logs),
-on a deployment nobody serves: runs stay Scheduled (and stay on the server; the
-"alone" baseline runs first, on the emptiest database). A scenario drops the big job, waits until a tenth of its
+A fresh local SQLite-backed server and one daemon per scenario (default settings, JSON
+logs), on a deployment nobody serves: runs stay Scheduled. (On one server for all, a
+later scenario would meet the earlier scenarios' runs turning Late: Prefect's late-runs
+service rewrites every Scheduled run nobody picked up, and on SQLite those writes
+contend with the creates.) A scenario drops the big job, waits until a tenth of its
 runs are created, then drops a 1-run job and a 20-run job (at priority 0, or 10). Times
 come from the daemon's own log lines: a job's wait is its ``job.claimed`` to its last
 ``run.submitted``; the big job's submission time is the same span for it. "alone" is
@@ -128,15 +130,14 @@ def main(big: int) -> None:
     rows = [("alone", None), ("equal", 0), ("higher", 10)]
     results = {}
     with tempfile.TemporaryDirectory(prefix="flowsubmit-fair-") as tmp:
-        server = LocalServer()
-        try:
-            server.start(timeout_s=600)  # minutes on a loaded machine
-            os.environ.update(server.env())
-            asyncio.run(_setup())
-            for name, priority in rows:
+        for name, priority in rows:
+            with LocalServer() as server:
+                # The deployment is made in a process of its own: Prefect reads its API URL
+                # once per process, and each scenario has a server of its own.
+                subprocess.run(
+                    [sys.executable, __file__, "--setup"], env=server.env(), check=True, cwd=ROOT
+                )
                 results[name] = scenario(server, Path(tmp), name, big, priority)
-        finally:
-            server.close()
     alone = results["alone"]["alone-big"]
     assert not isinstance(alone, str)
     alone_s = alone[1] - alone[0]
@@ -158,4 +159,7 @@ def main(big: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3000)
+    if "--setup" in sys.argv:
+        asyncio.run(_setup())
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 3000)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import socket
 import threading
 import time
 from collections import deque
@@ -84,7 +85,8 @@ class Proxy:
     ``rule(method, path)`` may answer a request itself (a ``Reply``) or let it pass
     (``None``); ``delay(method, path)`` seconds are waited before forwarding. Every
     request is appended to ``seen``. A websocket upgrade is refused (HTTP 503) while
-    ``refuse_websockets`` is set.
+    ``refuse_websockets`` is set; ``stall_websockets()`` stops reading what the server
+    sends on them (a consumer that cannot keep up), ``resume_websockets()`` goes on.
     """
 
     def __init__(
@@ -98,6 +100,8 @@ class Proxy:
         self.rule = rule
         self.delay = delay
         self.refuse_websockets = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.seen: list[Seen] = []
         self._server: asyncio.Server | None = None
         self._client: httpx.AsyncClient | None = None
@@ -139,6 +143,18 @@ class Proxy:
         for writer in list(self._sockets):
             writer.close()
         self._sockets.clear()
+
+    def stall_websockets(self) -> None:
+        """Stop reading from the server on every websocket (new ones too) until ``resume_websockets()``.
+
+        The proxy's socket to the server then takes only a small receive buffer, so the
+        server's sends block within a few dozen events, as they would for a stalled client.
+        """
+        self._flowing.clear()
+
+    def resume_websockets(self) -> None:
+        """Read and pass on what the server sends on websockets again."""
+        self._flowing.set()
 
     def count(self, fragment: str = "", status: int | None = None) -> int:
         """Requests seen whose path contains ``fragment`` (and answered ``status``, if given)."""
@@ -215,16 +231,26 @@ class Proxy:
             # As a proxy or a server still starting answers: not a network error, an HTTP one.
             writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
             return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        # A small receive buffer, so that a stalled pipe holds back the server at once
+        # (loopback buffers otherwise grow to megabytes: thousands of events).
+        up_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        up_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        up_socket.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(up_socket, ("127.0.0.1", self.upstream_port))
+        up_reader, up_writer = await asyncio.open_connection(sock=up_socket, limit=4096)
         self._sockets.update((writer, up_writer))
         up_writer.write(head)
-        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        await asyncio.gather(
+            _pipe(reader, up_writer), _pipe(up_reader, writer, flowing=self._flowing)
+        )
         self._sockets.difference_update((writer, up_writer))
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event | None = None
+) -> None:
     with contextlib.suppress(ConnectionError, OSError):
-        while data := await reader.read(65536):
+        while (flowing is None or await flowing.wait()) and (data := await reader.read(4096)):
             writer.write(data)
             await writer.drain()
     writer.close()

@@ -1,10 +1,10 @@
-"""The create-call limits of ``pacer.py``, as pure logic (no server): the contention limit."""
+"""The create-call limits of ``pacer.py``, as pure logic (no server): the contention limit and the call size."""
 
 from __future__ import annotations
 
 import structlog
 
-from flowsubmit.pacer import CallLimit
+from flowsubmit.pacer import CallLimit, CallSize
 
 
 def test_contention_brings_calls_down_to_one_and_a_clean_streak_back_up() -> None:
@@ -37,3 +37,18 @@ def test_a_limit_of_one_never_changes() -> None:
         limit.clean()
     assert limit.limit == 1
     assert lines == []
+
+
+def test_call_size_follows_the_servers_speed_between_its_bounds() -> None:
+    size = CallSize(100, target_s=1.0, minimum=10)
+    assert size.size == 100  # nothing learnt yet: the route's limit
+    size.observe(3.0, 0)  # all refused: says nothing of the speed
+    assert size.size == 100
+    size.observe(3.0, 100)  # 33 runs/s: a call of one second carries 33
+    assert size.size == 33
+    for _ in range(20):
+        size.observe(0.5, 100)  # 200 runs/s
+    assert size.size == 100  # never above the maximum
+    for _ in range(20):
+        size.observe(10.0, 10)  # 1 run/s
+    assert size.size == 10  # never below the minimum

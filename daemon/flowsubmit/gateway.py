@@ -24,9 +24,11 @@ calls against a SQLite-backed server collide and create fewer runs than one).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Self
@@ -68,7 +70,7 @@ from flowsubmit.errors import (
     TransientGatewayError,
 )
 from flowsubmit.logs import get_logger
-from flowsubmit.pacer import CallLimit, Pacer
+from flowsubmit.pacer import CallLimit, CallSize, Pacer
 from flowsubmit.redaction import mentions_secret
 from flowsubmit.scheduler import CreateScheduler
 
@@ -239,12 +241,13 @@ class Gateway:
         reconnection_attempts: int = 2,
     ) -> None:
         self.outage_tolerance_s = outage_tolerance_s
-        self.submit_batch_size = submit_batch_size
         self.reconnection_attempts = reconnection_attempts
         #: Requests sent to the Prefect API, by route (for tests, bench and metrics).
         self.requests: Counter[str] = Counter()
         #: How many create calls may be out at once (fewer while the database contends).
         self.calls = CallLimit(max_inflight_submissions)
+        #: How many runs one create call carries (fewer while the server creates slowly).
+        self.call_size = CallSize(submit_batch_size)
         #: The Prefect API this gateway talks to (set on entry).
         self.api_url: str | None = None
         #: Spaces out create calls while the API answers 429 (rate limits).
@@ -256,8 +259,11 @@ class Gateway:
         self._scheduler = CreateScheduler(
             self._create_batch,
             capacity=lambda: self.calls.limit,
-            batch_size=lambda: self.submit_batch_size,
+            batch_size=lambda: self.call_size.size,
+            sent=self._create_sent,
         )
+        #: Set (and replaced) each time a create request has been written to the server.
+        self._written = asyncio.Event()
 
     async def __aenter__(self) -> Self:
         if self._closed:
@@ -282,6 +288,8 @@ class Gateway:
 
     async def _count(self, request: httpx.Request) -> None:
         self.requests[_route(request)] += 1
+        if request.url.path.endswith("/create_flow_run"):
+            self._signal_written()  # a single create: about to be written (no trace hook there)
 
     async def _observe(self, response: httpx.Response) -> None:
         """Every response, Prefect's own retries included: 429s throttle creates, accepted creates lift it."""
@@ -386,8 +394,16 @@ class Gateway:
             with attempt, _translate_errors("create flow runs", deployment.name):
                 while len(done) < len(requests):
                     todo = [i for i in range(len(requests)) if i not in done]
-                    with metrics.SUBMIT_SECONDS.time():
-                        outcome = await self._create_some(deployment, [requests[i] for i in todo])
+                    started = time.monotonic()
+                    try:
+                        async with self.calls.slot():
+                            outcome = await self._create_some(
+                                deployment, [requests[i] for i in todo]
+                            )
+                    finally:
+                        took_s = time.monotonic() - started
+                        metrics.SUBMIT_SECONDS.observe(took_s)
+                    self.call_size.observe(took_s, sum(isinstance(r, str) for r in outcome))
                     if any(isinstance(r, ContentionError) for r in outcome):
                         self.calls.contended()
                     else:
@@ -437,6 +453,19 @@ class Gateway:
                 results.append(exc)
         return results
 
+    async def _create_sent(self) -> None:
+        """Return once the next create request has been written to the server."""
+        await self._written.wait()
+
+    async def _trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace hook of a create call: its request body is on the wire."""
+        if event == "http11.send_request_body.complete":
+            self._signal_written()
+
+    def _signal_written(self) -> None:
+        written, self._written = self._written, asyncio.Event()
+        written.set()
+
     async def _bulk_create(
         self, deployment: Deployment, requests: list[RunRequest]
     ) -> list[str | Exception]:
@@ -447,6 +476,7 @@ class Gateway:
             _BULK_PATH,  # type: ignore[arg-type]  # a route Prefect's client has no method for
             path_params={"id": deployment.id},
             json=body,
+            extensions={"trace": self._trace},
         )
         response.raise_for_status()
         return [_bulk_item(item) for item in response.json()["results"]]

@@ -1,13 +1,15 @@
-"""How fast create calls go out: spaced out after an HTTP 429 (``Pacer``), one at a time while the database contends (``CallLimit``)."""
+"""How fast create calls go out: spaced out after an HTTP 429 (``Pacer``), one at a time while the database contends (``CallLimit``), each about a second long (``CallSize``)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import structlog
 
-__all__ = ["CallLimit", "Pacer"]
+__all__ = ["CallLimit", "CallSize", "Pacer"]
 
 log = structlog.get_logger("flowsubmit.gateway")
 
@@ -94,6 +96,10 @@ class CallLimit:
     ``recover_after`` calls in a row without contention it goes up by one again, so a
     server whose contention was passing (PostgreSQL under a burst) gets its parallel
     calls back. Logged as ``gateway.call_limit``.
+
+    ``slot()`` is held while a call is on the wire: a batch whose call was refused
+    for contention waits for the others' calls to return before it tries again,
+    instead of colliding with them once more.
     """
 
     def __init__(self, maximum: int, *, recover_after: int = 50) -> None:
@@ -102,6 +108,21 @@ class CallLimit:
         #: Create calls that may be on the wire at once now.
         self.limit = maximum
         self._clean = 0
+        self._on_wire = 0
+        self._freed = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of ``limit`` places on the wire for one call."""
+        while self._on_wire >= self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self._on_wire += 1
+        try:
+            yield
+        finally:
+            self._on_wire -= 1
+            self._freed.set()
 
     def contended(self) -> None:
         """A call met database contention: one call at a time from now on."""
@@ -119,3 +140,37 @@ class CallLimit:
     def _set(self, limit: int, reason: str) -> None:
         log.info("gateway.call_limit", limit=limit, previous=self.limit, reason=reason)
         self.limit = limit
+
+
+class CallSize:
+    """Owns how many runs one create call carries: at most ``maximum`` (``submit_batch_size``),
+    fewer while the server creates them slowly, so that one call lasts about ``target_s``.
+
+    A job that arrives while another submits thousands of runs waits for the calls in
+    flight to return before its own runs go out (issue 13): on a SQLite-backed server
+    a call of 100 runs lasts about three seconds, one of 30 about one. The server's
+    speed is learnt from the calls that created runs (seconds per run created, a moving
+    average); a call whose items were all refused tells nothing about it.
+    """
+
+    def __init__(self, maximum: int, *, target_s: float = 1.0, minimum: int = 10) -> None:
+        self.maximum = maximum
+        self.target_s = target_s
+        self.minimum = min(minimum, maximum)
+        self._per_run_s: float | None = None
+
+    @property
+    def size(self) -> int:
+        """Runs in the next call."""
+        if self._per_run_s is None:
+            return self.maximum
+        fits = int(self.target_s / self._per_run_s) if self._per_run_s > 0 else self.maximum
+        return max(self.minimum, min(self.maximum, fits))
+
+    def observe(self, seconds: float, created: int) -> None:
+        """A call took ``seconds`` and created ``created`` runs."""
+        if created <= 0:
+            return
+        per_run = seconds / created
+        old = self._per_run_s
+        self._per_run_s = per_run if old is None else 0.7 * old + 0.3 * per_run

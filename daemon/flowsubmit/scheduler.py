@@ -25,6 +25,7 @@ runs to be created.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ T = TypeVar("T")
 
 #: Sends one batch of creates of one deployment; one result (run id or error) per request.
 Send = Callable[[Deployment, list[RunRequest]], Awaitable[list[str | Exception]]]
+
+#: How long a batch's results wait for the next batch's request to be on the wire.
+HANDOVER_WAIT_S = 0.5
 
 
 @dataclass(eq=False, slots=True)
@@ -164,9 +168,16 @@ class CreateScheduler:
     """
 
     def __init__(
-        self, send: Send, *, capacity: Callable[[], int], batch_size: Callable[[], int]
+        self,
+        send: Send,
+        *,
+        capacity: Callable[[], int],
+        batch_size: Callable[[], int],
+        sent: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._send = send
+        #: Returns once the next create request has been written to the server, if given.
+        self._on_wire = sent
         self._capacity = capacity
         self._batch_size = batch_size
         self._order: TurnOrder[_Pending] = TurnOrder()
@@ -220,14 +231,18 @@ class CreateScheduler:
         if not task.cancelled() and task.exception() is not None:
             log.error("gateway.task_failed", task=task.get_name(), exc_info=task.exception())
 
-    def _release(self, task: asyncio.Task[None] | None) -> None:
-        """Free a batch's slot and hand the sender the next batch at once."""
-        if task in self._out:
-            self._out.discard(task)
-            self._dispatch()
+    def _release(self, task: asyncio.Task[None] | None) -> bool:
+        """Free a batch's slot and hand the sender the next batch at once; True if one went out."""
+        if task not in self._out:
+            return False
+        self._out.discard(task)
+        before = len(self._out)
+        self._dispatch()
+        return len(self._out) > before
 
     async def _send_batch(self, deployment: Deployment, batch: list[_Pending]) -> None:
         results: list[str | Exception]
+        followed = False
         try:
             results = await self._send(deployment, [p.request for p in batch])
         except asyncio.CancelledError:
@@ -237,9 +252,16 @@ class CreateScheduler:
         except Exception as exc:
             results = [exc] * len(batch)
         finally:
-            # The next batch goes out before these results are handed over: their callers
-            # write the journal (an fsync each), and the server need not idle meanwhile.
-            self._release(asyncio.current_task())
+            followed = self._release(asyncio.current_task())
+        if followed and self._on_wire is not None:
+            # The next batch's request reaches the server before these results are handed
+            # over: their callers (journal, log line, tracker) would otherwise run first
+            # and hold it back for a few hundred milliseconds, and a SQLite-backed server
+            # gives its write lock to its own event writers meanwhile; the call that
+            # comes late then has every item refused ("database is locked").
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HANDOVER_WAIT_S):
+                    await self._on_wire()
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 _fail(pending, result)
