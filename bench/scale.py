@@ -1,7 +1,9 @@
 """Scale: one big matrix job on one daemon, measured beside the raw bulk route in the same run.
 
-Run: ``.venv/bin/python bench/scale.py [runs] [--topology]`` (``make bench-scale``
-runs 10,000 on both). Prints a table; asserts nothing.
+Run: ``.venv/bin/python bench/scale.py [runs] [--topology] [--submit-only]``
+(``make bench-scale`` runs 10,000 on both). Prints a table; asserts nothing.
+``--submit-only`` runs the daemon's submission alone (no raw phase, no idle, no
+driver) and prints its rate: the quick loop for work on the submission path.
 
 By default the script starts its own embedded SQLite-backed server; with
 ``--topology`` it starts the production topology (``flowsubmit.topology``:
@@ -261,6 +263,13 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
             row["daemon"] = runs / (max(submitted) - claimed)
             row["first_submit_s"] = min(submitted) - claimed
             seen_submitting = proxy.seen[:]
+            if row.get("submit_only"):
+                print(
+                    f"daemon: {row['daemon']:.1f} runs/s, first run created "
+                    f"{row['first_submit_s']:.1f} s after the claim, "
+                    f"{len(daemon.events('gateway.retrying'))} gateway.retrying"
+                )
+                return
 
             cpu_before = daemon.cpu_s()
             await asyncio.sleep(RECONCILE_INTERVAL_S + 5)
@@ -367,9 +376,13 @@ def _server(topology: bool) -> Iterator[dict[str, str]]:
         os.environ.update(before)
 
 
-def main(runs: int, topology: bool) -> None:
+def main(runs: int, topology: bool, submit_only: bool = False) -> None:
     label = "production topology (A: daemon, B: driver)" if topology else "embedded SQLite"
-    row: dict[str, Any] = {"server": label, "runs": runs}
+    row: dict[str, Any] = {"server": label, "runs": runs, "submit_only": submit_only}
+    if submit_only:
+        with _server(topology) as driver_env:
+            asyncio.run(daemon_phase(row, driver_env))
+        return
     # The raw phase in a process of its own: Prefect reads its settings (the API URL)
     # once, when it is first imported, and each phase has a server of its own.
     flags = ["--topology"] if topology else []
@@ -392,4 +405,6 @@ if __name__ == "__main__":
         with _server("--topology" in sys.argv):
             print(json.dumps(asyncio.run(raw_phase(int(args[0])))))
     else:
-        main(int(args[0]) if args else 10_000, "--topology" in sys.argv)
+        main(
+            int(args[0]) if args else 10_000, "--topology" in sys.argv, "--submit-only" in sys.argv
+        )

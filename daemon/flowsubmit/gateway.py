@@ -80,6 +80,8 @@ log = get_logger("flowsubmit.gateway")
 
 #: Runs read per ``read_flow_runs`` call (the server's default page size).
 READ_BATCH = 200
+#: How long closing the event stream may wait for the server's answer.
+STREAM_CLOSE_S = 1.0
 _BULK_PATH = "/deployments/{id}/create_flow_run/bulk"
 _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: Credentials refused: a configuration error of this client, never a verdict on what it asked.
@@ -259,7 +261,10 @@ class Gateway:
         self._scheduler = CreateScheduler(
             self._create_batch,
             capacity=lambda: self.calls.limit,
-            batch_size=lambda: self.call_size.size,
+            # Under a rate limit requests are what counts: full calls, however slow.
+            batch_size=lambda: (
+                self.call_size.maximum if self.pacer.throttled else self.call_size.size
+            ),
             sent=self._create_sent,
         )
         #: Set (and replaced) each time a create request has been written to the server.
@@ -394,7 +399,7 @@ class Gateway:
             with attempt, _translate_errors("create flow runs", deployment.name):
                 while len(done) < len(requests):
                     todo = [i for i in range(len(requests)) if i not in done]
-                    started = time.monotonic()
+                    started, refusals = time.monotonic(), self.pacer.refusals
                     try:
                         async with self.calls.slot():
                             outcome = await self._create_some(
@@ -403,7 +408,8 @@ class Gateway:
                     finally:
                         took_s = time.monotonic() - started
                         metrics.SUBMIT_SECONDS.observe(took_s)
-                    self.call_size.observe(took_s, sum(isinstance(r, str) for r in outcome))
+                    if self.pacer.refusals == refusals:  # a 429's wait tells nothing of the server
+                        self.call_size.observe(took_s, sum(isinstance(r, str) for r in outcome))
                     if any(isinstance(r, ContentionError) for r in outcome):
                         self.calls.contended()
                     else:
@@ -582,8 +588,13 @@ class Gateway:
         try:
             yield _snapshots(subscriber)
         finally:
+            # websockets waits up to 10 s for the server's answer to its close frame, and
+            # Prefect's server reads from an idle subscriber's socket only now and then
+            # (measured: a daemon with nothing running took 10 s to stop). Nothing is
+            # left to read: a stop or a resubscribe does not wait for that answer.
             with contextlib.suppress(Exception):
-                await subscriber.__aexit__(None, None, None)
+                async with asyncio.timeout(STREAM_CLOSE_S):
+                    await subscriber.__aexit__(None, None, None)
 
 
 def _route(request: httpx.Request) -> str:
