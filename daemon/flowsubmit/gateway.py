@@ -81,7 +81,7 @@ log = get_logger("flowsubmit.gateway")
 #: Runs read per ``read_flow_runs`` call (the server's default page size).
 READ_BATCH = 200
 #: How long closing the event stream may wait for the server's answer.
-STREAM_CLOSE_S = 1.0
+STREAM_CLOSE_S = 0.25
 _BULK_PATH = "/deployments/{id}/create_flow_run/bulk"
 _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: Credentials refused: a configuration error of this client, never a verdict on what it asked.

@@ -64,8 +64,8 @@ class Settings(BaseSettings):
         ge=1,
         le=100,
         description=(
-            "Runs created per call to Prefect's bulk route (its limit is 100; one call of 100 "
-            "created about 40 runs/s here, single creates about 15: docs/performance.md)."
+            "Most runs created per call to Prefect's bulk route (its limit is 100); fewer while "
+            "the server creates slowly, so that one call lasts about a second (docs/performance.md)."
         ),
     )
     poll_interval_s: float = Field(
