@@ -1,7 +1,8 @@
 """Fair submission: how long small jobs wait while a big job submits, and what fairness costs the big job.
 
-Run: ``.venv/bin/python bench/fairness.py [big_runs]`` (``make bench-fairness``; 3000 runs by
-default). Prints a table; asserts nothing.
+Run: ``.venv/bin/python bench/fairness.py [big_runs] [--only=equal,higher]``
+(``make bench-fairness``; 3000 runs by default, every scenario; "alone" always runs).
+Prints a table; asserts nothing.
 
 A fresh local SQLite-backed server and one daemon per scenario (default settings, JSON
 logs), on a deployment nobody serves: runs stay Scheduled. (On one server for all, a
@@ -126,8 +127,9 @@ async def _setup() -> None:
     await deployment.apply()
 
 
-def main(big: int) -> None:
+def main(big: int, only: set[str] | None = None) -> None:
     rows = [("alone", None), ("equal", 0), ("higher", 10)]
+    rows = [row for row in rows if only is None or row[0] in only or row[0] == "alone"]
     results = {}
     with tempfile.TemporaryDirectory(prefix="flowsubmit-fair-") as tmp:
         for name, priority in rows:
@@ -162,4 +164,6 @@ if __name__ == "__main__":
     if "--setup" in sys.argv:
         asyncio.run(_setup())
     else:
-        main(int(sys.argv[1]) if len(sys.argv) > 1 else 3000)
+        args = [a for a in sys.argv[1:] if not a.startswith("--")]
+        only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), None)
+        main(int(args[0]) if args else 3000, set(only.split(",")) if only else None)
