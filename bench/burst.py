@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,8 +84,7 @@ async def _row(label: str, runs: int, stall: bool, driver_env: dict[str, str]) -
     row["duplicated"] = len(server_runs) - len(keys)
     row["sources"] = dict(Counter(f["source"] for f in finished))
     row["twice"] = len(finished) - len({f["flow_run_id"] for f in finished})
-    row["p50"] = sorted(latencies)[len(latencies) // 2]
-    row["p95"] = sorted(latencies)[max(0, math.ceil(0.95 * len(latencies)) - 1)]
+    row["p50"], row["p95"] = statistics.median(latencies), scale._pct(latencies, 0.95)
     row["max"] = max(latencies)
     row["reads"] = sum(1 for s in proxy.seen if s.path.endswith("/flow_runs/filter"))
     result = json.loads(next(daemon.queue.glob("*/*.result.json")).read_text())
