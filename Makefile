@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/flowsubmit demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon tests bench

@@ -41,7 +41,12 @@ from tests.test_crash import (
 )
 
 #: Starting the topology (a migration, three Prefect processes) counts against the first test's timeout.
-pytestmark = [pytest.mark.production, pytest.mark.timeout(1200)]
+#: One xdist group: the topology is a session fixture, so the tests share one worker and one topology.
+pytestmark = [
+    pytest.mark.production,
+    pytest.mark.timeout(1200),
+    pytest.mark.xdist_group("production"),
+]
 
 
 def test_two_claims_get_distinct_redis_indexes_and_a_released_one_is_empty() -> None:
@@ -240,6 +245,8 @@ def test_replica_a_killed_mid_job_and_restarted_loses_no_run(
     _drive(b, ids[10:])
     a.start()
     daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="result")
+    # The job may end before the next health check (up to 5 s when A has just come back).
+    daemon.wait_for_event("service.prefect_reachable")
     assert daemon.stop() == 0
 
     assert_exactly_once(daemon.queue, job_id, runs=20, server=b)
