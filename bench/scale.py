@@ -224,6 +224,7 @@ def _upstream_port() -> int:
 
 async def raw_phase(runs: int) -> tuple[float, int]:
     """(runs/s, items refused) of the raw bulk route, through the proxy."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from tests.proxy import Proxy
 
     from flowsubmit.gateway import Gateway
@@ -231,13 +232,14 @@ async def raw_phase(runs: int) -> tuple[float, int]:
     name = await _deployment()
     async with Gateway() as gateway:
         deployment = await gateway.resolve_deployment(name)
-    direct_url = os.environ["PREFECT_API_URL"]
     async with Proxy(_upstream_port()) as proxy:
-        os.environ["PREFECT_API_URL"] = proxy.api_url
-        try:
-            return await _raw_bulk(deployment.id, runs)
-        finally:
-            os.environ["PREFECT_API_URL"] = direct_url
+        # Prefect read PREFECT_API_URL from the environment at import: the setting itself
+        # must change, or the calls would bypass the proxy the daemon pays for.
+        with temporary_settings({PREFECT_API_URL: proxy.api_url}):
+            rate, refused = await _raw_bulk(deployment.id, runs)
+        if not any(seen.path.endswith("/create_flow_run/bulk") for seen in proxy.seen):
+            raise RuntimeError("the raw phase's creates did not go through the proxy")
+        return rate, refused
 
 
 async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
