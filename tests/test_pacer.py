@@ -7,8 +7,29 @@ import structlog
 from flowsubmit.pacer import CallLimit, CallSize
 
 
+def test_calls_start_at_one_and_open_up_after_a_short_clean_streak() -> None:
+    limit = CallLimit(3, recover_after=50, open_after=2)
+    with structlog.testing.capture_logs() as lines:
+        assert limit.limit == 1
+        limit.clean()
+        assert limit.limit == 1
+        limit.clean()
+        assert limit.limit == 2
+        limit.clean()
+        limit.clean()
+        assert limit.limit == 3
+        limit.clean()
+        limit.clean()
+        assert limit.limit == 3  # never above the maximum
+    assert [(line["previous"], line["limit"]) for line in lines] == [(1, 2), (2, 3)]
+    assert lines[0]["reason"] == "2 calls in a row without contention"
+
+
 def test_contention_brings_calls_down_to_one_and_a_clean_streak_back_up() -> None:
-    limit = CallLimit(3, recover_after=4)
+    limit = CallLimit(3, recover_after=4, open_after=1)
+    limit.clean()
+    limit.clean()
+    assert limit.limit == 3  # opened
     with structlog.testing.capture_logs() as lines:
         limit.clean()
         assert limit.limit == 3  # nothing to recover
@@ -41,9 +62,9 @@ def test_a_limit_of_one_never_changes() -> None:
 
 def test_call_size_follows_the_servers_speed_between_its_bounds() -> None:
     size = CallSize(100, target_s=1.0, minimum=10)
-    assert size.size == 100  # nothing learnt yet: the route's limit
+    assert size.size == 10  # nothing learnt yet: a short first call
     size.observe(3.0, 0)  # all refused: says nothing of the speed
-    assert size.size == 100
+    assert size.size == 10
     size.observe(3.0, 100)  # 33 runs/s: a call of one second carries 33
     assert size.size == 33
     for _ in range(20):
