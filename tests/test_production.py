@@ -8,8 +8,12 @@ only through Redis. ``pytest -m production`` runs these alone.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -197,6 +201,29 @@ def test_a_refused_auth_string_claims_nothing_and_the_job_runs_once_it_is_fixed(
         assert right.stop() == 0
     assert_exactly_once(queue, job_id, runs=3, server=b)
     assert right.events("service.unauthorized") == []
+
+
+def test_enqueue_check_with_a_refused_auth_string_fails_at_once_and_enqueues_nothing(
+    topology_served: Topology, tmp_path: Path
+) -> None:
+    """``enqueue --check`` with a wrong auth string exits 1 naming the refusal, no traceback, no file queued."""
+    queue = tmp_path / "queue"
+    job = json.dumps(_driven_job(1)).encode()
+    command = [sys.executable, "-m", "flowsubmit.cli", "enqueue", "--check", "--create"]
+    env = topology_served.a.env(PREFECT_API_AUTH_STRING="wrong:secret-value")
+    done = subprocess.run(
+        [*command, "--queue", str(queue), "-"], input=job, capture_output=True, env=env, timeout=60
+    )
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr
+    # The route is the first one the client calls with credentials (a CSRF token, here).
+    assert re.fullmatch(
+        rf"flowsubmit: Prefect: Prefect at {re.escape(topology_served.a.api_url)}/[a-z/-]+ refused"
+        r" the credentials \(HTTP 401: Unauthorized\); check PREFECT_API_AUTH_STRING or PREFECT_API_KEY",
+        stderr.splitlines()[0],
+    ), stderr
+    assert "Traceback" not in stderr and "secret-value" not in stderr
+    assert list(queue.rglob("*.json")) == []
 
 
 async def test_the_library_raises_a_clear_error_at_once_for_a_refused_auth_string(

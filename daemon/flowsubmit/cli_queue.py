@@ -10,7 +10,12 @@ from typing import Any
 
 from flowsubmit._types import JobStatus
 from flowsubmit.cli_errors import EXIT_ERROR, EXIT_INTERRUPTED, CliError
-from flowsubmit.errors import ClaimLost, JobRejected
+from flowsubmit.errors import (
+    AuthenticationError,
+    ClaimLost,
+    JobRejected,
+    TransientGatewayError,
+)
 from flowsubmit.jobs import Job
 from flowsubmit.queue import FOLDERS, Queue
 from flowsubmit.settings import Settings
@@ -111,7 +116,8 @@ async def ask_prefect(job: Job) -> None:
 
     Raises:
         JobRejected: unknown deployment, parameters the flow refuses, unknown work queue (exit 2).
-        CliError: Prefect does not answer within ``CHECK_TIMEOUT_S`` (exit 1).
+        CliError: Prefect does not answer within ``CHECK_TIMEOUT_S``, or refuses the
+            credentials (exit 1): a fault of the setup, not of the job, said at once.
     """
     from flowsubmit.executor import prepare
     from flowsubmit.gateway import Gateway
@@ -127,8 +133,18 @@ async def ask_prefect(job: Job) -> None:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 if not await gateway.healthy():
                     raise unreachable
+                # Checked apart, with no retries: the reads of `prepare` would wait a
+                # refusal out like an outage, for the whole timeout.
+                await gateway.check_credentials()
                 await prepare(job, gateway)
-        except TimeoutError:
+        except AuthenticationError as exc:
+            raise CliError(
+                "Prefect",
+                str(exc).removeprefix("check credentials: "),
+                code=EXIT_ERROR,
+                hint="the job was not enqueued",
+            ) from None
+        except (TimeoutError, TransientGatewayError):
             raise unreachable from None
 
 

@@ -123,7 +123,8 @@ def _translate(operation: str, deployment: str | None = None) -> Iterator[None]:
         status = exc.response.status_code
         if status in _AUTH_STATUS:
             raise AuthenticationError(
-                f"{operation}: Prefect at {display_url(str(exc.request.url))} refused the credentials ({detail}); "
+                f"{operation}: Prefect at {display_url(str(exc.request.url.copy_with(query=None)))}"
+                f" refused the credentials ({detail}); "
                 "check PREFECT_API_AUTH_STRING or PREFECT_API_KEY",
                 operation=operation,
                 deployment=deployment,
@@ -156,7 +157,11 @@ def _quiet_httpx() -> None:
 def _http_detail(exc: httpx.HTTPStatusError) -> str:
     try:
         body = exc.response.json()
-        detail = body.get("detail", body) if isinstance(body, dict) else body
+        # Prefect answers {"detail": ...}; its auth middleware {"exception_message": ...}.
+        if isinstance(body, dict):
+            detail = body.get("detail", body.get("exception_message", body))
+        else:
+            detail = body
     except ValueError:
         detail = exc.response.text[:500]
     return f"HTTP {exc.response.status_code}: {detail}"
