@@ -7,6 +7,7 @@ import contextlib
 import logging
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from flowsubmit.localserver import LocalServer, free_port
 from flowsubmit.runset import submission_key
 from tests.driver import drive, wait_for_runs
 from tests.flows import DRIVEN, ETL
+from tests.proxy import Proxy
 
 pytestmark = pytest.mark.server
 
@@ -371,6 +373,29 @@ async def test_unreachable_prefect_raises_once_the_outage_tolerance_is_spent() -
             await nowhere.submit(table=1)
     assert nowhere.run_ids == []
     assert not nowhere.connected
+
+
+async def test_wait_gives_up_once_prefect_is_gone_for_the_outage_tolerance(
+    served: LocalServer,
+) -> None:
+    """Prefect gone mid-wait (every request answered 500, the event stream cut): wait()
+    raises TransientGatewayError naming the tolerance once reads have failed that long."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async with Proxy(served.port) as proxy:
+        with temporary_settings(updates={PREFECT_API_URL: proxy.api_url}):
+            gone = flow_submitter(DRIVEN, poll_interval=0.5, outage_tolerance_s=2.0)
+            await gone.submit(table=1)
+            proxy.rule = lambda method, path: (500, {}, b"down")
+            proxy.cut_websockets(refuse=True)
+            started = time.monotonic()
+            with pytest.raises(TransientGatewayError) as info:
+                await gone.wait()
+            waited_s = time.monotonic() - started
+    assert "unreachable for 2 s (outage_tolerance_s)" in str(info.value)
+    assert waited_s >= 2.0  # not before the tolerance was spent
+    assert gone.results == {}
+    assert not gone.connected
 
 
 async def test_wait_timeout_on_a_run_that_never_starts_carries_partial_results() -> None:

@@ -49,6 +49,9 @@ __all__ = ["FlowSubmission", "flow_submitter", "run_batch"]
 #: anyway (if the stream is late, the tracker's reconciliation reads catch up).
 CONNECT_TIMEOUT_S = 10.0
 
+#: How often ``wait()`` looks at how long the tracker's reads have been failing.
+OUTAGE_CHECK_S = 1.0
+
 
 def flow_submitter(
     deployment: str,
@@ -367,7 +370,7 @@ class FlowSubmission:
                 self._engine.tracker.poll_interval_s = poll_interval
         try:
             async with asyncio.timeout(timeout):
-                await self._wait_all()
+                await self._wait_all_within_tolerance()
         except TimeoutError:
             pending = self._unfinished()
             raise WaitTimeout(
@@ -397,6 +400,25 @@ class FlowSubmission:
             async with self._using():
                 await self._runs.wait([run_id])
         return snap.state_name
+
+    async def _wait_all_within_tolerance(self) -> None:
+        """``_wait_all``, given up once every read has failed for ``outage_tolerance_s``:
+        a script is told Prefect is gone, as its calls are, instead of waiting forever."""
+        waiter = asyncio.ensure_future(self._wait_all())
+        loop = asyncio.get_running_loop()
+        try:
+            while not waiter.done():
+                await asyncio.wait([waiter], timeout=OUTAGE_CHECK_S)
+                tracker = self._engine.tracker if self._engine is not None else None
+                if tracker is None or tracker.failing_since is None or tracker.last_error is None:
+                    continue
+                if loop.time() - tracker.failing_since > self.outage_tolerance_s:
+                    raise _unreachable(tracker.last_error, self.outage_tolerance_s)
+            waiter.result()
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                await asyncio.wait([waiter])
 
     async def _wait_all(self) -> None:
         # No read of its own: the tracker reads, batched, any run it watches without an
@@ -530,7 +552,7 @@ async def _refuse_wrong_credentials(gateway: Gateway) -> None:
         pass
 
 
-def _unreachable(exc: TransientGatewayError, tolerance_s: float) -> TransientGatewayError:
+def _unreachable(exc: GatewayError, tolerance_s: float) -> TransientGatewayError:
     """The one error a script sees when Prefect does not answer: which API, for how long."""
     from flowsubmit.connection import configured_api_url, display_url
 

@@ -38,7 +38,7 @@ from typing import Any, Self
 from flowsubmit import metrics
 from flowsubmit._aio import wait_event
 from flowsubmit._types import GatewayProtocol, RunSnapshot
-from flowsubmit.errors import ClosedError, GatewayError
+from flowsubmit.errors import ClosedError, GatewayError, TransientGatewayError
 from flowsubmit.gateway import READ_BATCH
 from flowsubmit.logs import get_logger
 
@@ -131,6 +131,10 @@ class Tracker:
         self._closed = False
         #: Final states recorded, by where they came from ("event" or "poll").
         self.recorded: dict[str, int] = {"event": 0, "poll": 0}
+        #: Since when (loop time) every read has failed, and the last read's error;
+        #: ``None`` once a read succeeds. The library's ``wait()`` gives up on it.
+        self.failing_since: float | None = None
+        self.last_error: GatewayError | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -359,14 +363,25 @@ class Tracker:
             except (GatewayError, TimeoutError) as exc:
                 error = str(exc) or f"no answer within {limit_s:g} s"
                 log.warning("tracker.poll_failed", error=error, pending=len(ids) - start)
+                self._failed(exc if isinstance(exc, GatewayError) else None, error)
                 return start
+            self.failing_since = self.last_error = None
             for snap in snaps:
                 self.observe(snap)
         return len(ids)
 
+    def _failed(self, exc: GatewayError | None, error: str) -> None:
+        if self.failing_since is None:
+            self.failing_since = asyncio.get_running_loop().time()
+        self.last_error = exc or TransientGatewayError(
+            f"read flow runs: {error}", operation="read_flow_runs"
+        )
+
     def _set_mode(self, mode: TrackerMode, reason: str | None = None) -> None:
         previous, self._mode = self._mode, mode
         self._connected.set()
+        if mode is TrackerMode.STREAMING:  # the server answers again
+            self.failing_since = self.last_error = None
         if mode is previous:
             return
         if mode is TrackerMode.POLLING:
