@@ -177,7 +177,7 @@ class CreateScheduler:
     ) -> None:
         self._send = send
         #: Returns once the next create request has been written to the server, if given.
-        self._on_wire = sent
+        self._request_written = sent
         self._capacity = capacity
         self._batch_size = batch_size
         self._order: TurnOrder[_Pending] = TurnOrder()
@@ -253,7 +253,7 @@ class CreateScheduler:
             results = [exc] * len(batch)
         finally:
             followed = self._release(asyncio.current_task())
-        if followed and self._on_wire is not None:
+        if followed and self._request_written is not None:
             # The next batch's request reaches the server before these results are handed
             # over: their callers (journal, log line, tracker) would otherwise run first
             # and hold it back for a few hundred milliseconds, and a SQLite-backed server
@@ -261,7 +261,7 @@ class CreateScheduler:
             # comes late then has every item refused ("database is locked").
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HANDOVER_WAIT_S):
-                    await self._on_wire()
+                    await self._request_written()
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 _fail(pending, result)

@@ -363,18 +363,20 @@ class Tracker:
             except (GatewayError, TimeoutError) as exc:
                 error = str(exc) or f"no answer within {limit_s:g} s"
                 log.warning("tracker.poll_failed", error=error, pending=len(ids) - start)
-                self._failed(exc if isinstance(exc, GatewayError) else None, error)
+                self._failed(exc, error)
                 return start
             self.failing_since = self.last_error = None
             for snap in snaps:
                 self.observe(snap)
         return len(ids)
 
-    def _failed(self, exc: GatewayError | None, error: str) -> None:
+    def _failed(self, exc: Exception, error: str) -> None:
         if self.failing_since is None:
             self.failing_since = asyncio.get_running_loop().time()
-        self.last_error = exc or TransientGatewayError(
-            f"read flow runs: {error}", operation="read_flow_runs"
+        self.last_error = (
+            exc
+            if isinstance(exc, GatewayError)
+            else TransientGatewayError(f"read flow runs: {error}", operation="read_flow_runs")
         )
 
     def _set_mode(self, mode: TrackerMode, reason: str | None = None) -> None:
