@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir", "unique_name"]
+__all__ = ["UnsafeFile", "atomic_write", "fsync_dir", "read_regular", "unique_name"]
+
+
+class UnsafeFile(OSError):
+    """A file refused before its bytes are trusted: not a regular file, several hard links, or too large.
+
+    ``reason`` is a sentence for an error line or an error file.
+    """
+
+    def __init__(self, reason: str, *, too_large: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.too_large = too_large
 
 
 def fsync_dir(folder: Path) -> None:
@@ -40,3 +53,61 @@ def unique_name(folder: Path, name: str) -> str:
         return name
     stem, dot, ext = name.partition(".")
     return f"{stem}-{secrets.token_hex(4)}{dot}{ext}"
+
+
+def read_regular(
+    path: Path, max_bytes: int, *, single_link: bool = True
+) -> tuple[bytes, os.stat_result]:
+    """Read ``path`` without following a link, blocking on a FIFO or reading past ``max_bytes``.
+
+    ``O_NONBLOCK`` keeps a FIFO with no writer from blocking the open, and ``fstat``
+    on the open descriptor refuses it, so nothing is judged by a name that could be
+    swapped between a check and the read. The ``fstat`` is returned with the bytes:
+    its owner and inode are those of exactly these bytes. Every read of a file a
+    producer could have written goes through here, so a file grown after a check
+    (a sparse gigabyte) costs at most ``max_bytes``.
+
+    Raises:
+        FileNotFoundError: it is gone.
+        PermissionError: this process may not read it.
+        UnsafeFile: a symbolic link, not a regular file, a file with other hard links
+            (with ``single_link``), or larger than ``max_bytes``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except OSError as exc:  # ELOOP: a symlink; ENXIO: a socket
+        kind = "a symbolic link" if path.is_symlink() else "not a regular file"
+        raise UnsafeFile(f"{kind}; only regular files are accepted") from exc
+    try:
+        st = os.fstat(fd)
+        _refuse_unsafe(st, max_bytes, single_link)
+        data = _read_at_most(fd, max_bytes)
+    finally:
+        os.close(fd)
+    return data, st
+
+
+def _refuse_unsafe(st: os.stat_result, max_bytes: int, single_link: bool) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeFile(
+            "not a regular file (a FIFO, device or directory); only regular files are accepted"
+        )
+    if single_link and st.st_nlink > 1:
+        raise UnsafeFile("the file has other hard links; only files with one name are accepted")
+    if st.st_size > max_bytes:
+        raise UnsafeFile(
+            f"the file is {st.st_size} bytes, more than max_job_bytes ({max_bytes})", too_large=True
+        )
+
+
+def _read_at_most(fd: int, max_bytes: int) -> bytes:
+    """The file's bytes; a file that grew past ``max_bytes`` while it was read is refused."""
+    chunks, total = [], 0
+    while chunk := os.read(fd, max_bytes + 1 - total):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise UnsafeFile(f"the file is larger than max_job_bytes ({max_bytes})", too_large=True)
+    return b"".join(chunks)

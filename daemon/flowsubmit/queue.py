@@ -21,7 +21,7 @@ from typing import Any, Self
 
 from flowsubmit.errors import ClaimLost, JobRejected
 from flowsubmit.faults import CrashPoints
-from flowsubmit.fsutil import atomic_write, fsync_dir, unique_name
+from flowsubmit.fsutil import UnsafeFile, atomic_write, fsync_dir, read_regular, unique_name
 from flowsubmit.journal import Journal, JournalState, replay
 
 __all__ = [
@@ -238,9 +238,8 @@ class Queue:
             JobRejected: a symlink, a FIFO, a socket, a directory, a hard link, a file
                 the daemon may not read, or too large.
         """
-        path = self.incoming / name
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            return read_regular(self.incoming / name, max_bytes)
         except FileNotFoundError as exc:
             raise ClaimLost(name) from exc
         except PermissionError as exc:
@@ -249,13 +248,9 @@ class Queue:
                 file=name,
                 hint="let the daemon's user or group read it",
             ) from exc
-        except OSError as exc:  # ELOOP: a symlink; ENXIO: a socket
-            kind = "a symbolic link" if path.is_symlink() else "not a regular file"
-            raise JobRejected(f"{kind}; only regular files are accepted", file=name) from exc
-        try:
-            return _read_regular(fd, name, max_bytes)
-        finally:
-            os.close(fd)
+        except UnsafeFile as exc:
+            hint = "copy it instead of linking it" if "hard links" in exc.reason else None
+            raise JobRejected(exc.reason, file=name, hint=hint) from exc
 
     # -- claiming --------------------------------------------------------------------
 
@@ -470,35 +465,6 @@ class Queue:
         # A cancel request is handled once its job has ended: the result says so (#11).
         (self.processing / f"{job_id}{_CANCEL_SUFFIX}").unlink(missing_ok=True)
         fsync_dir(folder)
-
-
-def _read_regular(fd: int, name: str, max_bytes: int) -> tuple[bytes, os.stat_result]:
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise JobRejected(
-            "not a regular file (a FIFO, device or directory); only regular files are accepted",
-            file=name,
-        )
-    if st.st_nlink > 1:
-        raise JobRejected(
-            "the file has other hard links; only files with one name are accepted",
-            file=name,
-            hint="copy it instead of linking it",
-        )
-    if st.st_size > max_bytes:
-        raise JobRejected(
-            f"the file is {st.st_size} bytes, more than max_job_bytes ({max_bytes})", file=name
-        )
-    chunks, total = [], 0
-    while chunk := os.read(fd, max_bytes + 1 - total):
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > max_bytes:
-            break
-    data = b"".join(chunks)
-    if len(data) > max_bytes:
-        raise JobRejected(f"the file is larger than max_job_bytes ({max_bytes})", file=name)
-    return data, st
 
 
 def _load(path: Path) -> dict[str, Any]:
