@@ -19,6 +19,8 @@
 
 from __future__ import annotations
 
+from flowsubmit.redaction import redact_text
+
 __all__ = [
     "ClaimLost",
     "AuthenticationError",
@@ -39,15 +41,20 @@ class FlowsubmitError(Exception):
 
 
 class JobRejected(FlowsubmitError):
-    """A job file cannot be accepted; raised by the job parser and by pre-submit checks."""
+    """A job file cannot be accepted; raised by the job parser and by pre-submit checks.
+
+    ``reason`` and ``hint`` are masked when the rejection is made (a ``password=...``
+    the file spelled out loses its value), so the error file, the ``job.rejected`` log
+    line and the command line's message never echo a secret the producer wrote.
+    """
 
     def __init__(
         self, reason: str, *, file: str = "", field: str | None = None, hint: str | None = None
     ) -> None:
-        self.reason = reason
+        self.reason = redact_text(reason)
         self.file = file
         self.field = field
-        self.hint = hint
+        self.hint = None if hint is None else redact_text(hint)
         super().__init__(self.message)
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Self
 from flowsubmit._types import RunSnapshot
 from flowsubmit.errors import ClosedError
 from flowsubmit.faults import CrashPoints
+from flowsubmit.redaction import redact_text
 
 __all__ = ["Journal", "JournalState"]
 
@@ -140,8 +142,17 @@ def replay(path: Path) -> JournalState:
     return state
 
 
-def snapshot_record(snap: RunSnapshot) -> dict[str, Any]:
-    """The fields of a ``final`` record."""
+def snapshot_record(
+    snap: RunSnapshot, parameters: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The fields of a ``final`` record, its state message masked as the result file masks it.
+
+    The journal outlives the job (it moves to ``done/`` or ``failed/`` beside the result),
+    so Prefect's message is masked before it is written: any ``name=value`` under a
+    secret-like name always, and the values of the run's secret-like ``parameters``
+    when the caller passes them.
+    """
+    message = redact_text(snap.state_message, parameters) if snap.state_message else None
     return {
         "flow_run_id": snap.flow_run_id,
         "flow_run_name": snap.flow_run_name,
@@ -151,7 +162,7 @@ def snapshot_record(snap: RunSnapshot) -> dict[str, Any]:
         "start_time": snap.start_time,
         "end_time": snap.end_time,
         "source": snap.source,
-        "state_message": snap.state_message,
+        "state_message": message,
     }
 
 

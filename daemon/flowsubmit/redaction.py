@@ -43,18 +43,28 @@ def redact(value: Any) -> Any:
     return value
 
 
-#: ``name=value`` or ``name: value`` in free text, for masking the value under a secret-like name.
-_ASSIGNMENT = re.compile(r"([A-Za-z][A-Za-z0-9_-]*)(\s*[=:]\s*)(['\"]?)([^\s'\",;)]+)")
+#: ``name=value``, ``name: value`` or ``'name': 'value'`` (a dict's repr, JSON) in free text, for
+#: masking the value under a secret-like name; a quoted value is masked up to its closing quote.
+_ASSIGNMENT = re.compile(
+    r"""([A-Za-z][A-Za-z0-9_-]*)(['"]?\s*[=:]\s*)(?:'([^']*)'|"([^"]*)"|(['"]?)[^\s'",;)}\]]+)"""
+)
 
 
-def redact_text(text: str, parameters: Mapping[str, Any]) -> str:
-    """``text`` (a state message) with secret values masked: the values of secret-like
-    ``parameters`` wherever they appear, and any ``name=value`` under a secret-like name."""
-    for value in _secret_values(parameters):
+def redact_text(text: str, parameters: Mapping[str, Any] | None = None) -> str:
+    """``text`` (a state message, a rejection's reason) with secret values masked: the values of
+    secret-like ``parameters`` wherever they appear, and any ``name=value`` under a secret-like name."""
+    for value in _secret_values(parameters or {}):
         text = text.replace(value, MASK)
-    return _ASSIGNMENT.sub(
-        lambda m: f"{m[1]}{m[2]}{m[3]}{MASK}" if is_secret_name(m[1]) else m[0], text
-    )
+    return _ASSIGNMENT.sub(_mask_assignment, text)
+
+
+def _mask_assignment(match: re.Match[str]) -> str:
+    if not is_secret_name(match[1]):
+        return match[0]
+    if match[5] is not None:  # unquoted, or a quote never closed
+        return f"{match[1]}{match[2]}{match[5]}{MASK}"
+    quote = "'" if match[3] is not None else '"'
+    return f"{match[1]}{match[2]}{quote}{MASK}{quote}"
 
 
 def _secret_values(value: Any, secret: bool = False) -> list[str]:

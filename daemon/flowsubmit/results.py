@@ -76,7 +76,7 @@ class RunRecord:
             attempts=tuple(self._attempt(run_id) for run_id in self.run_ids),
             start_time=self.start_time,
             end_time=self.end_time,
-            error=self.error,
+            error=redact_text(self.error, self.parameters) if self.error else None,
         )
 
     def _attempt(self, run_id: str) -> AttemptResult:
