@@ -4,27 +4,39 @@ Each daemon keeps ``DIR/heartbeat-HOST-PID.json``, rewritten atomically at most 
 a second from its loop, so a health check needs no port: it works inside a
 container with only the queue volume. A host sees its own daemons only (a container
 is its own host), so a healthy peer elsewhere never hides a dead daemon here.
+
+A heartbeat file is trusted by more than its name: whoever may write the queue root
+could forge one (``{"pid": 1}`` would read as a live daemon forever). A file counts
+only when it is a regular file owned by the daemon's user (the owner of
+``processing/``, which the daemon creates), named after the host and pid it states,
+and well-formed field by field; any other is ignored, and never deleted.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from flowsubmit.fsutil import atomic_write
+from flowsubmit.fsutil import UnsafeFile, atomic_write, read_regular
 from flowsubmit.queue import safe_name
 
-__all__ = ["Beat", "Heartbeat", "health", "read"]
+__all__ = ["Beat", "Beats", "Heartbeat", "health", "read", "scan"]
 
 _PREFIX = "heartbeat-"
 #: A beat is rewritten at most this often, unless what it says changed.
 _MIN_PERIOD_S = 1.0
 #: Slack added to the loop's promised period before a beat counts as stale (a long scan, a busy host).
 _GRACE_S = 10.0
+#: A heartbeat file is a few hundred bytes; a larger one is not the daemon's.
+_MAX_BEAT_BYTES = 64 * 1024
+#: The largest time or duration a well-formed beat states (year 5138): a clock must print it.
+_MAX_TIME = 1e11
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +110,7 @@ class Heartbeat:
             self._written_at, self._said = now, said
 
     def _remove_dead(self) -> None:
-        """Delete the files this host's dead daemons left (a kill -9): they serve nothing any more."""
+        """Delete the files this host's dead daemons left (a kill -9); a file not trusted is never touched."""
         for beat in read(self._root, self.host):
             if beat.pid != os.getpid() and not _alive(beat.pid):
                 _path(self._root, beat.host, beat.pid).unlink(missing_ok=True)
@@ -114,22 +126,111 @@ class Heartbeat:
         self.path.unlink(missing_ok=True)
 
 
-def read(root: Path, host: str | None = None) -> list[Beat]:
-    """The beats of ``host``'s daemons (this host by default) in the queue at ``root``; unreadable files are skipped."""
-    prefix = f"{_PREFIX}{safe_name(host or socket.gethostname())}-"
-    beats: list[Beat] = []
+@dataclass(frozen=True, slots=True)
+class Beats:
+    """The heartbeat files of one host in a queue: the trusted beats, and how many files were ignored."""
+
+    trusted: list[Beat] = field(default_factory=list)
+    #: Files named like a heartbeat but not trusted: not the daemon's user's, not a
+    #: regular file, malformed, or not named after the host and pid they state.
+    untrusted: int = 0
+
+
+def scan(root: Path, host: str | None = None) -> Beats:
+    """The beats of ``host``'s daemons (this host by default) in the queue at ``root``, and the files ignored.
+
+    A file removed meanwhile, or one this process may not read, is neither: it says
+    nothing about anyone. Without ``processing/`` there is no daemon's user to trust.
+    """
+    host = host or socket.gethostname()
+    prefix = f"{_PREFIX}{safe_name(host)}-"
+    try:
+        owner = os.stat(root / "processing", follow_symlinks=False).st_uid
+    except OSError:
+        owner = None
+    trusted: list[Beat] = []
+    untrusted = 0
     for path in sorted(root.glob(f"{prefix}*.json")):
         try:
-            beats.append(Beat(**json.loads(path.read_text())))
-        except (OSError, ValueError, TypeError):
-            continue  # removed meanwhile, or from another version
-    return beats
+            beat = _trusted_beat(root, path, owner)
+        except (FileNotFoundError, PermissionError):
+            continue
+        if beat is None:
+            untrusted += 1
+        elif safe_name(beat.host) == safe_name(host):
+            trusted.append(beat)  # else another host's, whose name starts like ours
+    return Beats(trusted, untrusted)
+
+
+def read(root: Path, host: str | None = None) -> list[Beat]:
+    """The trusted beats of ``host``'s daemons (this host by default) in the queue at ``root``."""
+    return scan(root, host).trusted
+
+
+def _trusted_beat(root: Path, path: Path, owner: int | None) -> Beat | None:
+    """The beat in ``path`` if the file is trusted (see the module docstring), else None."""
+    try:
+        data, st = read_regular(path, _MAX_BEAT_BYTES)
+    except UnsafeFile:
+        return None
+    if owner is None or st.st_uid != owner:
+        return None
+    try:
+        beat = _parse_beat(json.loads(data))
+    except ValueError:
+        return None
+    if beat is None or _path(root, beat.host, beat.pid) != path:
+        return None
+    return beat
+
+
+def _parse_beat(document: Any) -> Beat | None:
+    """A ``Beat`` from a heartbeat file's JSON, each field checked for its type; None when one is wrong."""
+    if not isinstance(document, dict):
+        return None
+    get = document.get
+    pid, since = get("pid"), get("prefect_unreachable_since")
+    texts = [get(k) for k in ("host", "queue", "version")]
+    numbers = [get(k) for k in ("time", "stale_after_s")]
+    if (
+        not (type(pid) is int and pid > 0)
+        or not all(isinstance(t, str) for t in texts)
+        or not all(_is_number(n) for n in numbers)
+        or not (get("tracker") is None or isinstance(get("tracker"), str))
+        or not isinstance(get("prefect_reachable"), bool)
+        or not (since is None or _is_number(since))
+    ):
+        return None
+    return Beat(
+        pid=pid,
+        host=document["host"],
+        queue=document["queue"],
+        version=document["version"],
+        time=float(document["time"]),
+        stale_after_s=float(document["stale_after_s"]),
+        tracker=document["tracker"],
+        prefect_reachable=document["prefect_reachable"],
+        prefect_unreachable_since=None if since is None else float(since),
+    )
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number a clock or a duration can hold: not a bool, finite, from 0 to ``_MAX_TIME``."""
+    return type(value) in (int, float) and math.isfinite(value) and 0 <= value <= _MAX_TIME
 
 
 def health(root: Path) -> tuple[bool, str]:
-    """(healthy, one line why) for the queue at ``root``, judged from this host's heartbeat files."""
+    """(healthy, one line why) for the queue at ``root``, judged from this host's trusted heartbeat files."""
     now = time.time()
-    beats = read(root)
+    beats = scan(root)
+    healthy, line = _verdict(root, beats.trusted, now)
+    if beats.untrusted:
+        files = "file" if beats.untrusted == 1 else "files"
+        line += f" (ignored {beats.untrusted} untrusted heartbeat {files})"
+    return healthy, line
+
+
+def _verdict(root: Path, beats: list[Beat], now: float) -> tuple[bool, str]:
     alive = [b for b in beats if _alive(b.pid)]
     if not alive:
         if beats:
