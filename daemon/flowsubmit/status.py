@@ -5,6 +5,10 @@ is right after a restart and while no daemon runs: progress from each job's jour
 ownership from its lock (held by a live daemon, or free: the job waits for
 recovery), daemons from their heartbeat files. The document's shape is documented in
 docs/operations.md ("Live status") and is contract.
+
+Every file a producer could have written, grown or replaced (a job file, a file in
+``rejected/``) is read through ``fsutil.read_regular``: at most ``max_job_bytes``, never
+a FIFO or a link, so one hostile entry costs a line of the view, not the view.
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from flowsubmit.errors import JobRejected
+from flowsubmit.fsutil import read_regular
 from flowsubmit.heartbeat import read as read_heartbeats
-from flowsubmit.queue import FOLDERS, Queue, is_job_name, job_files
+from flowsubmit.journal import replay
+from flowsubmit.queue import FOLDERS, JobLock, Queue, is_job_name, job_files
+from flowsubmit.settings import Settings
 
 __all__ = ["document", "render"]
 
@@ -29,19 +37,26 @@ __all__ = ["document", "render"]
 LAST_REJECTIONS = 5
 #: Queued job ids listed (the count is always complete).
 QUEUED_SHOWN = 20
+#: The settings' default ``max_job_bytes``, for a caller that passes none.
+DEFAULT_MAX_JOB_BYTES: int = Settings.model_fields["max_job_bytes"].default
 
 
-def document(queue: Queue, *, now: float | None = None) -> dict[str, Any]:
-    """The status of ``queue`` as one JSON-ready document (docs/operations.md, "Live status")."""
+def document(
+    queue: Queue, *, now: float | None = None, max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
+) -> dict[str, Any]:
+    """The status of ``queue`` as one JSON-ready document (docs/operations.md, "Live status").
+
+    A job file larger than ``max_job_bytes`` is not read: its total of runs shows as unknown.
+    """
     now = time.time() if now is None else now
     return {
         "queue": str(queue.root),
         "time": _iso(now),
         "counts": {f: len(job_files(queue.root / f)) for f in FOLDERS if f != "tmp"},
         "daemons": [_daemon(beat, now) for beat in read_heartbeats(queue.root)],
-        "jobs": [_job(queue, path.stem, now) for path in queue.running()],
+        "jobs": [_job(queue, path.stem, now, max_job_bytes) for path in queue.running()],
         "queued": _queued(queue),
-        "rejections": _rejections(queue),
+        "rejections": _rejections(queue, max_job_bytes),
     }
 
 
@@ -59,17 +74,30 @@ def _daemon(beat: Any, now: float) -> dict[str, Any]:
     }
 
 
-def _job(queue: Queue, job_id: str, now: float) -> dict[str, Any]:
-    progress = queue.progress(job_id)
-    claimed = _unix(progress.claimed_at)
+def _job(queue: Queue, job_id: str, now: float, max_job_bytes: int) -> dict[str, Any]:
+    state = replay(queue.processing / f"{job_id}.journal")
+    claimed = _unix(state.claimed_at)
+    owned = JobLock.held(queue.processing / f"{job_id}.lock")
+    total = _total_runs(queue.processing / f"{job_id}.json", max_job_bytes)
     return {
         "job_id": job_id,
-        "owner": "alive" if progress.owned else "waiting_for_recovery",
-        "claimed_at": progress.claimed_at,
+        "owner": "alive" if owned else "waiting_for_recovery",
+        "claimed_at": state.claimed_at,
         "age_s": None if claimed is None else round(now - claimed, 1),
         "cancel_requested": queue.cancel_requested(job_id),
-        "runs": {"total": progress.total, **progress.runs},
+        "runs": {"total": total, **state.run_counts()},
     }
+
+
+def _total_runs(path: Path, max_job_bytes: int) -> int | None:
+    """Runs the job file asks for; None when it is not a regular file, larger than ``max_job_bytes``, or bad."""
+    from flowsubmit.jobs import parse_job  # pydantic models: only the job view needs them
+
+    try:
+        data, _ = read_regular(path, max_job_bytes, single_link=False)
+        return parse_job(data, max_runs=10**9).total_runs
+    except (OSError, JobRejected):  # fsutil.UnsafeFile is an OSError
+        return None
 
 
 def _queued(queue: Queue) -> dict[str, Any]:
@@ -77,15 +105,17 @@ def _queued(queue: Queue) -> dict[str, Any]:
     return {"count": len(names), "job_ids": [n.removesuffix(".json") for n in names][:QUEUED_SHOWN]}
 
 
-def _rejections(queue: Queue) -> list[dict[str, Any]]:
+def _rejections(queue: Queue, max_bytes: int) -> list[dict[str, Any]]:
     errors = [p for p in queue.rejected.glob("*.error.json") if is_job_name(p.name)]
     newest = sorted(errors, key=_mtime, reverse=True)[:LAST_REJECTIONS]
     found: list[dict[str, Any]] = []
     for path in newest:
         try:
-            error = json.loads(path.read_text())
+            error = json.loads(read_regular(path, max_bytes, single_link=False)[0])
         except (OSError, ValueError):
-            continue  # pruned or rewritten meanwhile
+            continue  # pruned meanwhile, or not an error file (a FIFO, a directory) under its name
+        if not isinstance(error, dict):
+            continue
         found.append(
             {
                 "file": path.name.removesuffix(".error.json"),
@@ -170,7 +200,7 @@ def _duration(seconds: float | None) -> str:
 
 def _mtime(path: Path) -> float:
     try:
-        return path.stat().st_mtime
+        return path.lstat().st_mtime
     except FileNotFoundError:
         return 0.0
 
