@@ -6,12 +6,19 @@ mtime of its ``JOB.result.json`` (or of ``NAME.error.json`` for a rejected file)
 which is written when the job is finished, whereas the job file keeps the mtime
 its producer gave it. That anchor file is removed last, so a prune cut short by a
 crash is finished by the next one.
+
+Only regular files are removed, judged by ``lstat`` (nothing is opened or followed).
+Any other entry there (a directory, a FIFO, a socket, a symbolic link) is skipped and
+logged as ``retention.skipped`` at every prune until someone removes it by hand: one
+stray entry never stops the rest of the prune.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +27,7 @@ import structlog
 
 from flowsubmit._aio import wait_event
 
-__all__ = ["Expired", "expired", "parse_age", "prune", "prune_periodically"]
+__all__ = ["Expired", "expired", "parse_age", "prune", "prune_periodically", "strays"]
 
 log = structlog.get_logger("flowsubmit.retention")
 
@@ -28,6 +35,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 #: How often the daemon applies ``retention_days``.
 PERIOD_S = 3600.0
+#: The folders retention works in; no other is ever touched.
+_FOLDERS = ("done", "failed", "rejected")
 
 
 def parse_age(text: str) -> float:
@@ -71,23 +80,48 @@ def _expired_in(
     for anchor in sorted(folder.glob(f"*{anchor_suffix}")):
         if anchor.name.startswith("."):
             continue  # a temporary file of an atomic write
-        try:
-            age_s = now - anchor.stat().st_mtime
-        except FileNotFoundError:
-            continue
-        if age_s <= older_than_s:
-            continue
+        st = _lstat(anchor)
+        if st is None or not stat.S_ISREG(st.st_mode) or now - st.st_mtime <= older_than_s:
+            continue  # gone, young, or a stray entry under the name (see ``strays``)
         stem = anchor.name.removesuffix(anchor_suffix)  # JOB (done/failed) or NAME (rejected)
         job = folder / f"{stem}{job_suffix}"
         base = stem.removesuffix(".json")
         extras = [folder / f"{base}{s}" for s in (".journal", ".cancel")]
-        files = [p for p in (job, *extras) if p.exists() and p != anchor]
-        found.append(Expired(folder.name, stem, age_s, (*files, anchor)))
+        files = [p for p in (job, *extras) if p != anchor and _is_regular(p)]
+        found.append(Expired(folder.name, stem, now - st.st_mtime, (*files, anchor)))
+    return found
+
+
+def strays(root: Path) -> list[Path]:
+    """The entries of ``done/``, ``failed/`` and ``rejected/`` that are not regular files (never removed)."""
+    found: list[Path] = []
+    for name in _FOLDERS:
+        try:
+            entries = sorted(os.scandir(root / name), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False) and not entry.name.startswith("."):
+                    found.append(Path(entry.path))
+            except OSError:
+                continue  # removed meanwhile
     return found
 
 
 def prune(root: Path, older_than_s: float, *, dry_run: bool = False) -> list[Expired]:
-    """Remove (unless ``dry_run``) the files of every job that ended more than ``older_than_s`` ago; log each."""
+    """Remove (unless ``dry_run``) the files of every job that ended more than ``older_than_s`` ago; log each.
+
+    Entries that are not regular files are skipped, each logged as ``retention.skipped``.
+    """
+    for path in strays(root):
+        log.warning(
+            "retention.skipped",
+            folder=path.parent.name,
+            name=path.name,
+            kind=_kind(path),
+            dry_run=dry_run,
+        )
     jobs = expired(root, older_than_s)
     for job in jobs:
         if not dry_run:
@@ -102,6 +136,32 @@ def prune(root: Path, older_than_s: float, *, dry_run: bool = False) -> list[Exp
             dry_run=dry_run,
         )
     return jobs
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
+    except FileNotFoundError:
+        return None
+
+
+def _is_regular(path: Path) -> bool:
+    st = _lstat(path)
+    return st is not None and stat.S_ISREG(st.st_mode)
+
+
+def _kind(path: Path) -> str:
+    """What a stray entry is, in a word for its log line."""
+    st = _lstat(path)
+    if st is None:
+        return "gone"
+    kinds = {
+        stat.S_ISDIR: "directory",
+        stat.S_ISLNK: "symbolic link",
+        stat.S_ISFIFO: "fifo",
+        stat.S_ISSOCK: "socket",
+    }
+    return next((kind for test, kind in kinds.items() if test(st.st_mode)), "device")
 
 
 async def prune_periodically(root: Path, retention_days: float, stop: asyncio.Event) -> None:
