@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Self
+from urllib.parse import quote
 
 import httpx
 from jsonschema.exceptions import best_match  # type: ignore[import-untyped]
@@ -44,7 +45,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import FlowRun
-from prefect.client.schemas.responses import OrchestrationResult
+from prefect.client.schemas.responses import DeploymentResponse, OrchestrationResult
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
 from prefect.events.schemas.events import Event
@@ -353,9 +354,20 @@ class Gateway:
 
     async def resolve_deployment(self, name: str) -> Deployment:
         """Return the deployment ``flow/deployment``; unknown names are a permanent error."""
+        flow_name, _, deployment_name = name.partition("/")
         async for attempt in self._retrying("read_deployment", name):
             with attempt, _translate_errors(f"deployment {name!r} not found or unreadable", name):
-                response = await self.client.read_deployment_by_name(name)
+                # Prefect's read_deployment_by_name puts the names into the path as they
+                # are, so a '#' or '?' would cut the path and read another deployment.
+                reply = await self.client.request(
+                    "GET",
+                    "/deployments/name/{flow_name}/{deployment_name}",
+                    path_params={
+                        "flow_name": quote(flow_name, safe=""),
+                        "deployment_name": quote(deployment_name, safe=""),
+                    },
+                )
+        response = DeploymentResponse.model_validate(reply.json())
         return Deployment(
             id=str(response.id),
             name=name,

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import codecs
+import heapq
 import itertools
 import json
 import math
 import re
+import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from flowsubmit._wording import did_you_mean, sentence, short, show
 from flowsubmit.errors import JobRejected
@@ -18,8 +22,10 @@ from flowsubmit.errors import JobRejected
 __all__ = [
     "DEPLOYMENT_HINT",
     "MAX_NESTING",
+    "MAX_PROBLEMS",
     "PRIORITY_MAX",
     "PRIORITY_MIN",
+    "RESERVED_ID_SUFFIXES",
     "Job",
     "RunSpec",
     "Stage",
@@ -38,14 +44,44 @@ PRIORITY_MIN, PRIORITY_MAX = -100, 100
 #: Integers longer than this are refused (Python's own int-from-text limit is 4300 digits).
 MAX_DIGITS = 4300
 
+#: A file's problems are reported up to this many, the first in file order; one more counts the rest.
+MAX_PROBLEMS = 20
+
+#: Most stages a job may have.
+_MAX_STAGES = 100
+
+#: Run counts are computed up to this; a job expanding to more is said to be "more than" it.
+_COUNT_CEILING = 10**18
+
+#: Endings of the queue's own files (``JOB.result.json``, ``JOB.journal``...): an id may not end
+#: in one (compared case-insensitively), so that no job's files can pass for another's.
+RESERVED_ID_SUFFIXES = (
+    ".result",
+    ".journal",
+    ".lock",
+    ".cancel",
+    ".error",
+    ".json",
+    ".tmp",
+    ".part",
+)
+
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-DEPLOYMENT_PATTERN = r"^[^/\s][^/]*/[^/\s][^/]*$"
+# The JSON Schema's portable approximation of the name rule (JSON Schema regexes have no
+# Unicode classes); the parser checks each character itself (``_deployment_problem``).
+_NAME_PATTERN = r"[^/\s#?%&\\](?:[^/#?%&\\]*[^/\s#?%&\\])?"
+DEPLOYMENT_PATTERN = rf"^{_NAME_PATTERN}/{_NAME_PATTERN}$"
 
 _ID_RULE = (
     "an id is 1 to 128 characters: letters A-Z a-z, digits, '.', '_' and '-', "
     "starting with a letter or a digit"
 )
 DEPLOYMENT_HINT = "`prefect deployment ls` lists the deployments"
+_NAME_RULE = "a flow or deployment name holds letters, digits, '_', '-', '.' and inner spaces"
+# Letters (with their marks) and digits of any script, and these: a name goes into a URL
+# path, where '#', '?', '%', '&' and '\\' would change which deployment is read.
+_NAME_CATEGORIES = ("L", "M", "N")
+_NAME_PUNCTUATION = frozenset("_-. ")
 _OTHER_BOMS = (
     (codecs.BOM_UTF32_LE, "UTF-32"),
     (codecs.BOM_UTF32_BE, "UTF-32"),
@@ -87,7 +123,10 @@ class Stage(_Strict):
     """A batch of runs of one deployment; a job is one stage or a list of them."""
 
     deployment: str = Field(
-        pattern=DEPLOYMENT_PATTERN, max_length=400, description="`flow-name/deployment-name`."
+        min_length=1,
+        max_length=400,
+        json_schema_extra={"pattern": DEPLOYMENT_PATTERN},
+        description="`flow-name/deployment-name`.",
     )
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="Defaults merged under every run."
@@ -121,6 +160,14 @@ class Stage(_Strict):
         description="Allow `work_queue_name` to name a queue that does not exist yet.",
     )
 
+    @field_validator("deployment")
+    @classmethod
+    def _deployment_is_two_names(cls, deployment: str) -> str:
+        problem = _deployment_problem(deployment) if deployment else None
+        if problem is not None:
+            raise _FieldProblem(problem[0], field="deployment", hint=problem[1])
+        return deployment
+
     @field_validator("matrix")
     @classmethod
     def _matrix_lists_not_empty(cls, matrix: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -135,6 +182,19 @@ class Stage(_Strict):
     def run_count(self) -> int:
         """How many runs this stage expands to, computed without expanding it."""
         product = math.prod(len(v) for v in self.matrix.values()) if self.matrix else 0
+        return len(self.runs) + product
+
+    def runs_up_to(self, ceiling: int) -> int:
+        """``run_count``, or a number above ``ceiling`` as soon as the matrix is known to pass it.
+
+        The product of a matrix with thousands of keys is a number with thousands of
+        digits: stopping at the ceiling keeps counting linear.
+        """
+        product = 1 if self.matrix else 0
+        for values in self.matrix.values():
+            product *= len(values)
+            if product > ceiling:
+                break
         return len(self.runs) + product
 
     def expand(self, stage_index: int) -> list[RunSpec]:
@@ -168,8 +228,8 @@ class StageEntry(Stage):
 
     deployment: str = Field(
         default="",
-        pattern=r"^$|" + DEPLOYMENT_PATTERN,
         max_length=400,
+        json_schema_extra={"pattern": r"^$|" + DEPLOYMENT_PATTERN},
         description="`flow-name/deployment-name`; defaults to the job's.",
     )
 
@@ -180,12 +240,15 @@ class Job(Stage):
     id: str | None = Field(
         default=None,
         pattern=JOB_ID_PATTERN,
-        description="Makes the job exactly-once: the same id never creates new runs. Letters, digits, `._-`, at most 128.",
+        description=(
+            "Makes the job exactly-once: the same id never creates new runs. Letters, digits, "
+            "`._-`, at most 128; not ending in one of the queue's own suffixes (`.json`, `.result`, ...)."
+        ),
     )
     deployment: str = Field(
         default="",
-        pattern=r"^$|" + DEPLOYMENT_PATTERN,
         max_length=400,
+        json_schema_extra={"pattern": r"^$|" + DEPLOYMENT_PATTERN},
         description="`flow-name/deployment-name`; required unless every stage names one.",
     )
     timeout: float | None = Field(
@@ -198,7 +261,7 @@ class Job(Stage):
     stages: list[StageEntry] | None = Field(
         default=None,
         min_length=1,
-        max_length=100,
+        max_length=_MAX_STAGES,
         description="Run one after another; a stage starts only when the one before Completed in full.",
     )
     priority: int = Field(
@@ -211,6 +274,18 @@ class Job(Stage):
         ),
     )
 
+    @field_validator("id")
+    @classmethod
+    def _id_not_a_queue_suffix(cls, job_id: str | None) -> str | None:
+        suffix = _reserved_suffix(job_id or "")
+        if suffix is not None:
+            raise _FieldProblem(
+                f"the job id ends in {show(suffix)}, a suffix the queue gives its own files",
+                field="id",
+                hint=f"an id may not end in {', '.join(RESERVED_ID_SUFFIXES)} (in any case)",
+            )
+        return job_id
+
     @model_validator(mode="after")
     def _has_runs(self) -> Job:
         if self.stages is None:
@@ -220,7 +295,7 @@ class Job(Stage):
                     field="deployment",
                     hint=f"`flow-name/deployment-name`; {DEPLOYMENT_HINT}",
                 )
-            if self.run_count == 0:
+            if not (self.runs or self.matrix):
                 raise _FieldProblem(
                     "the job has no runs: give `runs` or `matrix`",
                     field="runs",
@@ -239,7 +314,7 @@ class Job(Stage):
                     field=f"stages.{i}.deployment",
                     hint=DEPLOYMENT_HINT,
                 )
-            if stage.run_count == 0:
+            if not (stage.runs or stage.matrix):
                 raise _FieldProblem(
                     f"stage {i} has no runs: give `runs` or `matrix`", field=f"stages.{i}.runs"
                 )
@@ -271,6 +346,16 @@ class Job(Stage):
             if self.stages
             else self.run_count
         )
+
+    def total_runs_up_to(self, ceiling: int) -> int:
+        """``total_runs``, or a number above ``ceiling`` as soon as the count is known to pass it."""
+        total = 0
+        stages: Sequence[Stage] = self.stages or [self]
+        for stage in stages:
+            total += stage.runs_up_to(ceiling)
+            if total > ceiling:
+                break
+        return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,11 +401,15 @@ def parse_job(data: bytes, *, file: str = "", max_runs: int = 10_000) -> Job:
 def check_job(
     data: bytes, *, file: str = "", max_runs: int = 10_000
 ) -> tuple[Job | None, list[JobRejected]]:
-    """Judge a job file as ``parse_job`` does, but report every problem instead of the first.
+    """Judge a job file as ``parse_job`` does, but report its problems instead of the first.
+
+    The cost is linear in the file's size, whatever it holds: each object's key order
+    is indexed once, and only the problems reported are put into words.
 
     Returns:
         ``(job, [])`` for a good file, else ``(None, problems)``: each problem names
-        ``file``, in the order of the fields in the file. A file that is not JSON has one.
+        ``file``, the first ``MAX_PROBLEMS`` in the order of the fields in the file, then
+        one that counts the rest. A file that is not JSON has one.
     """
     try:
         document = _load_json(data)
@@ -328,15 +417,25 @@ def check_job(
             raise JobRejected(f"a job must be a JSON object, not a JSON {_json_type(document)}")
     except JobRejected as exc:
         return None, [exc.with_file(file)]
+    known, unknown, count = _split_unknown(document, Job, (), ())
     try:
-        job = Job.model_validate(document, strict=True)
+        job = Job.model_validate(known, strict=True)
     except ValidationError as exc:
-        errors = sorted(exc.errors(), key=lambda error: _file_position(document, error["loc"]))
-        return None, [_rejection_from(error).with_file(file) for error in errors]
-    if job.total_runs > max_runs:
+        positions = _Positions(document)
+        errors = [
+            (positions.of(e["loc"]), e)
+            for e in exc.errors(include_url=False)
+            if e["type"] != "extra_forbidden"
+        ]
+        return None, _reported([*unknown, *errors], count + len(errors), file)
+    if count:
+        return None, _reported(unknown, count, file)
+    total = job.total_runs_up_to(max(max_runs, _COUNT_CEILING))
+    if total > max_runs:
+        runs = f"more than {_COUNT_CEILING}" if total > _COUNT_CEILING else str(total)
         return None, [
             JobRejected(
-                f"the job expands to {job.total_runs} runs, more than the limit of {max_runs}",
+                f"the job expands to {runs} runs, more than the limit of {max_runs}",
                 file=file,
                 field="matrix" if job.matrix else "runs",
                 hint="split it into several jobs or raise max_runs_per_job",
@@ -345,25 +444,126 @@ def check_job(
     return job, []
 
 
-def _file_position(document: Any, loc: tuple[int | str, ...]) -> tuple[int, ...]:
-    """Where ``loc`` sits in the file: the index of each key or item on the way down.
+#: A problem before it is put into words: where it is in the file, and pydantic's error.
+_Located = tuple[tuple[int, ...], ErrorDetails]
+
+
+def _reported(errors: list[_Located], total: int, file: str) -> list[JobRejected]:
+    """The first ``MAX_PROBLEMS`` errors in file order as rejections, and one that counts the rest of ``total``."""
+    first = heapq.nsmallest(MAX_PROBLEMS, errors, key=lambda located: located[0])
+    problems = [_rejection_from(error).with_file(file) for _, error in first]
+    rest = total - len(first)
+    if rest:
+        problems.append(
+            JobRejected(
+                f"and {rest} more problem{'s' if rest != 1 else ''}, not listed",
+                file=file,
+                hint=f"only the first {MAX_PROBLEMS} are; fix them and check the file again",
+            )
+        )
+    return problems
+
+
+# The keys each model knows, and the model of each list of objects it holds, by key.
+_KNOWN: dict[type[BaseModel], frozenset[str]] = {
+    model: frozenset(model.model_fields) for model in (Job, StageEntry, RunEntry)
+}
+_NESTED: dict[type[BaseModel], tuple[tuple[str, type[BaseModel]], ...]] = {
+    Job: (("runs", RunEntry), ("stages", StageEntry)),
+    StageEntry: (("runs", RunEntry),),
+    RunEntry: (),
+}
+
+
+def _split_unknown(
+    value: Any, model: type[BaseModel], loc: tuple[int | str, ...], position: tuple[int, ...]
+) -> tuple[Any, list[_Located], int]:
+    """``value`` without the keys ``model`` (and the models inside it) does not know, and those keys.
+
+    pydantic would report them too, but a file of a hundred thousand unknown keys
+    costs it a dictionary per key and then a search of its object per key. Here the
+    keys' positions come from one pass, an object's first ``MAX_PROBLEMS`` unknown keys
+    become errors and the rest only a count, and objects without unknown keys are kept.
+
+    Returns:
+        The value to validate, the errors (in file order within each object), and
+        how many unknown keys there are in all.
+    """
+    if not isinstance(value, dict):
+        return value, [], 0
+    known, nested = _KNOWN[model], _NESTED[model]
+    if not nested and value.keys() <= known:
+        return value, [], 0
+    indexes = [] if value.keys() <= known else [i for i, k in enumerate(value) if k not in known]
+    keys = list(value) if indexes or nested else []
+    located: list[_Located] = [
+        ((*position, i), _unknown_key((*loc, keys[i]), value[keys[i]]))
+        for i in indexes[:MAX_PROBLEMS]
+    ]
+    count = len(indexes)
+    # A job keeps one unknown key, so that pydantic still fails it as it would have (its
+    # model validator, which would add "no runs", does not run); pydantic's own unknown-key
+    # errors are dropped. The other models have no model validator.
+    stays = keys[indexes[0]] if indexes and model is Job else None
+    kept = {key: item for key, item in value.items() if key in known or key == stays}
+    for key, inner in nested:
+        items = kept.get(key)
+        if not isinstance(items, list) or (key == "stages" and len(items) > _MAX_STAGES):
+            continue  # pydantic says what is wrong with the list before looking into it
+        at, inner_known, deep = (*position, keys.index(key)), _KNOWN[inner], bool(_NESTED[inner])
+        kept[key] = items = list(items)
+        for i, entry in enumerate(items):
+            if isinstance(entry, dict) and (deep or not entry.keys() <= inner_known):
+                items[i], errors, n = _split_unknown(entry, inner, (*loc, key, i), (*at, i))
+                located += errors
+                count += n
+    return kept, located, count
+
+
+def _unknown_key(loc: tuple[int | str, ...], value: Any) -> ErrorDetails:
+    """The error pydantic gives a key its model does not know."""
+    return {"type": "extra_forbidden", "loc": loc, "msg": "", "input": value}
+
+
+#: Objects of at most this many keys are searched, not indexed: a search costs at most this.
+_SMALL = 16
+
+
+class _Positions:
+    """Where a ``loc`` sits in the file: the index of each key or item on the way down.
 
     JSON objects keep the file's key order, so sorting by this puts the problems in
-    file order; a missing key sorts after the keys that are present.
+    file order; a missing key sorts after the keys that are present. Each object's
+    keys are indexed once, so finding many positions costs one pass over the document.
     """
-    position: list[int] = []
-    value = document
-    for part in loc:
-        if isinstance(value, dict) and isinstance(part, str):
-            keys = list(value)
-            position.append(keys.index(part) if part in value else len(keys))
-            value = value.get(part)
-        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
-            position.append(part)
-            value = value[part]
-        else:
-            break
-    return tuple(position)
+
+    def __init__(self, document: Any) -> None:
+        self._document = document
+        self._indexes: dict[int, dict[str, int]] = {}
+
+    def of(self, loc: tuple[int | str, ...]) -> tuple[int, ...]:
+        """The position of ``loc``."""
+        position: list[int] = []
+        value = self._document
+        for part in loc:
+            if isinstance(value, dict) and isinstance(part, str):
+                position.append(self._index(value, part))
+                value = value.get(part)
+            elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+                position.append(part)
+                value = value[part]
+            else:
+                break
+        return tuple(position)
+
+    def _index(self, mapping: dict[str, Any], key: str) -> int:
+        if len(mapping) <= _SMALL:
+            return list(mapping).index(key) if key in mapping else len(mapping)
+        # Keyed by id(): every object indexed lives in the document, which outlives this.
+        index = self._indexes.get(id(mapping))
+        if index is None:
+            index = self._indexes[id(mapping)] = {key: i for i, key in enumerate(mapping)}
+        return index.get(key, len(index))
 
 
 def _load_json(data: bytes) -> Any:
@@ -514,19 +714,44 @@ def _rejection_from(error: Any) -> JobRejected:
 
 def deployment_name_problem(name: str) -> JobRejected | None:
     """Why ``name`` is not ``flow-name/deployment-name``, as a job file's ``deployment`` is told; None when it is."""
-    if re.match(DEPLOYMENT_PATTERN, name):
+    problem = _deployment_problem(name)
+    if problem is None:
         return None
-    return _pattern_rejection("deployment", name, "deployment")
+    return JobRejected(problem[0], field="deployment", hint=problem[1])
+
+
+def _deployment_problem(value: str) -> tuple[str, str] | None:
+    """What is wrong with ``flow-name/deployment-name`` and a hint, in words; None when nothing is."""
+    parts = value.split("/")
+    if len(parts) != 2 or not all(parts):
+        return (
+            f"must be a flow name and a deployment name joined by one '/', not {show(value)}",
+            f"`flow-name/deployment-name`; {DEPLOYMENT_HINT}",
+        )
+    for which, name in zip(("flow", "deployment"), parts, strict=True):
+        if name[0] == " " or name[-1] == " ":
+            where = "starts" if name[0] == " " else "ends"
+            return f"the {which} name {where} with a space", _NAME_RULE
+        bad = next((char for char in name if not _name_character(char)), None)
+        if bad is not None:
+            return f"the {which} name contains {show(bad)}, which a name may not hold", _NAME_RULE
+    return None
+
+
+def _name_character(char: str) -> bool:
+    return char in _NAME_PUNCTUATION or unicodedata.category(char)[0] in _NAME_CATEGORIES
+
+
+def _reserved_suffix(job_id: str) -> str | None:
+    """The queue's own suffix ``job_id`` ends in, as written in the id; None when it ends in none."""
+    folded = job_id.lower()
+    suffix = next((s for s in RESERVED_ID_SUFFIXES if folded.endswith(s)), None)
+    return None if suffix is None else job_id[-len(suffix) :]
 
 
 def _pattern_rejection(name: str, value: str, field: str | None) -> JobRejected:
-    if name == "id":
-        return JobRejected(f"the job id {_id_problem(value)}", field=field, hint=_ID_RULE)
-    return JobRejected(
-        f"must be a flow name and a deployment name joined by one '/', not {show(value)}",
-        field=field,
-        hint=f"`flow-name/deployment-name`; {DEPLOYMENT_HINT}",
-    )
+    """A value refused by its field's ``pattern``: only ``id`` has one."""
+    return JobRejected(f"the job id {_id_problem(value)}", field=field, hint=_ID_RULE)
 
 
 def _id_problem(value: str) -> str:
