@@ -18,6 +18,7 @@ from pydantic_settings import (
 
 from flowsubmit._wording import did_you_mean, sentence
 from flowsubmit.errors import SettingsError
+from flowsubmit.jobs import PRIORITY_MAX, PRIORITY_MIN
 from flowsubmit.policy import ProducerRule
 
 __all__ = ["Settings", "crash_point", "example_toml"]
@@ -127,12 +128,55 @@ class Settings(BaseSettings):
         default=[],
         description="`job_variables` keys a job may set; by default none (a job setting any is rejected).",
     )
+    allow_prefect_kinds: bool = Field(
+        default=False,
+        description=(
+            "Let job parameters hold `__prefect_kind` objects, which Prefect's server fills in "
+            "when it creates a run (a Prefect variable's value, a Jinja template); refused by default."
+        ),
+    )
+    # Per-producer limits: each applies to every producer alone; a [[producers]] rule narrows it.
+    producer_max_running_jobs: int | None = Field(
+        default=None,
+        ge=1,
+        examples=[4],
+        description="Jobs of one producer the daemon runs at once (no limit when unset).",
+    )
+    producer_max_runs_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        examples=[500],
+        description="Runs of one producer's jobs created and not yet final, at once (no limit when unset).",
+    )
+    producer_max_priority: int | None = Field(
+        default=None,
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        examples=[10],
+        description="Highest job `priority` a producer may ask for; a job above it is rejected (no limit when unset).",
+    )
+    producer_max_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        examples=[86400],
+        description=(
+            "Longest job `timeout` a producer may ask for; a job above it is rejected, a job "
+            "with none gets producer_default_timeout_s or this (no limit when unset)."
+        ),
+    )
+    producer_default_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        examples=[3600],
+        description="`timeout` of a job that gives none, never above producer_max_timeout_s (none when unset).",
+    )
     producers: list[ProducerRule] = Field(
         default=[],
         description=(
             "[[producers]] rules: by `user`, `uid` or `group` of the job file's owner, their own "
-            "`allowed_deployments` / `allowed_job_variables`, which narrow (never widen) the "
-            "global ones. TOML, or JSON in FLOWSUBMIT_PRODUCERS; no flag."
+            "`allowed_deployments` / `allowed_job_variables` and limits (`max_running_jobs`, "
+            "`max_runs_in_flight`, `max_priority`, `max_timeout_s`, `default_timeout_s`), which "
+            "narrow (never widen) the global ones. TOML, or JSON in FLOWSUBMIT_PRODUCERS; no flag."
         ),
     )
     metrics_port: int | None = Field(
@@ -264,6 +308,11 @@ _PRODUCERS_EXAMPLE = (
     '# user = "etl-cron"',
     '# allowed_deployments = ["etl/*"]',
     "# allowed_job_variables = []",
+    "# max_running_jobs = 2",
+    "# max_runs_in_flight = 200",
+    "# max_priority = 0",
+    "# max_timeout_s = 7200",
+    "# default_timeout_s = 3600",
 )
 
 
