@@ -162,9 +162,12 @@ def test_validate_lists_the_capped_problems(
 
 
 def test_an_unknown_key_still_hides_the_no_runs_problem() -> None:
-    """A misspelt ``runs`` is reported as the unknown key alone, as before the cap."""
+    """A misspelt ``runs``, in the job or in a stage, is reported as the unknown key alone, as before the cap."""
     assert _messages(b'{"deployment": "a/b", "runz": [{}]}') == [
         "field 'runz': unknown key (did you mean 'runs'?)"
+    ]
+    assert _messages(b'{"deployment": "a/b", "stages": [{"runz": [{}]}]}') == [
+        "field 'stages.0.runz': unknown key (did you mean 'runs'?)"
     ]
 
 

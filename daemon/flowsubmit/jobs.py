@@ -501,10 +501,10 @@ def _split_unknown(
         for i in indexes[:MAX_PROBLEMS]
     ]
     count = len(indexes)
-    # A job keeps one unknown key, so that pydantic still fails it as it would have (its
-    # model validator, which would add "no runs", does not run); pydantic's own unknown-key
-    # errors are dropped. The other models have no model validator.
-    stays = keys[indexes[0]] if indexes and model is Job else None
+    # The first unknown key stays, so that pydantic still fails this object and the job
+    # around it (the job's model validator, which would add "no runs", does not run);
+    # pydantic's own unknown-key errors are dropped: one per object, not one per key.
+    stays = keys[indexes[0]] if indexes else None
     kept = {key: item for key, item in value.items() if key in known or key == stays}
     for key, inner in nested:
         items = kept.get(key)
