@@ -418,6 +418,11 @@ def check_job(
     except JobRejected as exc:
         return None, [exc.with_file(file)]
     known, unknown, count = _split_unknown(document, Job, (), ())
+    if count:
+        # One unknown key for pydantic, so that it fails the job as the keys taken out
+        # would have: the job's model validator (which would add "no runs") does not run.
+        # Its error is dropped with the other unknown-key errors.
+        known[_UNKNOWN] = None
     try:
         job = Job.model_validate(known, strict=True)
     except ValidationError as exc:
@@ -501,11 +506,7 @@ def _split_unknown(
         for i in indexes[:MAX_PROBLEMS]
     ]
     count = len(indexes)
-    # The first unknown key stays, so that pydantic still fails this object and the job
-    # around it (the job's model validator, which would add "no runs", does not run);
-    # pydantic's own unknown-key errors are dropped: one per object, not one per key.
-    stays = keys[indexes[0]] if indexes else None
-    kept = {key: item for key, item in value.items() if key in known or key == stays}
+    kept = {key: item for key, item in value.items() if key in known}
     for key, inner in nested:
         items = kept.get(key)
         if not isinstance(items, list) or (key == "stages" and len(items) > _MAX_STAGES):
@@ -524,6 +525,9 @@ def _unknown_key(loc: tuple[int | str, ...], value: Any) -> ErrorDetails:
     """The error pydantic gives a key its model does not know."""
     return {"type": "extra_forbidden", "loc": loc, "msg": "", "input": value}
 
+
+#: A key no model knows (a file holding it has it among its unknown keys anyway).
+_UNKNOWN = "\x00unknown"
 
 #: Objects of at most this many keys are searched, not indexed: a search costs at most this.
 _SMALL = 16
