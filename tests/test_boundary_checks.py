@@ -238,6 +238,21 @@ def test_validate_refuses_prefect_kinds_without_policy_and_the_setting_allows_th
     assert Policy.from_settings(Settings.load(config)).allow_prefect_kinds is True
 
 
+def test_policy_problems_are_capped_like_parse_problems() -> None:
+    """A job of 1,000 reserved tags and 1,000 ``__prefect_kind`` gets the first 20 refusals and one counting the rest."""
+    job = _job(
+        tags=[f"flowsubmit-{i}" for i in range(1000)],
+        parameters={f"p{i}": WORKSPACE_VARIABLE for i in range(1000)},
+    )
+    for problems in (Policy().problems(job, ETL_CRON), reserved_tag_problems(job)):
+        assert [p.field for p in problems[:MAX_PROBLEMS]] == [f"tags.{i}" for i in range(20)]
+        assert problems[-1].message == (
+            "and 1980 more problems, not listed "
+            "(only the first 20 are; fix them and check the file again)"
+        )
+        assert len(problems) == MAX_PROBLEMS + 1
+
+
 # -- names are names -------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "Job",
     "RunSpec",
     "Stage",
+    "capped",
     "check_job",
     "deployment_name_problem",
     "job_schema",
@@ -457,16 +458,23 @@ def _reported(errors: list[_Located], total: int, file: str) -> list[JobRejected
     """The first ``MAX_PROBLEMS`` errors in file order as rejections, and one that counts the rest of ``total``."""
     first = heapq.nsmallest(MAX_PROBLEMS, errors, key=lambda located: located[0])
     problems = [_rejection_from(error).with_file(file) for _, error in first]
-    rest = total - len(first)
-    if rest:
-        problems.append(
-            JobRejected(
-                f"and {rest} more problem{'s' if rest != 1 else ''}, not listed",
-                file=file,
-                hint=f"only the first {MAX_PROBLEMS} are; fix them and check the file again",
-            )
-        )
-    return problems
+    return _with_count(problems, total - len(first), file)
+
+
+def capped(problems: list[JobRejected], file: str = "") -> list[JobRejected]:
+    """The first ``MAX_PROBLEMS`` of ``problems``, and one that counts the rest, as ``check_job`` reports them."""
+    return _with_count(problems[:MAX_PROBLEMS], len(problems) - MAX_PROBLEMS, file)
+
+
+def _with_count(problems: list[JobRejected], rest: int, file: str) -> list[JobRejected]:
+    if rest <= 0:
+        return problems
+    more = JobRejected(
+        f"and {rest} more problem{'s' if rest != 1 else ''}, not listed",
+        file=file,
+        hint=f"only the first {MAX_PROBLEMS} are; fix them and check the file again",
+    )
+    return [*problems, more]
 
 
 # The keys each model knows, and the model of each list of objects it holds, by key.

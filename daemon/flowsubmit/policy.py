@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flowsubmit._wording import short, show
 from flowsubmit.errors import JobRejected
-from flowsubmit.jobs import PRIORITY_MAX, PRIORITY_MIN
+from flowsubmit.jobs import PRIORITY_MAX, PRIORITY_MIN, capped
 
 if TYPE_CHECKING:
     from flowsubmit.jobs import Job
@@ -323,9 +323,10 @@ class Policy:
             raise problems[0]
 
     def problems(self, job: Job, producer: Producer) -> list[JobRejected]:
-        """Every way ``job`` breaks the policy for ``producer`` (reserved tags and
+        """How ``job`` breaks the policy for ``producer`` (reserved tags and
         ``__prefect_kind``, then deployments, job variables, priority and timeout; the
-        global settings before the rules); empty when it is accepted.
+        global settings before the rules; capped as ``check_job`` caps its problems);
+        empty when it is accepted.
 
         Every stage is checked as it will run: its own deployment or the job's, and
         the job's ``job_variables`` merged with the stage's. A job without a ``timeout``
@@ -334,16 +335,14 @@ class Policy:
         limits = [self._global(), *(self._rule(r) for r in self.producers if r.matches(producer))]
         deployments = list(_deployments(job))
         variables = list(_job_variables(job))
-        found: list[JobRejected | None] = [
-            *reserved_tag_problems(job, allow_prefect_kinds=self.allow_prefect_kinds)
-        ]
+        found: list[JobRejected | None] = [*_reserved_problems(job, self.allow_prefect_kinds)]
         for rule in limits:
             found += [rule.deployment_problem(field, name) for field, name in deployments]
         for rule in limits:
             found += [rule.job_variable_problem(field, key) for field, key in variables]
         found += [rule.priority_problem(job.priority) for rule in limits]
         found += [rule.timeout_problem(job.timeout) for rule in limits]
-        return [problem for problem in found if problem is not None]
+        return capped([problem for problem in found if problem is not None])
 
     def _global(self) -> _Limits:
         return _Limits(
@@ -375,6 +374,10 @@ def reserved_tag_problems(job: Job, *, allow_prefect_kinds: bool = False) -> lis
     ``flowsubmit validate`` without ``--policy`` judges a job by this alone, with
     ``__prefect_kind`` refused as the default setting does.
     """
+    return capped(_reserved_problems(job, allow_prefect_kinds))
+
+
+def _reserved_problems(job: Job, allow_prefect_kinds: bool) -> list[JobRejected]:
     tags = [
         JobRejected(
             f"{show(tag)} is a reserved tag",
@@ -412,7 +415,7 @@ def is_reserved_tag(tag: str) -> bool:
 
 def hydration_problems(job: Job) -> list[JobRejected]:
     """One refusal per ``__prefect_kind`` key at any depth of the job's parameters (job,
-    stage and run ``parameters``, and the values of ``matrix``), in file order."""
+    stage and run ``parameters``, and the values of ``matrix``): the job's, then each stage's."""
     return [
         JobRejected(
             f"asks Prefect to fill in a value on the server ({PREFECT_KIND_KEY}: {show(kind)}),"
