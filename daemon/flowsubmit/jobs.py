@@ -89,7 +89,6 @@ _OTHER_BOMS = (
     (codecs.BOM_UTF16_LE, "UTF-16"),
     (codecs.BOM_UTF16_BE, "UTF-16"),
 )
-_NOT_A_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^\[\]{}"]+|"')
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB]")
 
 
@@ -582,8 +581,7 @@ def _load_json(data: bytes) -> Any:
     text = _decode(data)
     if not text.strip():
         raise JobRejected("the file is empty" if not data else "the file holds only whitespace")
-    if _too_deep(text):
-        raise JobRejected(f"JSON nesting is more than {MAX_NESTING} levels deep (the limit)")
+    too_deep = JobRejected(f"JSON nesting is more than {MAX_NESTING} levels deep (the limit)")
     try:
         document = json.loads(
             text,
@@ -592,6 +590,8 @@ def _load_json(data: bytes) -> Any:
             parse_int=_integer,
             parse_float=_finite_float,
         )
+    except RecursionError:
+        raise too_deep from None  # the parser's own guard, far past the limit
     except json.JSONDecodeError as exc:
         what = (
             "unexpected data after the end of the JSON value"
@@ -601,6 +601,8 @@ def _load_json(data: bytes) -> Any:
         raise JobRejected(
             f"not valid JSON: {what} at line {exc.lineno} column {exc.colno}"
         ) from None
+    if _deeper_than(document, MAX_NESTING):
+        raise too_deep
     if _SURROGATE_ESCAPE.search(text):
         _refuse_lone_surrogates(document, ())
     return document
@@ -622,19 +624,23 @@ def _decode(data: bytes) -> str:
         ) from None
 
 
-def _too_deep(text: str) -> bool:
-    """True when brackets nest deeper than ``MAX_NESTING`` outside strings; found without parsing.
+def _deeper_than(document: Any, limit: int) -> bool:
+    """True when objects and arrays nest deeper than ``limit``; found in one pass, without recursion.
 
-    Strings and everything else are removed in C, then each pass strips the innermost
-    ``[]`` pairs, so the passes count the depth of matched brackets (stopping past the
-    limit); openers left unmatched add to it, as a parser would descend into them too.
+    A walk in Python rather than one pass of a regular expression over the text: the
+    daemon judges files in threads, and one long C call would hold the interpreter
+    lock, and the event loop with it, for the whole file.
     """
-    brackets = _NOT_A_BRACKET.sub("", text).translate({ord("{"): "[", ord("}"): "]"})
-    for passes in range(MAX_NESTING + 1):
-        if "[]" not in brackets:
-            return passes + brackets.count("[") > MAX_NESTING
-        brackets = brackets.replace("[]", "")
-    return True
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if not isinstance(value, dict | list):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
