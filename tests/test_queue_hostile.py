@@ -225,7 +225,8 @@ def test_a_journal_final_record_is_masked_like_the_result(tmp_path: Path) -> Non
     masked = "ValueError: bad config {'api_key': '***', 'table': 3}; retry with password=***"
     snap = RunSnapshot("r1", "FAILED", "Failed", source="event", state_message=message)
     journal, state = Journal.open(tmp_path / "j.journal")
-    _JournalLedger(journal, state).add_final(snap)
+    record = RunRecord(0, 0, "a/b", {"token": "s3cr3t-value"})
+    _JournalLedger(journal, state).add_final(record, snap)
     journal.close()
     record = RunRecord(0, 0, "f/d", {"table": 3})
     record.record(snap)

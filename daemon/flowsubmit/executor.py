@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from structlog.contextvars import bound_contextvars
@@ -56,8 +58,9 @@ class _JournalLedger:
         )
         self._state.created[(record.stage, record.index, attempt)] = run_id
 
-    def add_final(self, snap: RunSnapshot) -> None:
-        self._journal.append("final", **snapshot_record(snap))
+    def add_final(self, record: RunRecord, snap: RunSnapshot) -> None:
+        # Masked with the run's parameters: a secret parameter's value is hidden too.
+        self._journal.append("final", **snapshot_record(snap, record.parameters))
         self._state.finals[snap.flow_run_id] = snap
 
 
@@ -120,6 +123,8 @@ class Executor:
         run_tag: str = "flowsubmit",
         recovered: bool = False,
         producer: Producer | None = None,
+        timeout_s: float | None = None,
+        producer_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.job = job
         self.job_id = job_id
@@ -135,8 +140,14 @@ class Executor:
         self._abort_reason: str | None = None
         #: A job resumed after a restart: its runs may have ended while nobody listened.
         self._recovered = recovered
-        #: Who dropped the job (#14): tagged on every run, recorded in the result.
+        #: Who dropped the job: tagged on every run, recorded in the result.
         self._producer = producer
+        #: The whole job's deadline: its ``timeout``, or its producer's default.
+        self._timeout_s = timeout_s if timeout_s is not None else job.timeout
+        #: The producer's runs in flight over all its jobs (``max_runs_in_flight``), if limited.
+        self._producer_slots: contextlib.AbstractAsyncContextManager[Any] = (
+            producer_slots or contextlib.nullcontext()
+        )
 
     # -- public ---------------------------------------------------------------------------
 
@@ -217,7 +228,7 @@ class Executor:
         started = datetime.now(UTC)
         status, error = JobStatus.SUCCEEDED, None
         try:
-            async with asyncio.timeout(self.job.timeout) as self._deadline:
+            async with asyncio.timeout(self._timeout_s) as self._deadline:
                 if self._cancel_requested or self._abort_reason is not None:
                     self._deadline.reschedule(asyncio.get_running_loop().time())
                 status, error = await self._run_stages(prepared)
@@ -294,7 +305,7 @@ class Executor:
         self, stage: Stage, runs: RunSet, record: RunRecord, slots: asyncio.Semaphore
     ) -> None:
         """The retry policy: up to ``stage.retries`` more attempts while the run does not complete."""
-        async with slots:
+        async with slots, self._producer_slots:
             for _ in range(stage.retries + 1):
                 try:
                     run_id = await runs.create(record)

@@ -106,8 +106,8 @@ class RunLedger(Protocol):
     def add_created(self, record: RunRecord, attempt: int, run_id: str) -> None:
         """Remember a creation (durably, before it counts)."""
 
-    def add_final(self, snap: RunSnapshot) -> None:
-        """Remember a final state (durably, before it counts)."""
+    def add_final(self, record: RunRecord, snap: RunSnapshot) -> None:
+        """Remember a final state of one of ``record``'s runs (durably, before it counts)."""
 
 
 class RunSet:
@@ -257,7 +257,7 @@ class RunSet:
             return
         record = self._owner[run_id]
         if self._ledger is not None and self._ledger.final(run_id) is None:
-            self._ledger.add_final(snap)
+            self._ledger.add_final(record, snap)
         self._finals[run_id] = snap
         if record.run_ids[-1] == run_id:
             record.record(snap)
