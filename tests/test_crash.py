@@ -337,7 +337,11 @@ def test_adopt_refuses_a_job_whose_lock_another_process_holds(tmp_path: Path) ->
     holder.kill()
     holder.wait()
     claim = queue.adopt("j1")
-    assert (claim.job_id, claim.state.job_id) == ("j1", "j1")
+    assert (claim.job_id, claim.path, claim.state.sha256) == (
+        "j1",
+        queue.processing / "j1.json",
+        None,
+    )
     claim.release()
 
 

@@ -482,14 +482,17 @@ def test_a_file_another_daemon_took_is_neither_an_error_nor_a_rejection(
     intake = Intake(
         queue,
         settings,
-        has_capacity=lambda: True,
+        has_capacity=lambda _: True,
         start=lambda *_: pytest.fail("nothing is claimed"),
         rejected=lambda error, _: rejections.append(error),
+        stopped=lambda *_: pytest.fail("nothing is adopted"),
     )
     (queue.incoming / "bad.json").write_bytes(b"{")
     (candidate,) = queue.scan()
-    assert intake._judge(candidate) is True  # bad and settled: to be rejected
+    verdict = intake._read_and_judge(candidate)
+    assert verdict is not None and verdict.error is not None  # bad: to be rejected
     os.rename(queue.incoming / "bad.json", tmp_path / "taken.json")
-    intake._reject(intake._verdicts["bad.json"])
-    assert intake._judge(Candidate("gone.json", 1, 0, 0)) is False
+    intake._reject(verdict)
+    assert intake._read_and_judge(Candidate("gone.json", 1, 0, 0)) is None
     assert (rejections, os.listdir(queue.rejected)) == ([], [])
+    intake.close()

@@ -112,24 +112,24 @@ def test_default_policy_warns_refuses_job_variables_and_reserved_tags_and_record
     _drop(daemon.queue, "tag", {**job, "id": "pol-tag", "tags": ["flowsubmit-producer:root"]}, etl)
     _drop(daemon.queue, "good", {**job, "id": "pol-good"}, etl)
 
-    folder, result = _finish(daemon, "pol-good", 2)
+    folder, result = _finish(daemon, f"pol-good@{ETL_USER}", 2)
 
     assert (folder, result["producer"]) == ("done", {"uid": etl.pw_uid, "user": ETL_USER})
     (claimed,) = daemon.events("job.claimed")
     assert claimed["producer"] == {"uid": etl.pw_uid, "user": ETL_USER}
     tagged = asyncio.run(_runs_tagged(f"flowsubmit-producer:{ETL_USER}"))
     assert sorted(str(r.id) for r in tagged) == sorted(r["flow_run_id"] for r in result["runs"])
-    own = {"flowsubmit", "flowsubmit-job:pol-good", f"flowsubmit-producer:{ETL_USER}"}
+    own = {"flowsubmit", f"flowsubmit-job:pol-good@{ETL_USER}", f"flowsubmit-producer:{ETL_USER}"}
     assert all(own <= set(run.tags) for run in tagged)
     daemon.wait_for(lambda: len(_errors(daemon.queue)) == 2, what="two rejections")
     assert _errors(daemon.queue) == {
-        "vars": _refused(
+        f"vars@{ETL_USER}": _refused(
             "vars",
             "job_variables.env",
             '"env" is not allowed',
             "allowed_job_variables: none",
         ),
-        "tag": _refused(
+        f"tag@{ETL_USER}": _refused(
             "tag",
             "tags.0",
             '"flowsubmit-producer:root" is a reserved tag',
@@ -141,7 +141,7 @@ def test_default_policy_warns_refuses_job_variables_and_reserved_tags_and_record
         ("warning", "tags.0"),
     }
     for refused in ("pol-vars", "pol-tag"):
-        assert asyncio.run(_runs_tagged(f"flowsubmit-job:{refused}")) == []
+        assert asyncio.run(_runs_tagged(f"flowsubmit-job:{refused}@{ETL_USER}")) == []
 
 
 def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
@@ -174,7 +174,7 @@ def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
     env = {"env": {"POLICY_TEST": "1"}}
     _drop(daemon.queue, "ana-vault", {**vault, "id": "pol-ana-vault", "job_variables": env}, ana)
 
-    folder, result = _finish(daemon, "pol-ana-vault", 1)
+    folder, result = _finish(daemon, f"pol-ana-vault@{OTHER_USER}", 1)
 
     assert (folder, result["producer"]) == ("done", {"uid": ana.pw_uid, "user": OTHER_USER})
     (run,) = asyncio.run(_runs_tagged(f"flowsubmit-producer:{OTHER_USER}"))
@@ -182,30 +182,30 @@ def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
     daemon.wait_for(lambda: len(_errors(daemon.queue)) == 4, what="four rejections")
     not_for_etl = f"for user {ETL_USER}"
     assert _errors(daemon.queue) == {
-        "etl-vault": _refused(
+        f"etl-vault@{ETL_USER}": _refused(
             "etl-vault",
             "deployment",
             f'"{VAULT}" is not allowed {not_for_etl}',
             "allowed_deployments: driven/*",
         ),
-        "etl-etl": _refused(
+        f"etl-etl@{ETL_USER}": _refused(
             "etl-etl",
             "deployment",
             f'"{ETL}" is not allowed',
             "allowed_deployments: driven/*, vault/*",
         ),
-        "pol-orphan": _refused(
+        f"pol-orphan@{ETL_USER}": _refused(
             "pol-orphan",
             "deployment",
             f'"{VAULT}" is not allowed {not_for_etl}',
             "allowed_deployments: driven/*",
         ),
-        "etl-stages": _refused(
+        f"etl-stages@{ETL_USER}": _refused(
             "etl-stages",
             "stages.1.deployment",
             f'"{VAULT}" is not allowed {not_for_etl}',
             "allowed_deployments: driven/*",
         ),
     }
-    for refused in ("pol-etl-vault", "pol-orphan"):
+    for refused in (f"pol-etl-vault@{ETL_USER}", "pol-orphan"):
         assert asyncio.run(_runs_tagged(f"flowsubmit-job:{refused}")) == []

@@ -381,22 +381,23 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
             asyncio.run(ask_prefect(job))
         except JobRejected as exc:
             raise exc.with_file(checked.file) from None
-    if job.id is None:
-        # Give the drop its id now, so that the id printed is the id the daemon uses.
-        job_id = new_job_id()
-    else:
-        job_id = job.id
-        refuse_known_id(queue, job_id, checked.file)
+    # Give the drop its id now, and print the job's name in the queue (``ID@USER`` for a
+    # producer other than the queue's owner): the name the daemon, status and cancel use.
+    job_id = job.id or new_job_id()
+    me = current_producer()
+    name = queue.scoped_id(job_id, me.uid, me.user)
+    if job.id is not None:
+        refuse_known_id(queue, job_id, checked.file, name)
     if job.id is None or args.priority is not None:
         document = {"id": job_id, **json.loads(data.decode("utf-8-sig"))}
         if args.priority is not None:
             document["priority"] = args.priority
         data = json.dumps(document, indent=2).encode()
     drop(queue, data, job_id)
-    print(job_id, flush=True)
+    print(name, flush=True)
     if not args.wait:
         return EXIT_OK
-    return _report_end(job_id, *wait_for_end(queue, job_id))
+    return _report_end(name, *wait_for_end(queue, name))
 
 
 def _report_end(job_id: str, folder: str, document: dict[str, Any]) -> int:
@@ -423,30 +424,40 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from flowsubmit.status import document, render
 
-    queue = open_queue(_settings(args), hint="is it the daemon's --queue?")
+    settings = _settings(args)
+    queue = open_queue(settings, hint="is it the daemon's --queue?")
     if args.json:
-        print(json.dumps(document(queue), indent=2))
+        print(json.dumps(document(queue, max_job_bytes=settings.max_job_bytes), indent=2))
         return EXIT_OK
     console = Console(highlight=False)
     if not console.is_terminal:
         console = Console(highlight=False, soft_wrap=True, width=200)  # whole lines in a pipe
     if not args.watch:
-        console.print(render(document(queue), bars=console.is_terminal))
+        console.print(
+            render(document(queue, max_job_bytes=settings.max_job_bytes), bars=console.is_terminal)
+        )
         return EXIT_OK
     if args.interval <= 0:
         raise CliError("status --interval", f"must be above 0, not {args.interval:g}")
     try:
         with Live(console=console, auto_refresh=False) as live:
             while True:
-                live.update(render(document(queue), bars=console.is_terminal), refresh=True)
+                live.update(
+                    render(
+                        document(queue, max_job_bytes=settings.max_job_bytes),
+                        bars=console.is_terminal,
+                    ),
+                    refresh=True,
+                )
                 time.sleep(args.interval)
     except KeyboardInterrupt:
         return EXIT_OK  # the way to leave --watch
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    queue = open_queue(_settings(args), hint="is it the daemon's --queue?")
-    print(cancel(queue, args.job_id), flush=True)
+    settings = _settings(args)
+    queue = open_queue(settings, hint="is it the daemon's --queue?")
+    print(cancel(queue, args.job_id, settings.max_job_bytes), flush=True)
     if not args.wait:
         return EXIT_OK
     folder, document = wait_for_end(queue, args.job_id)

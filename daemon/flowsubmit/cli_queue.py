@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from flowsubmit.errors import (
     TransientGatewayError,
 )
 from flowsubmit.jobs import Job
-from flowsubmit.queue import FOLDERS, Queue
+from flowsubmit.queue import DEFAULT_MAX_JOB_BYTES, FOLDERS, Queue
 from flowsubmit.settings import Settings
 
 __all__ = ["ask_prefect", "cancel", "drop", "open_queue", "refuse_known_id", "wait_for_end"]
@@ -75,23 +76,34 @@ def _create(queue: Queue) -> None:
         ) from exc
 
 
-def refuse_known_id(queue: Queue, job_id: str, file: str) -> None:
-    """Refuse, now rather than into rejected/ later, an id that waits in incoming/, runs, or ran.
+def refuse_known_id(queue: Queue, job_id: str, file: str, name: str | None = None) -> None:
+    """Refuse, now rather than into rejected/ later, an id of this producer's that waits in incoming/, runs, or ran.
+
+    ``name`` is the job's name in the queue (``ID@USER`` for a producer other than the
+    queue's owner); another producer's job of the same id is not this one.
 
     Raises:
         JobRejected: naming where the id already is (exit 2).
     """
     try:
-        queue.refuse_duplicate(job_id)
+        queue.refuse_duplicate(name or job_id)
     except JobRejected as exc:
         raise exc.with_file(file) from None
-    if queue.waiting(job_id, by_content=False) is not None:
+    waiting = queue.waiting(job_id, by_content=False)
+    if waiting is not None and _mine(queue.incoming / waiting):
         raise JobRejected(
             f"duplicate job id: {job_id!r} is already waiting in incoming/",
             file=file,
             field="id",
             hint="an id makes a job exactly-once: the daemon would reject the second drop",
         )
+
+
+def _mine(path: Path) -> bool:
+    try:
+        return path.lstat().st_uid == os.geteuid()
+    except FileNotFoundError:
+        return False
 
 
 def drop(queue: Queue, data: bytes, job_id: str) -> None:
@@ -166,7 +178,7 @@ def wait_for_end(queue: Queue, job_id: str) -> tuple[str, dict[str, Any]]:
     return ended
 
 
-def cancel(queue: Queue, job_id: str) -> str:
+def cancel(queue: Queue, job_id: str, max_job_bytes: int = DEFAULT_MAX_JOB_BYTES) -> str:
     """Cancel job ``job_id`` wherever it is; returns what happened, in words.
 
     A job still in incoming/ is claimed exactly as the daemon claims (its lock, then one
@@ -182,7 +194,7 @@ def cancel(queue: Queue, job_id: str) -> str:
         ended = queue.outcome(job_id)
         if ended is not None:
             return _already_ended(job_id, *ended)
-        name = queue.waiting(job_id)
+        name = queue.waiting(job_id, max_bytes=max_job_bytes)
         if name is not None:
             try:
                 return _cancel_waiting(queue, name, job_id)

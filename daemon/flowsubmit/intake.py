@@ -1,28 +1,37 @@
-"""The intake: judges the files of ``incoming/``, claims the good ones, rejects the bad ones once settled, adopts orphans."""
+"""The intake: judges the files of ``incoming/`` off the event loop, claims the good ones, rejects the bad ones once settled, adopts orphans."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
+from typing import Any
 
 import structlog
 
 from flowsubmit.errors import ClaimLost, JobRejected
+from flowsubmit.fsutil import UnsafeFile, read_regular
 from flowsubmit.jobs import Job, parse_job
-from flowsubmit.policy import Policy, Producer, producer_of
-from flowsubmit.queue import Candidate, Claim, Queue, new_job_id, printable_name
+from flowsubmit.policy import Policy, Producer, producer_by_uid, producer_of
+from flowsubmit.queue import Candidate, Claim, Judged, Queue, new_job_id, printable_name
 from flowsubmit.settings import Settings
 
 __all__ = ["Intake"]
 
 log = structlog.get_logger("flowsubmit.intake")
 
-#: The scan hands the event loop back after this many files, so running jobs go on during a flood.
-_YIELD_EVERY = 50
+#: Files judged at once, each in a worker thread, so a slow file never holds the event loop;
+#: one at a time per producer, so a producer's flood of costly files never delays another's.
+_JUDGES = 4
+_JUDGES_PER_PRODUCER = 1
+#: A file whose judging takes longer is refused (parsing is linear in the file's size, so
+#: only a pathological file comes near it); its thread finishes on its own.
+_JUDGE_BUDGET_S = 10.0
 #: Time one scan may spend rejecting (three fsyncs each); the rest waits for the next scan, so a
 #: slot freed meanwhile goes to a good job first (the moves wake the watcher at once).
 _REJECT_BUDGET_S = 0.5
@@ -37,19 +46,29 @@ class _Verdict:
     error: JobRejected | None
     #: When this exact file (name, size, mtime, inode) was first seen, on the monotonic clock.
     since: float = field(default_factory=time.monotonic)
-    #: A good job's ``priority``: claims go highest first, then oldest (#13).
-    priority: int = 0
+    #: A good job, parsed once: what the claim starts if the bytes are still those judged.
+    job: Job | None = None
+    producer: Producer | None = None
+    #: SHA-256 of the bytes judged: the claim re-reads the file and must find them.
+    sha256: str = ""
+
+    @property
+    def priority(self) -> int:
+        """A good job's ``priority``: claims go highest first, then oldest."""
+        return self.job.priority if self.job is not None else 0
 
 
 class Intake:
-    """Owns the verdicts on the files of ``incoming/`` (pruned on every scan) and the broken-file memory.
+    """Owns the verdicts on the files of ``incoming/``, the judging threads and the broken-file memory.
 
-    ``scan()`` claims good jobs, highest priority first, while ``has_capacity()`` says so, and hands each to
-    ``start(claim, job, producer, recovered=False)``; bad files are moved to
-    ``rejected/`` once settled and reported to ``rejected``. ``adopt_orphans()`` hands
-    the jobs of ``processing/`` whose owner is gone to ``start(claim, job, producer,
-    recovered=True)``. ``admit`` is the one place a new job is accepted or refused,
-    by its content and by the ``policy`` for its producer (#14).
+    ``scan()`` lists ``incoming/`` and hands new or changed files to the judging
+    threads, fairest first (the producer judged least, then the smallest file); each
+    verdict is kept while its file is unchanged. Good jobs are claimed as soon as they
+    are judged, highest priority first, while ``has_capacity(producer)`` says so, and
+    handed to ``start(claim, job, producer, recovered=False)``; bad files are moved to
+    ``rejected/`` once settled and reported to ``rejected``. ``adopt_orphans()`` judges
+    the jobs of ``processing/`` whose owner is gone again, by their recorded bytes and
+    the policy held now, and resumes them (``recovered=True``) or ``stopped`` them.
     """
 
     def __init__(
@@ -57,132 +76,229 @@ class Intake:
         queue: Queue,
         settings: Settings,
         *,
-        has_capacity: Callable[[], bool],
+        has_capacity: Callable[[Producer | None], bool],
         start: Callable[[Claim, Job, Producer, bool], None],
-        rejected: Callable[[JobRejected, Path], None],
+        rejected: Callable[[JobRejected, Any], None],
+        stopped: Callable[[Claim, JobRejected], None],
     ) -> None:
         self.queue = queue
         self.settings = settings
         self._has_capacity = has_capacity
         self._start = start
         self._rejected = rejected
-        #: What jobs may ask for (#14), as the settings held now say.
+        self._stopped = stopped
+        #: What jobs may ask for, as the settings held now say.
         self.policy = Policy.from_settings(settings)
         self._verdicts: dict[str, _Verdict] = {}
         #: Files whose judging raised (logged once per version of the file).
         self._broken: dict[str, Candidate] = {}
+        #: Entries that are not regular files: never opened, never moved (logged once per version).
+        self._ignored: dict[str, Candidate] = {}
+        #: Files waiting for a judging thread, and the ones being judged.
+        self._pending: dict[str, Candidate] = {}
+        self._judging: dict[str, asyncio.Task[None]] = {}
+        #: The owner uid of each file in judging.
+        self._owners: dict[str, int] = {}
+        #: Judgings started per producer uid: the next file is the least-judged producer's.
+        self._turns: Counter[int] = Counter()
+        self._pool = ThreadPoolExecutor(_JUDGES, thread_name_prefix="flowsubmit-judge")
 
-    def admit(self, candidate: Candidate, data: bytes, producer: Producer) -> Job:
+    def close(self) -> None:
+        """Stop judging: cancel what waits, let the threads end on their own; idempotent."""
+        for task in self._judging.values():
+            task.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def admit(self, name: str, data: bytes, producer: Producer) -> Job:
         """Parse a job file's bytes and accept the job from ``producer``, or raise ``JobRejected`` saying why not."""
-        job = parse_job(data, file=candidate.name, max_runs=self.settings.max_runs_per_job)
+        job = parse_job(data, file=name, max_runs=self.settings.max_runs_per_job)
         self.policy.check(job, producer)
         return job
 
-    def adopt_orphans(self, owned: Callable[[str], bool]) -> None:
+    # -- adoption ------------------------------------------------------------------------
+
+    async def adopt_orphans(self, owned: Callable[[str], bool]) -> None:
         """Resume ``processing/`` jobs whose owner is gone (this daemon before a crash, or a dead peer)."""
         for job_id in self.queue.retire_stranded():
             log.info("job.journal_retired", job_id=job_id)
         for job_id in self.queue.orphans():
-            if owned(job_id) or not self._has_capacity():
+            if owned(job_id) or not self._has_capacity(None):
                 continue
             try:
                 claim = self.queue.adopt(job_id)
             except ClaimLost:
                 continue
             try:
-                job, producer = self._recovered(claim)
+                job, producer = await self._recovered(claim)
             except JobRejected as exc:
                 error = exc.with_file(claim.path.name)
-                self._rejected(error, self.queue.reject_claimed(claim, error))
+                if claim.state.created:
+                    self._stopped(claim, error)  # its runs exist: no more are created
+                else:
+                    self._rejected(error, self.queue.reject_claimed(claim, error))
                 continue
             self._start(claim, job, producer, True)
 
-    def _recovered(self, claim: Claim) -> tuple[Job, Producer]:
-        """Parse an adopted job; one that has not created a run yet is judged by the policy held now.
+    async def _recovered(self, claim: Claim) -> tuple[Job, Producer]:
+        """Judge an adopted job again: its bytes must be those judged at the claim, and the
+        policy held now must accept it (a job that created runs too: it creates no more).
 
-        A job that created runs keeps running to its end under the policy it was
-        claimed with (#14): its runs exist in Prefect; ``flowsubmit cancel`` stops it.
+        A job never sealed (a crash between the claim's rename and its record, or a journal
+        written before the bytes were recorded) is judged as it stands and sealed now.
         """
-        job = parse_job(
-            claim.path.read_bytes(), file=claim.path.name, max_runs=self.settings.max_runs_per_job
+        state = claim.state
+        try:
+            data, st = read_regular(claim.path, self.settings.max_job_bytes)
+        except (UnsafeFile, PermissionError) as exc:
+            raise JobRejected(f"the claimed job file cannot be read: {exc}") from exc
+        if state.sha256 is not None:
+            if hashlib.sha256(data).hexdigest() != state.sha256:
+                raise JobRejected(
+                    "the job file changed after its claim: its bytes are not the ones judged",
+                    hint="nothing but the daemon may write processing/; drop the job again",
+                )
+            producer = producer_by_uid(int((state.producer or {})["uid"]))
+        else:
+            producer = producer_of(st)  # a rename keeps the owner: the creator
+        claim.producer_uid = producer.uid
+        job = await asyncio.get_running_loop().run_in_executor(
+            self._pool, partial(self.admit, claim.path.name, data, producer)
         )
-        producer = producer_of(claim.path.stat())  # a rename keeps the owner: the creator
-        if not claim.state.created:
-            self.policy.check(job, producer)
+        if state.sha256 is None:
+            self.queue.seal(claim, Judged(data, st, producer.as_dict()))
         return job, producer
 
-    async def scan(self, stopping: Callable[[], bool]) -> None:
-        """Judge every file of ``incoming/``, claim the good ones in priority order, then reject the bad ones that have settled.
+    # -- scanning ------------------------------------------------------------------------
 
-        A verdict is remembered while its file is unchanged, so a rescan of thousands
-        of waiting files reads only the new or changed ones. Good jobs are claimed
-        while slots are free, highest ``priority`` first, then oldest (#13), so a
-        high-priority job dropped while every slot is busy takes the next free one.
-        Bad files are rejected (three fsyncs each) only after the pass that claims,
-        and for at most ``_REJECT_BUDGET_S`` per scan, so good jobs never wait behind
-        bad ones (#6). The loop yields every ``_YIELD_EVERY`` files so that running
-        jobs go on during a flood.
+    async def scan(self, stopping: Callable[[], bool]) -> None:
+        """List ``incoming/``, start judging what is new or changed, claim what is judged good,
+        then reject the bad files that have settled.
+
+        A verdict is remembered while its file is unchanged, so a rescan of thousands of
+        waiting files reads only the new or changed ones. Judging runs in threads and
+        claims as soon as it ends, so no file waits for the next scan, and none holds
+        the loop. Bad files are rejected (three fsyncs each) only after the pass that
+        claims, and for at most ``_REJECT_BUDGET_S`` per scan, so good jobs never wait
+        behind bad ones.
         """
         candidates = self.queue.scan()
-        to_reject: list[str] = []
-        for i, candidate in enumerate(candidates):
-            if stopping():
-                return
-            if self._guarded(candidate, partial(self._judge, candidate)):
-                to_reject.append(candidate.name)
-            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
-                await asyncio.sleep(0)
         present = {c.name for c in candidates}
-        for cache in (self._verdicts, self._broken):
+        for cache in (self._verdicts, self._broken, self._ignored, self._pending):
             for name in [n for n in cache if n not in present]:
                 del cache[name]
-        self._claim_waiting()
-        deadline = time.monotonic() + _REJECT_BUDGET_S
-        for i, name in enumerate(to_reject):
-            if time.monotonic() > deadline:
+        for candidate in candidates:
+            if stopping():
                 return
-            verdict = self._verdicts.get(name)
-            if verdict is not None:
-                self._guarded(verdict.candidate, partial(self._reject, verdict))
-            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
-                await asyncio.sleep(0)
+            self._consider(candidate)
+        self._fill()
+        self._claim_waiting()
+        await self._reject_settled()
 
-    def _guarded(self, candidate: Candidate, judge: Callable[[], bool | None]) -> bool:
-        """Run one file's judging; a bug or an I/O error is logged (once per version) and skipped."""
-        try:
-            return bool(judge())
-        except Exception as exc:  # one file must never stop the daemon or the other files
-            if self._broken.get(candidate.name) != candidate:
-                self._broken[candidate.name] = candidate
-                log.error(
-                    "job.judge_failed",
+    def _consider(self, candidate: Candidate) -> None:
+        """Queue a new or changed file for judging; log a non-regular entry once."""
+        if not candidate.regular:
+            if self._ignored.get(candidate.name) != candidate:
+                self._ignored[candidate.name] = candidate
+                log.warning(
+                    "job.ignored",
                     file=printable_name(candidate.name),
-                    error=str(exc),
-                    exc_info=exc,
+                    reason="not a regular file (a FIFO, socket, device, folder or symbolic link)",
                 )
-            return False
-
-    def _judge(self, candidate: Candidate) -> bool:
-        """Read a new or changed file and remember the verdict; True when the file is bad and has settled."""
+            return
         known = self._verdicts.get(candidate.name)
-        if known is None or known.candidate != candidate:
-            try:
-                job, _ = self._read(candidate)
-            except ClaimLost:
-                self._verdicts.pop(candidate.name, None)  # gone: another daemon took it
-                return False
-            except JobRejected as exc:
-                known = _Verdict(candidate, exc.with_file(printable_name(candidate.name)))
-            else:
-                known = _Verdict(candidate, None, priority=job.priority)
-            self._verdicts[candidate.name] = known
-        return known.error is not None and self._settled(known)
+        if known is not None and known.candidate == candidate:
+            return
+        if candidate.name not in self._judging:
+            self._pending[candidate.name] = candidate
 
-    def _read(self, candidate: Candidate) -> tuple[Job, Producer]:
-        """Read and admit ``incoming/NAME``; raises ``JobRejected``, or ``ClaimLost`` when it is gone."""
-        data, st = self.queue.read(candidate.name, self.settings.max_job_bytes)
+    def _fill(self) -> None:
+        """Start judging pending files while a thread is free: the least-judged producer first,
+        then the smallest file; a producer with ``_JUDGES_PER_PRODUCER`` files in judging waits."""
+        while len(self._judging) < _JUDGES:
+            busy = Counter(self._owners.values())
+            ready = [c for c in self._pending.values() if busy[c.uid] < _JUDGES_PER_PRODUCER]
+            if not ready:
+                return
+            candidate = min(ready, key=lambda c: (self._turns[c.uid], c.size, c.mtime_ns, c.name))
+            del self._pending[candidate.name]
+            self._turns[candidate.uid] += 1
+            self._owners[candidate.name] = candidate.uid
+            task = asyncio.create_task(
+                self._judge(candidate), name=f"flowsubmit-judge-{candidate.name}"
+            )
+            self._judging[candidate.name] = task
+            task.add_done_callback(partial(self._judged, candidate.name))
+
+    def _judged(self, name: str, task: asyncio.Task[None]) -> None:
+        """A judging ended: free its thread for the next file; a bug in it is logged, never lost."""
+        if self._judging.get(name) is task:
+            del self._judging[name]
+            self._owners.pop(name, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("job.judge_failed", file=printable_name(name), error=str(exc), exc_info=exc)
+        if not task.cancelled():
+            self._fill()
+
+    async def _judge(self, candidate: Candidate) -> None:
+        """Judge one file in a thread, within ``_JUDGE_BUDGET_S``; claim it at once if it is good."""
+        loop = asyncio.get_running_loop()
+        work: Awaitable[_Verdict | None] = loop.run_in_executor(
+            self._pool, self._read_and_judge, candidate
+        )
+        try:
+            verdict = await asyncio.wait_for(work, _JUDGE_BUDGET_S)
+        except TimeoutError:
+            verdict = _Verdict(
+                candidate,
+                JobRejected(
+                    f"judging the file took more than {_JUDGE_BUDGET_S:.0f} s",
+                    file=printable_name(candidate.name),
+                    hint="a job file is a small JSON object; split a big job into several",
+                ),
+            )
+        except Exception as exc:  # one file must never stop the daemon or the other files
+            self._log_broken(candidate, exc)
+            return
+        if verdict is None:
+            self._verdicts.pop(candidate.name, None)  # gone: another daemon took it
+            return
+        known = self._verdicts.get(candidate.name)
+        if known is not None and known.candidate == candidate:
+            verdict.since = known.since  # the same version of the file: its settling goes on
+        self._verdicts[candidate.name] = verdict
+        if verdict.error is None:
+            self._claim_waiting()
+
+    def _read_and_judge(self, candidate: Candidate) -> _Verdict | None:
+        """Read and admit ``incoming/NAME`` (in a judging thread); None when it is gone."""
+        try:
+            data, st = self.queue.read(candidate.name, self.settings.max_job_bytes)
+        except ClaimLost:
+            return None
+        except JobRejected as exc:
+            return _Verdict(candidate, exc.with_file(printable_name(candidate.name)))
         producer = producer_of(st)  # from the descriptor read: the owner of these bytes
-        return self.admit(candidate, data, producer), producer
+        try:
+            job = self.admit(printable_name(candidate.name), data, producer)
+        except JobRejected as exc:
+            return _Verdict(candidate, exc.with_file(printable_name(candidate.name)))
+        return _Verdict(
+            candidate, None, job=job, producer=producer, sha256=hashlib.sha256(data).hexdigest()
+        )
+
+    def _log_broken(self, candidate: Candidate, exc: BaseException) -> None:
+        """A bug or an I/O error while handling one file: logged once per version, then skipped."""
+        if self._broken.get(candidate.name) != candidate:
+            self._broken[candidate.name] = candidate
+            log.error(
+                "job.judge_failed",
+                file=printable_name(candidate.name),
+                error=str(exc),
+                exc_info=exc,
+            )
+
+    # -- claiming ------------------------------------------------------------------------
 
     def _claim_waiting(self) -> None:
         """Claim good jobs while slots are free: highest ``priority`` first, then oldest."""
@@ -191,24 +307,51 @@ class Intake:
             key=lambda v: (-v.priority, v.candidate.mtime_ns, v.candidate.name),
         )
         for verdict in waiting:
-            if not self._has_capacity():
+            if not self._has_capacity(None):
                 return
-            self._guarded(verdict.candidate, partial(self._try_claim, verdict))
+            if self._has_capacity(verdict.producer):
+                self._guarded(verdict.candidate, partial(self._try_claim, verdict))
+
+    def _guarded(self, candidate: Candidate, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception as exc:  # one file must never stop the daemon or the other files
+            self._log_broken(candidate, exc)
 
     def _try_claim(self, verdict: _Verdict) -> None:
-        """Read the file again (it may have been replaced since it was judged) and claim it."""
-        name = verdict.candidate.name
+        """Claim the file if it still holds the bytes judged (read again, by hash and owner)."""
+        name, job, producer = verdict.candidate.name, verdict.job, verdict.producer
+        assert job is not None and producer is not None
         try:
-            job, producer = self._read(verdict.candidate)
-            claim = self.queue.claim(name, job.id or new_job_id())
+            data, st = self.queue.read(name, self.settings.max_job_bytes)
+        except (ClaimLost, JobRejected):
+            self._verdicts.pop(name, None)  # gone or changed: judged again at the next scan
+            return
+        if hashlib.sha256(data).hexdigest() != verdict.sha256 or st.st_uid != producer.uid:
+            self._verdicts.pop(name, None)  # rewritten since it was judged: judge it again
+            return
+        job_id = self.queue.scoped_id(job.id or new_job_id(), producer.uid, producer.user)
+        try:
+            claim = self.queue.claim(name, job_id, Judged(data, st, producer.as_dict()))
         except ClaimLost:
-            self._verdicts.pop(name, None)  # gone, or its id is running right now: look again later
+            self._verdicts.pop(name, None)  # gone, swapped, or its id is running right now
             return
         except JobRejected as exc:
             verdict.error = exc.with_file(printable_name(name))  # rejected once it has settled
             return
         self._verdicts.pop(name, None)
         self._start(claim, job, producer, False)
+
+    # -- rejecting -----------------------------------------------------------------------
+
+    async def _reject_settled(self) -> None:
+        deadline = time.monotonic() + _REJECT_BUDGET_S
+        for verdict in [v for v in self._verdicts.values() if v.error is not None]:
+            if time.monotonic() > deadline:
+                return
+            if self._settled(verdict):
+                self._guarded(verdict.candidate, partial(self._reject, verdict))
+                await asyncio.sleep(0)
 
     def _settled(self, verdict: _Verdict) -> bool:
         """True once the file has stayed unchanged for ``settle_s``: a bad file still being written is never rejected.
@@ -227,7 +370,7 @@ class Intake:
         assert error is not None
         self._verdicts.pop(name, None)
         try:
-            target = self.queue.reject(name, error)
+            target = self.queue.reject(name, error, verdict.candidate.uid)
         except FileNotFoundError:
             return  # another daemon moved it first
         self._rejected(error, target)

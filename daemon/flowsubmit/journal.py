@@ -31,6 +31,11 @@ class JournalState:
     finals: dict[str, RunSnapshot] = field(default_factory=dict)
     #: When the job was first claimed (ISO 8601, from the first ``claimed`` record).
     claimed_at: str | None = None
+    #: SHA-256 of the job file's bytes as judged (hex); None in a journal from before it was
+    #: recorded: every later read of the job file must give these bytes.
+    sha256: str | None = None
+    #: Who dropped the job (``{"uid": 1001, "user": "etl"}``), as judged at the claim.
+    producer: dict[str, Any] | None = None
 
     def apply(self, record: dict[str, Any]) -> None:
         """Fold one record into the state; unknown record kinds are ignored (forward compatible)."""
@@ -38,6 +43,9 @@ class JournalState:
         if kind == "claimed":
             self.job_id = str(record["job_id"])
             self.claimed_at = self.claimed_at or record.get("at")
+            if isinstance(record.get("sha256"), str):
+                self.sha256 = record["sha256"]
+                self.producer = record.get("producer")
         elif kind == "created":
             key = (int(record["stage"]), int(record["index"]), int(record["attempt"]))
             self.created[key] = str(record["flow_run_id"])

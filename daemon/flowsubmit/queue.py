@@ -9,6 +9,7 @@ one queue and recovery only adopts jobs whose owner is gone.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -21,7 +22,14 @@ from typing import Any, Self
 
 from flowsubmit.errors import ClaimLost, JobRejected
 from flowsubmit.faults import CrashPoints
-from flowsubmit.fsutil import UnsafeFile, atomic_write, fsync_dir, read_regular, unique_name
+from flowsubmit.fsutil import (
+    UnsafeFile,
+    atomic_write,
+    fsync_dir,
+    grant_read,
+    read_regular,
+    unique_name,
+)
 from flowsubmit.journal import Journal, JournalState, replay
 
 __all__ = [
@@ -30,6 +38,7 @@ __all__ = [
     "Claim",
     "JobLock",
     "JobProgress",
+    "Judged",
     "Queue",
     "is_job_name",
     "job_files",
@@ -41,6 +50,8 @@ __all__ = [
 FOLDERS = ("tmp", "incoming", "processing", "done", "failed", "rejected")
 _IGNORED = re.compile(r"^\.|\.tmp$|\.part$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: The default of ``max_job_bytes``: the most of a job file any reader takes in.
+DEFAULT_MAX_JOB_BYTES = 1024 * 1024
 #: ``processing/JOB.cancel`` asks the daemon owning JOB to cancel it; removed once the job ended.
 _CANCEL_SUFFIX = ".cancel"
 
@@ -78,6 +89,10 @@ class Candidate:
     size: int
     mtime_ns: int
     ino: int = 0
+    #: The owner's uid, from ``lstat``: judging is shared fairly between producers.
+    uid: int = 0
+    #: False for a FIFO, a socket, a device, a folder or a symbolic link: never opened, never moved.
+    regular: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +178,8 @@ class Claim:
     lock: JobLock
     journal: Journal
     state: JournalState
+    #: The producer's uid, once judged: it may read the job's copy, journal and result.
+    producer_uid: int | None = None
 
     def release(self) -> None:
         """Close the journal and drop the lock (the job stays where it is)."""
@@ -189,6 +206,23 @@ class Queue:
         """Create the folders that are missing."""
         for name in FOLDERS:
             (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o750)
+
+    @property
+    def owner_uid(self) -> int:
+        """The queue's owner: the user of the daemon, who creates (or was given) ``processing/``."""
+        try:
+            return os.stat(self.processing).st_uid
+        except FileNotFoundError:
+            return os.stat(self.root).st_uid
+
+    def scoped_id(self, job_id: str, uid: int, user: str | None) -> str:
+        """A job's name in this queue: ``job_id`` for the queue owner's jobs, ``ID@USER`` for any other producer's.
+
+        Ids are a namespace per producer: two producers may use the same id, and one
+        producer's job never finds, blocks or attaches to another's (``@`` never appears
+        in an id, so no id can pass for another producer's).
+        """
+        return job_id if uid == self.owner_uid else f"{job_id}@{_scope(uid, user)}"
 
     def others_can_write(self) -> bool:
         """True when the queue root or ``incoming/`` is writable by group or others."""
@@ -221,7 +255,10 @@ class Queue:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                found.append(Candidate(entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
+                regular = stat.S_ISREG(st.st_mode)
+                found.append(
+                    Candidate(entry.name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_uid, regular)
+                )
         found.sort(key=lambda c: (c.mtime_ns, c.name))
         return found
 
@@ -254,11 +291,17 @@ class Queue:
 
     # -- claiming --------------------------------------------------------------------
 
-    def claim(self, name: str, job_id: str) -> Claim:
+    def claim(self, name: str, job_id: str, judged: Judged | None = None) -> Claim:
         """Move ``incoming/name`` to ``processing/JOB_ID.json`` under the job's lock.
 
+        With ``judged`` (what the daemon read and judged), the move must have taken the
+        very file that was read (same device and inode): a file renamed over the name
+        meanwhile is put back into ``incoming/`` under a free name and the claim is lost.
+        Then ``seal`` replaces the moved file by the daemon's own copy of the judged bytes,
+        so what runs, now and after any restart, is what was judged.
+
         Raises:
-            ClaimLost: the file vanished, or another process owns this job id right now.
+            ClaimLost: the file vanished or was swapped, or another process owns this job id right now.
             JobRejected: the job id already ran (a duplicate drop of an exactly-once job).
         """
         lock = JobLock.acquire(self.processing / f"{job_id}.lock")
@@ -270,14 +313,51 @@ class Queue:
             except FileNotFoundError as exc:
                 raise ClaimLost(name) from exc
             fsync_dir(self.processing)
+            if judged is not None:
+                self._same_file(target, name, judged)
             self._crash.passed("claim.renamed")
             journal, state = Journal.open(self.processing / f"{job_id}.journal", crash=self._crash)
-            journal.append("claimed", job_id=job_id, source=name, at=_now())
-            state.job_id = job_id
+            claim = Claim(job_id, target, name, lock, journal, state)
+            if judged is None:
+                journal.append("claimed", job_id=job_id, source=name, at=_now())
+                state.job_id = job_id
+            else:
+                self.seal(claim, judged)
         except BaseException:
             lock.release()
             raise
-        return Claim(job_id, target, name, lock, journal, state)
+        return claim
+
+    def _same_file(self, target: Path, name: str, judged: Judged) -> None:
+        """Raise ``ClaimLost`` after putting back a file that is not the one judged."""
+        st = os.stat(target, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) == (judged.st.st_dev, judged.st.st_ino):
+            return
+        back = self.incoming / unique_name(self.incoming, name)
+        os.rename(target, back)
+        fsync_dir(self.incoming)
+        raise ClaimLost(f"{name} was replaced between its judging and its claim")
+
+    def seal(self, claim: Claim, judged: Judged) -> None:
+        """Make the judged bytes the job: the daemon's own copy, readable by its producer, and a
+        ``claimed`` record holding their SHA-256 and the producer (the commit point of a claim)."""
+        if os.stat(claim.path, follow_symlinks=False).st_uid != os.geteuid():
+            atomic_write(
+                claim.path, judged.data
+            )  # the producer's inode is gone: open fds hold nothing
+        claim.producer_uid = judged.producer_uid
+        for path in (claim.path, claim.journal.path):
+            grant_read(path, judged.producer_uid)
+        claim.journal.append(
+            "claimed",
+            job_id=claim.job_id,
+            source=claim.source,
+            at=_now(),
+            sha256=judged.sha256,
+            producer=judged.producer,
+        )
+        claim.state.job_id, claim.state.sha256 = claim.job_id, judged.sha256
+        claim.state.producer = judged.producer
 
     def refuse_duplicate(self, job_id: str) -> None:
         """Raise ``JobRejected`` naming where ``job_id`` already is, if it is in processing/, done/ or failed/."""
@@ -300,7 +380,9 @@ class Queue:
         atomic_write(self.processing / f"{job_id}{_CANCEL_SUFFIX}", b"cancel requested\n")
         return True
 
-    def waiting(self, job_id: str, *, by_content: bool = True) -> str | None:
+    def waiting(
+        self, job_id: str, *, by_content: bool = True, max_bytes: int = DEFAULT_MAX_JOB_BYTES
+    ) -> str | None:
         """The name of the file of ``incoming/`` that holds job ``job_id``, if one does.
 
         ``enqueue`` names a drop after its id; with ``by_content``, a file dropped under
@@ -312,8 +394,11 @@ class Queue:
         if not by_content:
             return None
         for candidate in self.scan():
+            if not candidate.regular:
+                continue
             try:
-                document = json.loads((self.incoming / candidate.name).read_bytes())
+                data, _ = read_regular(self.incoming / candidate.name, max_bytes)
+                document = json.loads(data)
             except (OSError, ValueError):
                 continue  # unreadable or not JSON: the daemon will reject it, not run it
             if isinstance(document, dict) and document.get("id") == job_id:
@@ -341,14 +426,15 @@ class Queue:
         """The job files of ``processing/``, sorted by name."""
         return sorted(p for p in self.processing.glob("*.json") if not p.name.startswith("."))
 
-    def progress(self, job_id: str) -> JobProgress:
+    def progress(self, job_id: str, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> JobProgress:
         """What ``processing/JOB.journal`` says of the job: runs created and finished, of how many."""
         from flowsubmit.jobs import parse_job  # pydantic models: only the CLI's status needs them
 
         path = self.processing / f"{job_id}.json"
         state = replay(path.with_suffix(".journal"))
         try:
-            total: int | None = parse_job(path.read_bytes(), max_runs=10**9).total_runs
+            data, _ = read_regular(path, max_bytes)
+            total: int | None = parse_job(data, max_runs=10**9).total_runs
         except (JobRejected, OSError):
             total = None
         return JobProgress(
@@ -377,28 +463,56 @@ class Queue:
             lock.release()
             raise ClaimLost(job_id)
         journal, state = Journal.open(self.processing / f"{job_id}.journal", crash=self._crash)
-        if state.job_id is None:
-            journal.append("claimed", job_id=job_id, source=path.name, at=_now())
-            state.job_id = job_id
-        return Claim(job_id, path, path.name, lock, journal, state)
+        producer_uid = (state.producer or {}).get("uid")
+        return Claim(
+            job_id,
+            path,
+            path.name,
+            lock,
+            journal,
+            state,
+            producer_uid if isinstance(producer_uid, int) else None,
+        )
 
     # -- ending ----------------------------------------------------------------------
 
-    def reject(self, name: str, error: JobRejected) -> Path:
-        """Move ``incoming/name`` into ``rejected/`` under a safe name, with ``NAME.error.json`` beside it."""
-        return self._reject(self.incoming / name, name, error)
+    def reject(self, name: str, error: JobRejected, uid: int | None = None) -> Path:
+        """Move ``incoming/name`` into ``rejected/`` under a safe name, with ``NAME.error.json`` beside it.
+
+        ``uid`` is the file's owner: another producer's file is named ``STEM@USER.json``
+        (as its job would be), and the error file is readable by that producer.
+        """
+        return self._reject(self.incoming / name, name, error, uid)
 
     def reject_claimed(self, claim: Claim, error: JobRejected) -> Path:
         """Reject a job already claimed (pre-submit checks failed; no run exists), under its original name."""
-        target = self._reject(claim.path, claim.source, error)
+        if claim.source == claim.path.name:  # adopted: already under its job name
+            target = self._reject(claim.path, claim.source, error, None, claim.producer_uid)
+        else:
+            target = self._reject(claim.path, claim.source, error, claim.producer_uid)
         self._retire_journal(claim, self.rejected, target.name.removesuffix(".json"))
         return target
 
-    def _reject(self, source: Path, name: str, error: JobRejected) -> Path:
-        target_name = unique_name(self.rejected, safe_name(name))
+    def _reject(
+        self,
+        source: Path,
+        name: str,
+        error: JobRejected,
+        uid: int | None,
+        reader: int | None = None,
+    ) -> Path:
+        stem = (name if uid is None and reader is not None else safe_name(name)).removesuffix(
+            ".json"
+        )
+        if uid is not None and uid != self.owner_uid:
+            stem = f"{stem}@{_scope(uid, _user_name(uid))}"
+            reader = uid
+        target_name = unique_name(self.rejected, f"{stem}.json")
         error_file = self.rejected / f"{target_name}.error.json"
         # The error first: a file in rejected/ always has its NAME.error.json.
         atomic_write(error_file, _json(error.as_dict()))
+        if reader is not None:
+            grant_read(error_file, reader)
         try:
             os.rename(source, self.rejected / target_name)
         except FileNotFoundError:
@@ -411,6 +525,8 @@ class Queue:
         """Write the result, then move the job to ``done/`` or ``failed/`` (the commit point)."""
         folder = self.done if succeeded else self.failed
         atomic_write(folder / f"{claim.job_id}.result.json", _json(result))
+        if claim.producer_uid is not None:
+            grant_read(folder / f"{claim.job_id}.result.json", claim.producer_uid)
         self._crash.passed("finish.result")
         target = folder / f"{claim.job_id}.json"
         os.rename(claim.path, target)
@@ -465,6 +581,44 @@ class Queue:
         # A cancel request is handled once its job has ended: the result says so (#11).
         (self.processing / f"{job_id}{_CANCEL_SUFFIX}").unlink(missing_ok=True)
         fsync_dir(folder)
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """The bytes of a job file as the daemon read and judged them, and whose they are."""
+
+    data: bytes
+    #: ``fstat`` of the descriptor the bytes were read from.
+    st: os.stat_result
+    #: ``{"uid": 1001, "user": "etl"}``: recorded in the journal, the result and the run tag.
+    producer: dict[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        """The hex SHA-256 of the bytes, recorded at the claim and checked at every adoption."""
+        return hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def producer_uid(self) -> int:
+        """The producer's uid."""
+        return int(self.producer["uid"])
+
+
+_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,31}$")
+
+
+def _scope(uid: int, user: str | None) -> str:
+    """A producer as it reads in a job name: the user name when it is a plain one, else the uid."""
+    return user if user is not None and _USER_NAME.match(user) else str(uid)
+
+
+def _user_name(uid: int) -> str | None:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
 
 
 def _load(path: Path) -> dict[str, Any]:

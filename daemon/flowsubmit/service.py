@@ -10,6 +10,7 @@ import time
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 from structlog.contextvars import bound_contextvars
@@ -61,7 +62,11 @@ class Service:
             has_capacity=self._has_capacity,
             start=self._start_job,
             rejected=self._rejected,
+            stopped=self._stop_recovered,
         )
+        #: The producer uid of each running job, and each producer's runs in flight.
+        self._producers: dict[str, int] = {}
+        self._run_slots: dict[int, asyncio.Semaphore] = {}
         self._heartbeat = time.monotonic()
         self.counts = {"claimed": 0, "succeeded": 0, "failed": 0, "rejected": 0, "recovered": 0}
         self._gateway: Gateway | None = None
@@ -172,7 +177,10 @@ class Service:
                     *self._spawn_watchdog(tg),
                     *self._spawn_retention(tg),
                 ]
-                await self._claim_loop()
+                try:
+                    await self._claim_loop()
+                finally:
+                    self._intake.close()
                 for helper in helpers:
                     helper.cancel()  # a health check in flight must not delay the exit
                 await self._drain()
@@ -192,7 +200,7 @@ class Service:
             force_polling=self.settings.force_polling,
         ):
             self._heartbeat = time.monotonic()
-            self._intake.adopt_orphans(owned=self._jobs.__contains__)
+            await self._intake.adopt_orphans(owned=self._jobs.__contains__)
             self._deliver_cancel_requests()
             await self._intake.scan(self._stop.is_set)
             self._beat(self.settings.rescan_interval_s)
@@ -268,13 +276,25 @@ class Service:
 
     # -- claiming -----------------------------------------------------------------------------
 
-    def _has_capacity(self) -> bool:
-        # Nothing is claimed while Prefect is known to be down: it could not be submitted (#5).
-        return (
+    def _has_capacity(self, producer: Producer | None) -> bool:
+        """A slot is free for one more job (of ``producer``, within its ``max_running_jobs``)."""
+        # Nothing is claimed while Prefect is known to be down: it could not be submitted.
+        free = (
             len(self._jobs) < self.settings.max_concurrent_jobs
             and not self._stop.is_set()
             and (self._health is None or self._health.down_since is None)
         )
+        if not free or producer is None:
+            return free
+        limit = self._intake.policy.limits_for(producer).max_running_jobs
+        return limit is None or sum(u == producer.uid for u in self._producers.values()) < limit
+
+    def _producer_slots(self, producer: Producer) -> asyncio.Semaphore | None:
+        """The semaphore of ``producer``'s runs in flight over all its jobs (``max_runs_in_flight``)."""
+        limit = self._intake.policy.limits_for(producer).max_runs_in_flight
+        if limit is None:
+            return None
+        return self._run_slots.setdefault(producer.uid, asyncio.Semaphore(limit))
 
     def _rejected(self, error: JobRejected, target: Path) -> None:
         """Count and log one rejection (the file is already in ``rejected/``)."""
@@ -303,10 +323,12 @@ class Service:
             self._run_job(claim, job, producer, recovered), name=f"flowsubmit-job-{claim.job_id}"
         )
         self._jobs[claim.job_id] = task
+        self._producers[claim.job_id] = producer.uid
         task.add_done_callback(lambda _: self._forget(claim.job_id))
 
     def _forget(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
+        self._producers.pop(job_id, None)
         self._executors.pop(job_id, None)
         self.notifier.status(self._status_line())
 
@@ -330,6 +352,8 @@ class Service:
                 run_tag=self.settings.run_tag,
                 recovered=recovered,
                 producer=producer,
+                timeout_s=self._timeout_s(job, producer),
+                producer_slots=self._producer_slots(producer),
             )
             self._executors[claim.job_id] = executor
             try:
@@ -350,7 +374,24 @@ class Service:
             return
         self._finish(claim, (await executor.run(prepared)).result)
 
+    def _timeout_s(self, job: Job, producer: Producer) -> float | None:
+        """The job's ``timeout``, or its producer's ``default_timeout_s`` (then ``max_timeout_s``)."""
+        if job.timeout is not None:
+            return job.timeout
+        limits = self._intake.policy.limits_for(producer)
+        return limits.default_timeout_s or limits.max_timeout_s
+
     def _finish_crashed(self, claim: Claim, producer: Producer, exc: Exception) -> None:
+        self._finish_unrun(claim, producer.as_dict(), str(exc))
+
+    def _stop_recovered(self, claim: Claim, error: JobRejected) -> None:
+        """End an adopted job that may not go on (its bytes changed, or the policy held now
+        refuses it): no further run is created; the runs it created are left to Prefect."""
+        log.error("job.stopped", job_id=claim.job_id, reason=error.reason, field=error.field)
+        reason = f"{error.reason}; no further run was created"
+        self._finish_unrun(claim, claim.state.producer, reason)
+
+    def _finish_unrun(self, claim: Claim, producer: dict[str, Any] | None, error: str) -> None:
         now = datetime.now(UTC)
         self._finish(
             claim,
@@ -360,8 +401,8 @@ class Service:
                 started_at=now,
                 ended_at=now,
                 records=[],
-                error=str(exc),
-                producer=producer.as_dict(),
+                error=error,
+                producer=producer,
             ),
         )
 

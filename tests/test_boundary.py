@@ -1,0 +1,364 @@
+"""The queue boundary against a hostile producer, through the real intake and queue: the verdict binds the bytes, no file stalls the loop, special entries are left alone."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import pwd
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from flowsubmit.errors import JobRejected
+from flowsubmit.intake import Intake
+from flowsubmit.jobs import Job
+from flowsubmit.policy import Producer
+from flowsubmit.queue import Claim, Queue
+from flowsubmit.settings import Settings
+
+#: The victim and the attacker: two real users, created for this module and removed after it.
+ALICE, MALLORY = "fs-bound-alice", "fs-bound-mallory"
+ALLOWED, FORBIDDEN = "allowed/etl", "secret/admin"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[dict[str, pwd.struct_passwd]]:
+    """alice and mallory, real system users without a home; removed at the end."""
+    created = []
+    for name in (ALICE, MALLORY):
+        done = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            capture_output=True,
+        )
+        assert done.returncode in (0, 9), done.stderr  # 9: left by an earlier run
+        created.append(name)
+    yield {name: pwd.getpwnam(name) for name in created}
+    for name in created:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+class _Host:
+    """An intake on a real queue, with what it started, rejected and stopped recorded."""
+
+    def __init__(self, root: Path, **settings: Any) -> None:
+        self.queue = Queue(root)
+        self.queue.ensure()
+        self.settings = Settings(
+            queue=root, settle_s=0, allowed_deployments=["allowed/*"], **settings
+        )
+        self.started: list[tuple[Claim, Job, Producer, bool]] = []
+        self.rejected: list[JobRejected] = []
+        self.stopped: list[tuple[Claim, JobRejected]] = []
+        #: Set whenever a job is started or a file rejected.
+        self.moved = asyncio.Event()
+        self.intake = self.restart()
+
+    async def wait(self, done: Callable[[], bool], timeout_s: float) -> None:
+        """Wait until ``done()`` is true, rechecked at every start or rejection."""
+        async with asyncio.timeout(timeout_s):
+            while not done():
+                self.moved.clear()
+                await self.moved.wait()
+
+    def restart(self) -> Intake:
+        """A new intake on the same queue, as a restarted daemon has."""
+        self.intake = Intake(
+            self.queue,
+            self.settings,
+            has_capacity=lambda _: True,
+            start=lambda *args: (self.started.append(args), self.moved.set()),
+            rejected=lambda error, _: (self.rejected.append(error), self.moved.set()),
+            stopped=lambda claim, error: self.stopped.append((claim, error)),
+        )
+        return self.intake
+
+    async def settle(self, rounds: int = 50) -> None:
+        """Scan until ``incoming/`` is empty (every file claimed or rejected) or ``rounds`` scans passed."""
+        for _ in range(rounds):
+            await self.intake.scan(lambda: False)
+            while self.intake._judging:
+                await asyncio.wait(list(self.intake._judging.values()))
+            if not os.listdir(self.queue.incoming):
+                return
+
+    def drop(self, name: str, data: bytes, owner: pwd.struct_passwd) -> Path:
+        """A file created by ``owner`` in tmp/ and renamed into incoming/."""
+        staged = self.queue.tmp / f"{name}.part"
+        staged.write_bytes(data)
+        os.chown(staged, owner.pw_uid, owner.pw_gid)
+        target = self.queue.incoming / name
+        os.rename(staged, target)
+        return target
+
+
+def _job(deployment: str, **fields: Any) -> bytes:
+    return json.dumps({"deployment": deployment, "runs": [{}], **fields}).encode()
+
+
+GOOD = _job(ALLOWED)
+EVIL = _job(FORBIDDEN, job_variables={"image": "evil"}, tags=["flowsubmit-producer:alice"])
+
+
+async def test_a_file_renamed_over_the_judged_one_never_runs_in_200_tries(
+    tmp_path: Path, users: dict[str, pwd.struct_passwd]
+) -> None:
+    """mallory renames her forbidden job over her judged one right after the judging read or right after the claim's read, 200 times: the forbidden bytes never run nor sit in processing/, and are rejected, not lost."""
+    mallory = users[MALLORY]
+    host = _Host(tmp_path / "queue")
+    read = host.queue.read
+    swap_at: int | None = None
+    reads = 0
+
+    def racing_read(name: str, max_bytes: int) -> tuple[bytes, os.stat_result]:
+        nonlocal reads
+        result = read(name, max_bytes)
+        if reads == swap_at:  # the attacker's rename lands right after this read
+            evil = host.queue.tmp / "evil.part"
+            evil.write_bytes(EVIL)
+            os.chown(evil, mallory.pw_uid, mallory.pw_gid)
+            os.rename(evil, host.queue.incoming / name)
+        reads += 1
+        return result
+
+    host.queue.read = racing_read  # type: ignore[method-assign]
+    tries = 200
+    for i in range(tries):
+        swap_at, reads = [None, 0, 1][i % 3], 0
+        host.drop(f"race{i}.json", GOOD, mallory)
+        await host.settle()
+        for claim, *_ in host.started:
+            claim.release()
+    host.intake.close()
+
+    in_processing = [p.read_bytes() for p in host.queue.processing.glob("*.json")]
+    wins = sum(FORBIDDEN in job.deployment for _, job, _, _ in host.started)
+    wins += sum(b"secret" in data for data in in_processing)
+    assert wins == 0
+    assert len(host.started) == len(in_processing) == len(range(0, tries, 3))
+    assert all(data == GOOD for data in in_processing)
+    # Every swapped-in file was judged on its own and rejected: none was swallowed.
+    evil_rejected = [p for p in host.queue.rejected.glob("*.json") if p.read_bytes() == EVIL]
+    assert len(evil_rejected) == tries - len(range(0, tries, 3))
+    assert os.listdir(host.queue.incoming) == []
+
+
+async def test_a_job_rewritten_through_a_kept_descriptor_runs_as_judged_after_a_restart(
+    tmp_path: Path, users: dict[str, pwd.struct_passwd]
+) -> None:
+    """mallory keeps her allowed job open and rewrites it to a forbidden one after the claim; a restarted daemon adopts the bytes it judged, not hers."""
+    mallory = users[MALLORY]
+    host = _Host(tmp_path / "queue")
+    two_stages = json.dumps(
+        {"id": "two", "deployment": ALLOWED, "stages": [{"runs": [{}]}, {"runs": [{}]}]}
+    ).encode()
+    path = host.drop("two.json", two_stages, mallory)
+    kept = os.open(path, os.O_WRONLY)
+    await host.settle()
+    ((claim, job, producer, recovered),) = host.started
+    evil_stage = {"deployment": FORBIDDEN, "job_variables": {"image": "evil"}, "runs": [{}]}
+    rewritten = json.dumps({"id": "two", "stages": [{"runs": [{}]}, evil_stage]}).encode()
+    os.pwrite(kept, rewritten, 0)
+    os.close(kept)
+    claim.journal.append("created", stage=0, index=0, attempt=1, flow_run_id="r0")
+    claim.release()  # the daemon dies with stage 0 running
+
+    host.started.clear()
+    await host.restart().adopt_orphans(owned=lambda _: False)
+
+    ((adopted, job, producer, recovered),) = host.started
+    assert (adopted.job_id, recovered, producer.uid) == (f"two@{MALLORY}", True, mallory.pw_uid)
+    assert [stage.deployment for stage in job.resolved_stages()] == [ALLOWED, ALLOWED]
+    assert adopted.path.read_bytes() == two_stages
+    assert adopted.path.stat().st_uid == os.geteuid()  # the daemon's own copy
+    assert host.stopped == []
+    adopted.release()
+
+
+async def test_a_claimed_job_whose_bytes_changed_is_stopped_or_rejected_at_adoption(
+    tmp_path: Path, users: dict[str, pwd.struct_passwd]
+) -> None:
+    """A job file in processing/ that no longer hashes to what was judged is stopped when it created runs (no more are created) and rejected when it did not."""
+    mallory = users[MALLORY]
+    host = _Host(tmp_path / "queue")
+    for name in ("ran", "fresh"):
+        host.drop(f"{name}.json", _job(ALLOWED, id=name), mallory)
+    await host.settle()
+    for claim, *_ in host.started:
+        claim.path.write_bytes(EVIL)  # whoever could write processing/ changed it
+        if claim.job_id.startswith("ran"):
+            claim.journal.append("created", stage=0, index=0, attempt=1, flow_run_id="r0")
+        claim.release()
+    host.started.clear()
+
+    await host.restart().adopt_orphans(owned=lambda _: False)
+
+    reason = "the job file changed after its claim: its bytes are not the ones judged"
+    assert host.started == []
+    assert [(c.job_id, e.reason) for c, e in host.stopped] == [(f"ran@{MALLORY}", reason)]
+    assert [e.reason for e in host.rejected] == [reason]
+    error_file = host.queue.rejected / f"fresh@{MALLORY}.json.error.json"
+    assert json.loads(error_file.read_bytes())["reason"] == reason
+
+
+async def test_the_policy_held_now_judges_every_adoption(
+    tmp_path: Path, users: dict[str, pwd.struct_passwd]
+) -> None:
+    """A job that created runs under a wider policy is stopped when a restarted daemon's policy refuses it."""
+    alice = users[ALICE]
+    host = _Host(tmp_path / "queue")
+    host.settings = Settings(queue=host.queue.root, settle_s=0, allowed_deployments=["*"])
+    host.restart()
+    host.drop("wide.json", _job(FORBIDDEN, id="wide"), alice)
+    await host.settle()
+    ((claim, *_),) = host.started
+    claim.journal.append("created", stage=0, index=0, attempt=1, flow_run_id="r0")
+    claim.release()
+    host.started.clear()
+    host.settings = Settings(queue=host.queue.root, settle_s=0, allowed_deployments=["allowed/*"])
+
+    await host.restart().adopt_orphans(owned=lambda _: False)
+
+    assert host.started == []
+    assert [(c.job_id, e.field, e.reason) for c, e in host.stopped] == [
+        (f"wide@{ALICE}", "deployment", f'"{FORBIDDEN}" is not allowed')
+    ]
+
+
+def _key_bomb(keys: int = 95_000) -> bytes:
+    """A job of about 1 MiB whose every key but two is unknown."""
+    document: dict[str, Any] = {"deployment": ALLOWED, "runs": [{}]}
+    document.update({f"k{i}": 0 for i in range(keys)})
+    data = json.dumps(document, separators=(",", ":")).encode()
+    assert len(data) <= 1024 * 1024
+    return data
+
+
+async def test_another_producer_is_claimed_within_a_second_while_ten_key_bombs_are_judged(
+    tmp_path: Path, users: dict[str, pwd.struct_passwd]
+) -> None:
+    """Ten 1 MiB files of unknown keys from mallory are judged in threads: alice's job dropped after them is claimed within 1 s, and a 10 ms timer on the loop never drifts 100 ms."""
+    alice, mallory = users[ALICE], users[MALLORY]
+    host = _Host(tmp_path / "queue")
+    bomb = _key_bomb()
+    for i in range(10):
+        host.drop(f"bomb{i}.json", bomb, mallory)
+    drift: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            drift.append(loop.time() - before - 0.01)
+
+    async def watcher() -> None:  # the claim loop: a scan at every wake-up
+        while not stop.is_set():
+            await host.intake.scan(stop.is_set)
+            await asyncio.sleep(0.05)
+
+    tasks = [asyncio.create_task(ticker()), asyncio.create_task(watcher())]
+    await asyncio.sleep(0.2)  # the bombs are being judged
+    dropped = time.monotonic()
+    host.drop("alice.json", _job(ALLOWED, id="nightly"), alice)
+    await host.wait(lambda: bool(host.started), 30)
+    claimed_after_s = time.monotonic() - dropped
+    await host.wait(lambda: len(host.rejected) == 10, 60)
+    stop.set()
+    await asyncio.gather(*tasks)
+    host.intake.close()
+
+    ((claim, job, producer, _),) = host.started
+    assert (claim.job_id, producer.uid) == (f"nightly@{ALICE}", alice.pw_uid)
+    lag = f"claimed {claimed_after_s:.2f} s after the drop; the loop lagged {max(drift) * 1000:.0f} ms at most"
+    assert claimed_after_s < 1.0 and max(drift) < 0.1, lag
+    assert len(host.rejected) == 10
+    assert all(
+        e.reason.startswith("unknown key") or "more problems" in e.reason for e in host.rejected
+    )
+
+
+async def test_fifos_folders_and_links_in_incoming_are_never_opened_nor_moved(
+    tmp_path: Path,
+) -> None:
+    """A FIFO named like an error file, a FIFO job, a folder and a symbolic link in incoming/ stay where they are, logged once each as job.ignored."""
+    host = _Host(tmp_path / "queue")
+    incoming = host.queue.incoming
+    os.mkfifo(incoming / "x.error.json")
+    os.mkfifo(incoming / "pipe.json")
+    (incoming / "folder.json").mkdir()
+    (incoming / "link.json").symlink_to("/etc/passwd")
+    with capture_logs() as logs:
+        for _ in range(3):
+            await asyncio.wait_for(host.settle(rounds=1), 5)
+    host.intake.close()
+
+    assert sorted(os.listdir(incoming)) == ["folder.json", "link.json", "pipe.json", "x.error.json"]
+    assert os.listdir(host.queue.rejected) == []
+    ignored = sorted(line["file"] for line in logs if line["event"] == "job.ignored")
+    assert ignored == ["folder.json", "link.json", "pipe.json", "x.error.json"]
+
+
+async def test_a_grown_claimed_file_is_refused_at_adoption_without_being_read(
+    tmp_path: Path,
+) -> None:
+    """A job file grown to 300 MB (sparse) after its claim is refused at adoption from its size, not read."""
+    host = _Host(tmp_path / "queue")
+    (host.queue.incoming / "grown.json").write_bytes(_job(ALLOWED, id="grown"))
+    await host.settle()
+    ((claim, *_),) = host.started
+    os.truncate(claim.path, 300 * 1024 * 1024)
+    claim.release()
+    host.started.clear()
+
+    await host.restart().adopt_orphans(owned=lambda _: False)
+
+    (error,) = host.rejected
+    assert error.reason == (
+        "the claimed job file cannot be read: the file is 314572800 bytes, "
+        "more than max_job_bytes (1048576)"
+    )
+    assert (host.queue.rejected / "grown.json").stat().st_size == 300 * 1024 * 1024
+
+
+async def test_two_producers_share_an_id_without_touching_each_other(
+    tmp_path: Path, users: dict[str, pwd.struct_passwd]
+) -> None:
+    """alice and mallory both drop id `nightly`, and mallory squats alice's usual id first: each job is claimed under its producer's own name."""
+    alice, mallory = users[ALICE], users[MALLORY]
+    host = _Host(tmp_path / "queue")
+    host.drop("m1.json", _job(ALLOWED, id="nightly"), mallory)
+    host.drop("m2.json", _job(ALLOWED, id="alice-nightly"), mallory)
+    await host.settle()
+    host.drop("a1.json", _job(ALLOWED, id="nightly"), alice)
+    host.drop("a2.json", _job(ALLOWED, id="alice-nightly"), alice)
+    await host.settle()
+    host.intake.close()
+
+    names = sorted(claim.job_id for claim, *_ in host.started)
+    assert names == [
+        f"alice-nightly@{ALICE}",
+        f"alice-nightly@{MALLORY}",
+        f"nightly@{ALICE}",
+        f"nightly@{MALLORY}",
+    ]
+    assert host.rejected == []
+    owner: Callable[[str], int] = lambda name: json.loads(  # noqa: E731
+        (host.queue.processing / f"{name}.journal").read_text().splitlines()[0]
+    )["producer"]["uid"]
+    assert owner(f"nightly@{ALICE}") == alice.pw_uid
+    assert owner(f"nightly@{MALLORY}") == mallory.pw_uid
+    digest = hashlib.sha256(_job(ALLOWED, id="nightly")).hexdigest()
+    first = json.loads(
+        (host.queue.processing / f"nightly@{ALICE}.journal").read_text().splitlines()[0]
+    )
+    assert first["sha256"] == digest
