@@ -330,6 +330,25 @@ async def test_a_grown_claimed_file_is_refused_at_adoption_without_being_read(
     assert (host.queue.rejected / "grown.json").stat().st_size == 300 * 1024 * 1024
 
 
+def test_a_waiting_job_is_found_by_its_name_in_the_queue_only(
+    tmp_path: Path, users: dict[str, pwd.struct_passwd]
+) -> None:
+    """alice's waiting `nightly` is `nightly@alice` to cancel and to enqueue's duplicate check, never mallory's `nightly` nor the owner's."""
+    alice = users[ALICE]
+    host = _Host(tmp_path / "queue")
+    host.drop("nightly.json", _job(ALLOWED, id="nightly"), alice)
+    host.drop("other-name.json", _job(ALLOWED, id="weekly"), alice)
+    queue = host.queue
+    assert [
+        queue.waiting(f"nightly@{ALICE}", by_content=False),
+        queue.waiting(f"nightly@{MALLORY}"),
+        queue.waiting("nightly"),
+        queue.waiting(f"weekly@{ALICE}"),
+        queue.waiting(f"weekly@{MALLORY}"),
+    ] == ["nightly.json", None, None, "other-name.json", None]
+    host.intake.close()
+
+
 async def test_two_producers_share_an_id_without_touching_each_other(
     tmp_path: Path, users: dict[str, pwd.struct_passwd]
 ) -> None:

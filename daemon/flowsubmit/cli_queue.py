@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,21 +88,13 @@ def refuse_known_id(queue: Queue, job_id: str, file: str, name: str | None = Non
         queue.refuse_duplicate(name or job_id)
     except JobRejected as exc:
         raise exc.with_file(file) from None
-    waiting = queue.waiting(job_id, by_content=False)
-    if waiting is not None and _mine(queue.incoming / waiting):
+    if queue.waiting(name or job_id, by_content=False) is not None:
         raise JobRejected(
             f"duplicate job id: {job_id!r} is already waiting in incoming/",
             file=file,
             field="id",
             hint="an id makes a job exactly-once: the daemon would reject the second drop",
         )
-
-
-def _mine(path: Path) -> bool:
-    try:
-        return path.lstat().st_uid == os.geteuid()
-    except FileNotFoundError:
-        return False
 
 
 def drop(queue: Queue, data: bytes, job_id: str) -> None:
@@ -189,6 +180,18 @@ def cancel(queue: Queue, job_id: str, max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
     Raises:
         CliError: no such job, or it has ended already (not cancelled).
     """
+    try:
+        return _cancel(queue, job_id, max_job_bytes)
+    except PermissionError:
+        raise CliError(
+            f"cancel {job_id}",
+            "permission denied: only the daemon's user (or root) may cancel a job",
+            code=EXIT_ERROR,
+            hint="ask the queue's operator; a job still waiting in incoming/ is yours to remove",
+        ) from None
+
+
+def _cancel(queue: Queue, job_id: str, max_job_bytes: int) -> str:
     deadline, misses = time.monotonic() + CANCEL_RACE_S, 0
     while time.monotonic() < deadline:
         ended = queue.outcome(job_id)

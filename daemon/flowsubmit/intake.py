@@ -167,6 +167,8 @@ class Intake:
         )
         if state.sha256 is None:
             self.queue.seal(claim, Judged(data, st, producer.as_dict()))
+        else:
+            self.queue.share(claim)  # the lock file is new
         return job, producer
 
     # -- scanning ------------------------------------------------------------------------

@@ -108,8 +108,9 @@ class JobProgress:
     runs: dict[str, int] = field(default_factory=dict)
     #: When the job was claimed (ISO 8601), None when the journal does not say.
     claimed_at: str | None = None
-    #: A live daemon holds the job's lock; False: it waits for a daemon to adopt it.
-    owned: bool = False
+    #: A live daemon holds the job's lock; False: it waits for a daemon to adopt it; None: unknown
+    #: (this user may not open the lock).
+    owned: bool | None = False
 
 
 class JobLock:
@@ -141,14 +142,19 @@ class JobLock:
         return cls(path, fd)
 
     @staticmethod
-    def held(path: Path) -> bool:
+    def held(path: Path) -> bool | None:
         """True while a live process holds the lock at ``path``; never creates nor removes it.
 
         A shared, non-blocking try: it fails only against an owner's exclusive lock. (An
         owner acquiring at this very moment fails once and tries again at its next scan.)
+        None when this user may not open the lock: lock files are the daemon's alone,
+        because a producer holding a shared lock on one would keep a dead daemon's job
+        from being adopted.
         """
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except PermissionError:
+            return None
         except OSError:
             return False  # no lock file: nobody owns the job
         try:
@@ -225,9 +231,14 @@ class Queue:
         return job_id if uid == self.owner_uid else f"{job_id}@{_scope(uid, user)}"
 
     def others_can_write(self) -> bool:
-        """True when the queue root or ``incoming/`` is writable by group or others."""
-        return any(
-            os.stat(p).st_mode & (stat.S_IWGRP | stat.S_IWOTH) for p in (self.root, self.incoming)
+        """True when someone but the daemon may replace or remove what it relies on: the queue
+        root writable by group or others, or ``incoming/`` writable by others, or by its group
+        without the sticky bit (which keeps producers from removing each other's files)."""
+        root, incoming = os.stat(self.root).st_mode, os.stat(self.incoming).st_mode
+        return bool(
+            root & (stat.S_IWGRP | stat.S_IWOTH)
+            or incoming & stat.S_IWOTH
+            or (incoming & stat.S_IWGRP and not incoming & stat.S_ISVTX)
         )
 
     # -- producers -------------------------------------------------------------------
@@ -328,6 +339,17 @@ class Queue:
             raise
         return claim
 
+    def share(self, claim: Claim) -> None:
+        """Let the job's producer read its copy, journal and lock (status shows it its own job).
+
+        Holding a shared lock on its own job's lock file is all a producer can do with it,
+        and that only delays the adoption of its own job.
+        """
+        if claim.producer_uid is None:
+            return
+        for path in (claim.path, claim.journal.path, claim.lock.path):
+            grant_read(path, claim.producer_uid)
+
     def _same_file(self, target: Path, name: str, judged: Judged) -> None:
         """Raise ``ClaimLost`` after putting back a file that is not the one judged."""
         st = os.stat(target, follow_symlinks=False)
@@ -346,8 +368,7 @@ class Queue:
                 claim.path, judged.data
             )  # the producer's inode is gone: open fds hold nothing
         claim.producer_uid = judged.producer_uid
-        for path in (claim.path, claim.journal.path):
-            grant_read(path, judged.producer_uid)
+        self.share(claim)
         claim.journal.append(
             "claimed",
             job_id=claim.job_id,
@@ -385,25 +406,36 @@ class Queue:
     ) -> str | None:
         """The name of the file of ``incoming/`` that holds job ``job_id``, if one does.
 
-        ``enqueue`` names a drop after its id; with ``by_content``, a file dropped under
-        another name is found by the ``id`` inside it (read as JSON only, not judged:
-        every waiting file is read, so producers dropping many jobs skip it).
+        ``job_id`` is the job's name in the queue (``ID@USER`` for a producer other than
+        the queue's owner): only that producer's files can hold it. ``enqueue`` names a
+        drop after its id; with ``by_content``, a file dropped under another name is
+        found by the ``id`` inside it (read as JSON only, not judged: every waiting file
+        is read, so producers dropping many jobs skip it).
         """
-        if (self.incoming / f"{job_id}.json").is_file():
-            return f"{job_id}.json"
+        bare = job_id.partition("@")[0]
+        try:
+            st = os.stat(self.incoming / f"{bare}.json", follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and self._names(bare, st.st_uid, job_id):
+                return f"{bare}.json"
+        except FileNotFoundError:
+            pass
         if not by_content:
             return None
         for candidate in self.scan():
-            if not candidate.regular:
+            if not candidate.regular or not self._names(bare, candidate.uid, job_id):
                 continue
             try:
                 data, _ = read_regular(self.incoming / candidate.name, max_bytes)
                 document = json.loads(data)
             except (OSError, ValueError):
                 continue  # unreadable or not JSON: the daemon will reject it, not run it
-            if isinstance(document, dict) and document.get("id") == job_id:
+            if isinstance(document, dict) and document.get("id") == bare:
                 return candidate.name
         return None
+
+    def _names(self, bare: str, uid: int, job_id: str) -> bool:
+        """True when id ``bare`` of the producer ``uid`` is the job named ``job_id`` here."""
+        return self.scoped_id(bare, uid, _user_name(uid)) == job_id
 
     def outcome(self, job_id: str) -> tuple[str, dict[str, Any]] | None:
         """How job ``job_id`` ended: ``("done" | "failed", result)`` or ``("rejected", error)``.

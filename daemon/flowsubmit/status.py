@@ -27,7 +27,7 @@ from rich.text import Text
 from flowsubmit.errors import JobRejected
 from flowsubmit.fsutil import read_regular
 from flowsubmit.heartbeat import read as read_heartbeats
-from flowsubmit.journal import replay
+from flowsubmit.journal import JournalState, replay
 from flowsubmit.queue import FOLDERS, JobLock, Queue, is_job_name, job_files
 from flowsubmit.settings import Settings
 
@@ -75,17 +75,22 @@ def _daemon(beat: Any, now: float) -> dict[str, Any]:
 
 
 def _job(queue: Queue, job_id: str, now: float, max_job_bytes: int) -> dict[str, Any]:
-    state = replay(queue.processing / f"{job_id}.journal")
+    try:
+        state = replay(queue.processing / f"{job_id}.journal")
+        counts: dict[str, int | None] = {**state.run_counts()}
+    except PermissionError:  # another producer's job: its name is all this user may see
+        state = JournalState()
+        counts = dict.fromkeys(JournalState().run_counts())
     claimed = _unix(state.claimed_at)
     owned = JobLock.held(queue.processing / f"{job_id}.lock")
     total = _total_runs(queue.processing / f"{job_id}.json", max_job_bytes)
     return {
         "job_id": job_id,
-        "owner": "alive" if owned else "waiting_for_recovery",
+        "owner": {True: "alive", False: "waiting_for_recovery", None: "unknown"}[owned],
         "claimed_at": state.claimed_at,
         "age_s": None if claimed is None else round(now - claimed, 1),
         "cancel_requested": queue.cancel_requested(job_id),
-        "runs": {"total": total, **state.run_counts()},
+        "runs": {"total": total, **counts},
     }
 
 
@@ -98,6 +103,10 @@ def _total_runs(path: Path, max_job_bytes: int) -> int | None:
         return parse_job(data, max_runs=10**9).total_runs
     except (OSError, JobRejected):  # fsutil.UnsafeFile is an OSError
         return None
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else str(value)
 
 
 def _queued(queue: Queue) -> dict[str, Any]:
@@ -174,13 +183,13 @@ def _jobs_table(jobs: list[dict[str, Any]], *, bars: bool) -> Table:
         cells: list[RenderableType] = [
             job["job_id"],
             "?" if total is None else str(total),
-            *(str(runs[k]) for k in ("created", "running", "succeeded", "failed", "cancelled")),
+            *(_count(runs[k]) for k in ("created", "running", "succeeded", "failed", "cancelled")),
             _duration(job["age_s"]),
         ]
         if bars:
-            done = runs["succeeded"] + runs["failed"] + runs["cancelled"]
+            done = sum(runs[k] or 0 for k in ("succeeded", "failed", "cancelled"))
             cells.append(ProgressBar(total=float(total or 1), completed=float(done), width=24))
-        owner = "alive" if job["owner"] == "alive" else "waiting for recovery"
+        owner = str(job["owner"]).replace("_", " ")
         if job["cancel_requested"]:
             owner += ", cancel requested"
         cells.append(owner)
