@@ -209,3 +209,38 @@ def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
     }
     for refused in (f"pol-etl-vault@{ETL_USER}", "pol-orphan"):
         assert asyncio.run(_runs_tagged(f"flowsubmit-job:{refused}")) == []
+
+
+def test_per_producer_limits_keep_slots_and_runs_for_the_others(
+    served: LocalServer,
+    spawn: Callable[..., Daemon],
+    tmp_path: Path,
+    users: dict[str, pwd.struct_passwd],
+) -> None:
+    """mallory's four never-ending priority-100 jobs take two of the four slots and three runs in flight; ana's job is claimed beside them and ends at her default timeout."""
+    mallory, ana = users[ETL_USER], users[OTHER_USER]
+    daemon = _spawn(
+        spawn,
+        served,
+        tmp_path,
+        max_concurrent_jobs=4,
+        producer_max_running_jobs=2,
+        producer_max_runs_in_flight=3,
+        producer_default_timeout_s=3,
+    )
+    forever = {"deployment": DRIVEN, "runs": [{}, {}], "priority": 100, "timeout": 600}
+    for i in range(4):
+        _drop(daemon.queue, f"hog{i}", {**forever, "id": f"hog{i}"}, mallory)
+    daemon.wait_for_event("job.claimed", count=2)
+    _drop(daemon.queue, "ana", {"deployment": DRIVEN, "runs": [{}], "id": "quota"}, ana)
+
+    folder, result = daemon.wait_for(
+        lambda: result_of(daemon.queue, f"quota@{OTHER_USER}"), what="ana's job to time out"
+    )
+
+    assert (folder, result["status"]) == ("failed", "timed_out")
+    claimed = [line["producer"]["user"] for line in daemon.events("job.claimed")]
+    assert sorted(claimed) == sorted([ETL_USER, ETL_USER, OTHER_USER])
+    created = asyncio.run(_runs_tagged(f"flowsubmit-producer:{ETL_USER}"))
+    assert len(created) == 3  # two jobs of two runs, three in flight at most
+    assert sorted(os.listdir(daemon.queue / "incoming")) == ["hog2.json", "hog3.json"]
