@@ -85,8 +85,11 @@ class _Host:
         """Scan until ``incoming/`` is empty (every file claimed or rejected) or ``rounds`` scans passed."""
         for _ in range(rounds):
             await self.intake.scan(lambda: False)
-            while self.intake._judging:
-                await asyncio.wait(list(self.intake._judging.values()))
+            while busy := [*self.intake._judging.values(), self.intake._claimer]:
+                live = [task for task in busy if task is not None and not task.done()]
+                if not live:
+                    break
+                await asyncio.wait(live)
             if not os.listdir(self.queue.incoming):
                 return
 

@@ -194,7 +194,7 @@ def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
             f'"{ETL}" is not allowed',
             "allowed_deployments: driven/*, vault/*",
         ),
-        f"pol-orphan@{ETL_USER}": _refused(
+        "pol-orphan": _refused(  # adopted from processing/: it keeps the name it had there
             "pol-orphan",
             "deployment",
             f'"{VAULT}" is not allowed {not_for_etl}',
@@ -241,6 +241,48 @@ def test_per_producer_limits_keep_slots_and_runs_for_the_others(
     assert (folder, result["status"]) == ("failed", "timed_out")
     claimed = [line["producer"]["user"] for line in daemon.events("job.claimed")]
     assert sorted(claimed) == sorted([ETL_USER, ETL_USER, OTHER_USER])
-    created = asyncio.run(_runs_tagged(f"flowsubmit-producer:{ETL_USER}"))
-    assert len(created) == 3  # two jobs of two runs, three in flight at most
+    created = [asyncio.run(_runs_tagged(f"flowsubmit-job:hog{i}@{ETL_USER}")) for i in range(4)]
+    assert sum(map(len, created)) == 3  # two jobs of two runs, three in flight at most
     assert sorted(os.listdir(daemon.queue / "incoming")) == ["hog2.json", "hog3.json"]
+
+
+def test_a_job_rewritten_after_its_claim_runs_as_judged_across_a_kill_9(
+    served: LocalServer,
+    spawn: Callable[..., Daemon],
+    tmp_path: Path,
+    users: dict[str, pwd.struct_passwd],
+) -> None:
+    """mallory keeps her allowed two-stage job open, rewrites stage 1 to a forbidden deployment under ana's name after the claim, and the daemon is killed: the next daemon runs the stages it judged, nothing else."""
+    mallory = users[ETL_USER]
+    daemon = _spawn(spawn, served, tmp_path, allowed_deployments=["driven/*"])
+    job = {"id": "rewrite", "deployment": DRIVEN, "stages": [{"runs": [{}]}, {"runs": [{}]}]}
+    judged = json.dumps(job).encode()
+    staged = daemon.queue / "tmp" / "rewrite.part"
+    staged.write_bytes(judged)
+    os.chown(staged, mallory.pw_uid, mallory.pw_gid)
+    kept = os.open(staged, os.O_WRONLY)
+    staged.rename(daemon.queue / "incoming" / "rewrite.json")
+    name = f"rewrite@{ETL_USER}"
+    (first,) = asyncio.run(wait_for_runs(f"flowsubmit-job:{name}", 1))
+    evil = {"deployment": VAULT, "job_variables": {"image": "evil"}, "runs": [{}]}
+    evil["tags"] = [f"flowsubmit-producer:{OTHER_USER}"]
+    os.pwrite(kept, json.dumps({**job, "stages": [{"runs": [{}]}, evil]}).encode(), 0)
+    os.close(kept)
+    daemon.process.kill()
+    daemon.process.wait()
+
+    again = _spawn(spawn, served, tmp_path, allowed_deployments=["driven/*"])
+    asyncio.run(drive([first]))
+    (second,) = set(asyncio.run(wait_for_runs(f"flowsubmit-job:{name}", 2))) - {first}
+    asyncio.run(drive([second]))
+    folder, result = again.wait_for(lambda: result_of(again.queue, name), what="the job's end")
+
+    assert (folder, result["status"]) == ("done", "succeeded")
+    assert [run["deployment"] for run in result["runs"]] == [DRIVEN, DRIVEN]
+    assert (again.queue / "done" / f"{name}.json").read_bytes() == judged
+    runs = asyncio.run(_runs_tagged(f"flowsubmit-job:{name}"))
+    assert sorted(str(r.id) for r in runs) == sorted([first, second])
+    assert all(f"flowsubmit-producer:{ETL_USER}" in r.tags for r in runs)
+    assert not any(f"flowsubmit-producer:{OTHER_USER}" in r.tags for r in runs)
+    assert [r.job_variables or {} for r in runs] == [{}, {}]
+    assert len({r.deployment_id for r in runs}) == 1

@@ -305,17 +305,30 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 #: The settings that make up the policy: given any of them, ``enqueue`` checks it (#14).
-_POLICY_SETTINGS = frozenset({"allowed_deployments", "allowed_job_variables", "producers"})
+_POLICY_SETTINGS = frozenset(
+    {
+        "allowed_deployments",
+        "allowed_job_variables",
+        "producers",
+        "allow_prefect_kinds",
+        "producer_max_running_jobs",
+        "producer_max_runs_in_flight",
+        "producer_max_priority",
+        "producer_max_timeout_s",
+        "producer_default_timeout_s",
+    }
+)
 
 
 def _policy_problems(job: Job, settings: Settings, *, full: bool) -> list[JobRejected]:
     """How ``job`` breaks the policy for the user running this (``enqueue`` writes the file as them).
 
-    Without ``full`` only the reserved tags, which no setting allows; with it, the whole
-    policy the settings describe, as the daemon holding them would judge it.
+    Without ``full`` only the reserved tags, which no setting allows, and parameters
+    Prefect would fill in (unless ``allow_prefect_kinds``); with it, the whole policy the
+    settings describe, as the daemon holding them would judge it.
     """
     if not full:
-        return reserved_tag_problems(job)
+        return reserved_tag_problems(job, allow_prefect_kinds=settings.allow_prefect_kinds)
     return Policy.from_settings(settings).problems(job, current_producer())
 
 
@@ -392,6 +405,13 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
         document = {"id": job_id, **json.loads(data.decode("utf-8-sig"))}
         if args.priority is not None:
             document["priority"] = args.priority
+            # The priority asked for on the command line is judged as the file's would be.
+            problems = _policy_problems(
+                job.model_copy(update={"priority": args.priority}), settings, full=full
+            )
+            if problems:
+                print_problems([p.with_file(checked.file) for p in problems])
+                return EXIT_USAGE
         data = json.dumps(document, indent=2).encode()
     drop(queue, data, job_id)
     print(name, flush=True)

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from pathlib import Path
 
 import structlog
 
@@ -78,7 +78,7 @@ class Intake:
         *,
         has_capacity: Callable[[Producer | None], bool],
         start: Callable[[Claim, Job, Producer, bool], None],
-        rejected: Callable[[JobRejected, Any], None],
+        rejected: Callable[[JobRejected, Path], None],
         stopped: Callable[[Claim, JobRejected], None],
     ) -> None:
         self.queue = queue
@@ -102,11 +102,14 @@ class Intake:
         #: Judgings started per producer uid: the next file is the least-judged producer's.
         self._turns: Counter[int] = Counter()
         self._pool = ThreadPoolExecutor(_JUDGES, thread_name_prefix="flowsubmit-judge")
+        #: The one task claiming jobs, while there are jobs to claim and slots for them.
+        self._claimer: asyncio.Task[None] | None = None
 
     def close(self) -> None:
         """Stop judging: cancel what waits, let the threads end on their own; idempotent."""
-        for task in self._judging.values():
-            task.cancel()
+        for task in [*self._judging.values(), self._claimer]:
+            if task is not None:
+                task.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -303,57 +306,90 @@ class Intake:
     # -- claiming ------------------------------------------------------------------------
 
     def _claim_waiting(self) -> None:
-        """Claim good jobs while slots are free: highest ``priority`` first, then oldest."""
+        """Start the claimer unless it is running: it claims good jobs while slots are free."""
+        if self._claimer is None or self._claimer.done():
+            self._claimer = asyncio.create_task(self._claim_all(), name="flowsubmit-claimer")
+            self._claimer.add_done_callback(self._claimer_done)
+
+    def _claimer_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("job.judge_failed", file=None, error=str(exc), exc_info=exc)
+
+    def _next_to_claim(self) -> _Verdict | None:
+        """The good job to claim next: highest ``priority``, then oldest, whose producer has a slot."""
+        if not self._has_capacity(None):
+            return None
         waiting = sorted(
             (v for v in self._verdicts.values() if v.error is None),
             key=lambda v: (-v.priority, v.candidate.mtime_ns, v.candidate.name),
         )
-        for verdict in waiting:
-            if not self._has_capacity(None):
-                return
-            if self._has_capacity(verdict.producer):
-                self._guarded(verdict.candidate, partial(self._try_claim, verdict))
+        return next((v for v in waiting if self._has_capacity(v.producer)), None)
 
-    def _guarded(self, candidate: Candidate, step: Callable[[], None]) -> None:
-        try:
-            step()
-        except Exception as exc:  # one file must never stop the daemon or the other files
-            self._log_broken(candidate, exc)
+    async def _claim_all(self) -> None:
+        """Claim one job at a time, its moves and fsyncs in a thread so the loop never waits on a
+        disk, until no slot or no good job is left; each claimed job starts at once."""
+        while (verdict := self._next_to_claim()) is not None:
+            name = verdict.candidate.name
+            work = asyncio.ensure_future(asyncio.to_thread(self._claim, verdict))
+            try:
+                claim = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                work.add_done_callback(_release_late_claim)  # stopping: the job stays for a restart
+                raise
+            except ClaimLost:
+                claim = None  # gone, swapped, or its id is running right now
+            except JobRejected as exc:
+                verdict.error = exc.with_file(printable_name(name))  # rejected once it has settled
+                continue
+            except Exception as exc:  # one file must never stop the daemon or the other files
+                self._log_broken(verdict.candidate, exc)
+                claim = None
+            self._verdicts.pop(
+                name, None
+            )  # claimed, or gone or changed: judged again if still there
+            if claim is not None:
+                assert verdict.job is not None and verdict.producer is not None
+                self._start(claim, verdict.job, verdict.producer, False)
 
-    def _try_claim(self, verdict: _Verdict) -> None:
-        """Claim the file if it still holds the bytes judged (read again, by hash and owner)."""
+    def _claim(self, verdict: _Verdict) -> Claim | None:
+        """Claim the file if it still holds the bytes judged (read again: same hash, same owner); in a thread.
+
+        Returns None when the file changed since it was judged.
+
+        Raises:
+            ClaimLost: the file is gone or was swapped, or its job id is running right now.
+            JobRejected: unreadable now, or its id already ran.
+        """
         name, job, producer = verdict.candidate.name, verdict.job, verdict.producer
         assert job is not None and producer is not None
-        try:
-            data, st = self.queue.read(name, self.settings.max_job_bytes)
-        except (ClaimLost, JobRejected):
-            self._verdicts.pop(name, None)  # gone or changed: judged again at the next scan
-            return
+        data, st = self.queue.read(name, self.settings.max_job_bytes)
         if hashlib.sha256(data).hexdigest() != verdict.sha256 or st.st_uid != producer.uid:
-            self._verdicts.pop(name, None)  # rewritten since it was judged: judge it again
-            return
+            return None
         job_id = self.queue.scoped_id(job.id or new_job_id(), producer.uid, producer.user)
-        try:
-            claim = self.queue.claim(name, job_id, Judged(data, st, producer.as_dict()))
-        except ClaimLost:
-            self._verdicts.pop(name, None)  # gone, swapped, or its id is running right now
-            return
-        except JobRejected as exc:
-            verdict.error = exc.with_file(printable_name(name))  # rejected once it has settled
-            return
-        self._verdicts.pop(name, None)
-        self._start(claim, job, producer, False)
+        return self.queue.claim(name, job_id, Judged(data, st, producer.as_dict()))
 
     # -- rejecting -----------------------------------------------------------------------
 
     async def _reject_settled(self) -> None:
+        """Move the bad files that have settled into ``rejected/`` (each in a thread), for at most
+        ``_REJECT_BUDGET_S`` per scan so that the next scan's good files are not kept waiting."""
         deadline = time.monotonic() + _REJECT_BUDGET_S
         for verdict in [v for v in self._verdicts.values() if v.error is not None]:
             if time.monotonic() > deadline:
                 return
-            if self._settled(verdict):
-                self._guarded(verdict.candidate, partial(self._reject, verdict))
-                await asyncio.sleep(0)
+            if (
+                not self._settled(verdict)
+                or self._verdicts.get(verdict.candidate.name) is not verdict
+            ):
+                continue
+            self._verdicts.pop(verdict.candidate.name, None)
+            try:
+                target = await asyncio.to_thread(self._reject, verdict)
+            except Exception as exc:  # one file must never stop the daemon or the other files
+                self._log_broken(verdict.candidate, exc)
+                continue
+            if target is not None and verdict.error is not None:
+                self._rejected(verdict.error, target)
 
     def _settled(self, verdict: _Verdict) -> bool:
         """True once the file has stayed unchanged for ``settle_s``: a bad file still being written is never rejected.
@@ -367,12 +403,16 @@ class Intake:
         age_s = time.time() - verdict.candidate.mtime_ns / 1e9
         return seen_s >= settle_s or age_s >= 2 * settle_s
 
-    def _reject(self, verdict: _Verdict) -> None:
-        name, error = verdict.candidate.name, verdict.error
-        assert error is not None
-        self._verdicts.pop(name, None)
+    def _reject(self, verdict: _Verdict) -> Path | None:
+        """Move one bad file into ``rejected/`` (in a thread); None when another daemon moved it first."""
+        assert verdict.error is not None
         try:
-            target = self.queue.reject(name, error, verdict.candidate.uid)
+            return self.queue.reject(verdict.candidate.name, verdict.error, verdict.candidate.uid)
         except FileNotFoundError:
-            return  # another daemon moved it first
-        self._rejected(error, target)
+            return None
+
+
+def _release_late_claim(work: asyncio.Future[Claim | None]) -> None:
+    """Drop a claim that completed after its claimer was cancelled (the job stays in processing/)."""
+    if not work.cancelled() and work.exception() is None and (claim := work.result()) is not None:
+        claim.release()

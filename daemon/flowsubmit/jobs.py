@@ -90,6 +90,7 @@ _OTHER_BOMS = (
     (codecs.BOM_UTF16_BE, "UTF-16"),
 )
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB]")
+_BRACKET_OR_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
 
 
 class _FieldProblem(ValueError):
@@ -593,6 +594,8 @@ def _load_json(data: bytes) -> Any:
     except RecursionError:
         raise too_deep from None  # the parser's own guard, far past the limit
     except json.JSONDecodeError as exc:
+        if _nesting_before(text, exc.pos) > MAX_NESTING:
+            raise too_deep from None  # say what went wrong first: the nesting, not what followed
         what = (
             "unexpected data after the end of the JSON value"
             if exc.msg == "Extra data"
@@ -622,6 +625,25 @@ def _decode(data: bytes) -> str:
             f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
             hint="save it as UTF-8",
         ) from None
+
+
+def _nesting_before(text: str, end: int) -> int:
+    """The deepest nesting of brackets in ``text[:end]``, strings skipped; stops past ``MAX_NESTING``.
+
+    Token by token in Python, for the same reason as ``_deeper_than``: a file that is
+    not JSON is measured without holding the interpreter lock for the whole file.
+    """
+    depth = deepest = 0
+    for match in _BRACKET_OR_STRING.finditer(text, 0, end):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_NESTING:
+                break
+        elif token in "]}":
+            depth -= 1
+    return deepest
 
 
 def _deeper_than(document: Any, limit: int) -> bool:

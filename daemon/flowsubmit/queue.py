@@ -653,8 +653,13 @@ def _user_name(uid: int) -> str | None:
         return None
 
 
+#: A result or error file is read whole, up to this: a FIFO or a link under its name is never opened.
+_RESULT_MAX_BYTES = 1 << 30
+
+
 def _load(path: Path) -> dict[str, Any]:
-    document: dict[str, Any] = json.loads(path.read_bytes())
+    data, _ = read_regular(path, _RESULT_MAX_BYTES, single_link=False)
+    document: dict[str, Any] = json.loads(data)
     return document
 
 

@@ -378,8 +378,7 @@ class Service:
         """The job's ``timeout``, or its producer's ``default_timeout_s`` (then ``max_timeout_s``)."""
         if job.timeout is not None:
             return job.timeout
-        limits = self._intake.policy.limits_for(producer)
-        return limits.default_timeout_s or limits.max_timeout_s
+        return self._intake.policy.limits_for(producer).job_timeout_s
 
     def _finish_crashed(self, claim: Claim, producer: Producer, exc: Exception) -> None:
         self._finish_unrun(claim, producer.as_dict(), str(exc))
