@@ -9,6 +9,7 @@ import os
 import pwd
 import subprocess
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,14 @@ def users() -> Iterator[dict[str, pwd.struct_passwd]]:
 class _Host:
     """An intake on a real queue, with what it started, rejected and stopped recorded."""
 
-    def __init__(self, root: Path, **settings: Any) -> None:
+    def __init__(self, root: Path, *, room: bool = True, **settings: Any) -> None:
         self.queue = Queue(root)
         self.queue.ensure()
         self.settings = Settings(
             queue=root, settle_s=0, allowed_deployments=["allowed/*"], **settings
         )
+        #: Whether a producer has a free slot (False: every good job waits).
+        self.room = room
         self.started: list[tuple[Claim, Job, Producer, bool]] = []
         self.rejected: list[JobRejected] = []
         self.stopped: list[tuple[Claim, JobRejected]] = []
@@ -74,7 +77,7 @@ class _Host:
         self.intake = Intake(
             self.queue,
             self.settings,
-            has_capacity=lambda _: True,
+            has_capacity=lambda producer: producer is None or self.room,
             start=lambda *args: (self.started.append(args), self.moved.set()),
             rejected=lambda error, _: (self.rejected.append(error), self.moved.set()),
             stopped=lambda claim, error: self.stopped.append((claim, error)),
@@ -390,3 +393,78 @@ async def test_two_producers_share_an_id_without_touching_each_other(
         (host.queue.processing / f"nightly@{ALICE}.journal").read_text().splitlines()[0]
     )
     assert first["sha256"] == digest
+
+
+async def test_waiting_good_jobs_cost_their_verdicts_not_their_parsed_jobs(
+    tmp_path: Path, users: dict[str, pwd.struct_passwd]
+) -> None:
+    """Ten 100 KB good jobs of a producer at her limit wait in incoming/ for their verdicts only, not the parsed jobs (25 times their size)."""
+    mallory = users[MALLORY]
+    host = _Host(tmp_path / "queue", room=False)
+    nested = (
+        b'{"deployment":"allowed/etl","runs":[{}],"parameters":{"p":['
+        + b",".join([b"[]"] * 34_000)
+        + b"]}}"
+    )
+    for i in range(10):
+        host.drop(f"big{i}.json", nested, mallory)
+    tracemalloc.start()
+    try:
+        await host.settle(rounds=2)
+        held_mb = tracemalloc.get_traced_memory()[0] / 1e6
+    finally:
+        tracemalloc.stop()
+    host.intake.close()
+
+    assert (len(host.intake._verdicts), host.started, host.rejected) == (10, [], [])
+    assert held_mb < 2, f"{held_mb:.1f} MB held for 1 MB of waiting files"
+
+
+def test_a_name_squatted_by_a_link_or_another_producer_gets_a_free_name(
+    tmp_path: Path, users: dict[str, pwd.struct_passwd]
+) -> None:
+    """mallory's dangling link at alice's usual name does not block alice's drop, and a rejection under the new name is still found by her job's name."""
+    alice = users[ALICE]
+    host = _Host(tmp_path / "queue")
+    queue = host.queue
+    (queue.incoming / "nightly.json").symlink_to("/nonexistent")
+    dropped = queue.enqueue(b"{", "nightly")
+    host.intake.close()
+    assert dropped.name != "nightly.json" and dropped.name.startswith("nightly-")
+    os.chown(dropped, alice.pw_uid, alice.pw_gid)
+    error = JobRejected("not valid JSON", file=dropped.name)
+    queue.reject(dropped.name, error, alice.pw_uid)
+    ended = queue.outcome(f"nightly@{ALICE}", dropped.name)
+    assert ended is not None and ended[0] == "rejected" and ended[1]["file"] == dropped.name
+
+
+@pytest.mark.parametrize(
+    ("user", "scope"),
+    [("alice", "alice"), ("rtx.result", "4242"), ("1234", "4242"), ("a.b", "4242"), (None, "4242")],
+)
+def test_a_user_name_that_could_pass_for_a_suffix_or_a_uid_reads_as_the_uid(
+    tmp_path: Path, user: str | None, scope: str
+) -> None:
+    """A job name's producer part is never a queue suffix (`.result`) nor another user's uid."""
+    queue = Queue(tmp_path / "queue")
+    queue.ensure()
+    assert queue.scoped_id("j", 4242, user) == f"j@{scope}"
+
+
+async def test_a_file_that_took_a_rejected_files_name_is_not_moved_for_it(
+    tmp_path: Path, users: dict[str, pwd.struct_passwd]
+) -> None:
+    """A bad file replaced by another file under the same name before its rejection leaves the new file alone."""
+    mallory = users[MALLORY]
+    host = _Host(tmp_path / "queue")
+    host.drop("x.json", b"{", mallory)
+    (candidate,) = host.queue.scan()
+    verdict = host.intake._read_and_judge(candidate)
+    assert verdict is not None and verdict.error is not None
+    os.rename(host.queue.incoming / "x.json", tmp_path / "x.json")  # its inode stays taken
+    host.drop("x.json", GOOD, mallory)  # a new file, a new inode
+    host.intake.close()
+
+    assert host.intake._reject(verdict) is None
+    assert (host.queue.incoming / "x.json").read_bytes() == GOOD
+    assert os.listdir(host.queue.rejected) == []

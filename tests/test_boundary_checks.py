@@ -481,3 +481,57 @@ def test_rule_limits_are_checked(rule: dict[str, Any], message: str) -> None:
     """A rule's limits must be in range: a priority within the job range, counts at least 1, times above 0."""
     with pytest.raises(ValueError, match=message):
         ProducerRule.model_validate(rule)
+
+
+@pytest.mark.parametrize(
+    ("variables", "field", "found"),
+    [
+        ({"env": {"DB": "{{ prefect.variables.db_password }}"}}, "job_variables.env.DB", None),
+        (
+            {"env": {"X": {"$ref": {"block_document_id": "abc"}}}},
+            "job_variables.env.X.$ref",
+            "$ref",
+        ),
+        ({"args": ["--token", "{{ prefect.blocks.secret.api }}"]}, "job_variables.args.1", None),
+    ],
+    ids=["variable", "block-ref", "list"],
+)
+def test_job_variables_a_worker_would_fill_in_are_refused(
+    variables: dict[str, Any], field: str, found: str | None
+) -> None:
+    """A template or a ``$ref`` block reference in job variables, which a worker resolves from the workspace, is refused unless allow_prefect_kinds."""
+    job = _job(job_variables=variables)
+    value = found or _first_text(variables)
+    expected = (
+        f"field {field!r}: asks Prefect to fill in a value on the worker ({show(value)}), "
+        f"which the daemon's policy does not allow ({KINDS_HINT})"
+    )
+    allowed = Policy(allowed_job_variables=tuple(variables))
+    assert [p.message for p in allowed.problems(job, ETL_CRON)] == [expected]
+    assert [p.message for p in reserved_tag_problems(job)] == [expected]
+    assert (
+        Policy(allowed_job_variables=tuple(variables), allow_prefect_kinds=True).problems(
+            job, ETL_CRON
+        )
+        == []
+    )
+
+
+def _first_text(value: Any) -> str:
+    """The first string holding ``{{`` inside ``value``."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return next(t for item in value if (t := _first_text(item)))
+    return value if isinstance(value, str) and "{{" in value else ""
+
+
+def test_a_tag_is_at_most_200_characters_so_normalising_it_stays_cheap() -> None:
+    """A tag of 64,000 combining marks (whose NFKC normalisation costs quadratic time) is refused by its length, before any normalisation."""
+    tag = "\u0301" * 32_000 + "\u0316" * 32_000
+    data = json.dumps({"deployment": "etl/nightly", "runs": [{"tags": [tag]}]}).encode()
+    (problem,) = check_job(data)[1]
+    assert (problem.field, problem.reason) == (
+        "runs.0.tags.0",
+        "is 64000 characters long, more than the limit of 200",
+    )

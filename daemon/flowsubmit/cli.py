@@ -413,11 +413,11 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
                 print_problems([p.with_file(checked.file) for p in problems])
                 return EXIT_USAGE
         data = json.dumps(document, indent=2).encode()
-    drop(queue, data, job_id)
+    dropped = drop(queue, data, job_id)
     print(name, flush=True)
     if not args.wait:
         return EXIT_OK
-    return _report_end(name, *wait_for_end(queue, name))
+    return _report_end(name, *wait_for_end(queue, name, dropped))
 
 
 def _report_end(job_id: str, folder: str, document: dict[str, Any]) -> int:

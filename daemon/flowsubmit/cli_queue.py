@@ -97,14 +97,14 @@ def refuse_known_id(queue: Queue, job_id: str, file: str, name: str | None = Non
         )
 
 
-def drop(queue: Queue, data: bytes, job_id: str) -> None:
-    """Drop a job: written into tmp/, then one rename into incoming/.
+def drop(queue: Queue, data: bytes, job_id: str) -> str:
+    """Drop a job: written into tmp/, then one rename into incoming/; returns the name it has there.
 
     Raises:
         CliError: the queue may not be written (exit 1).
     """
     try:
-        queue.enqueue(data, job_id)
+        return queue.enqueue(data, job_id).name
     except PermissionError as exc:
         raise CliError(
             f"queue {queue.root}",
@@ -151,14 +151,14 @@ async def ask_prefect(job: Job) -> None:
             raise unreachable from None
 
 
-def wait_for_end(queue: Queue, job_id: str) -> tuple[str, dict[str, Any]]:
+def wait_for_end(queue: Queue, job_id: str, file: str | None = None) -> tuple[str, dict[str, Any]]:
     """Wait until the job has ended; (folder, result or error document).
 
     Raises:
         CliError: interrupted by Ctrl-C (exit 130); the job goes on.
     """
     try:
-        while (ended := queue.outcome(job_id)) is None:
+        while (ended := queue.outcome(job_id, file)) is None:
             time.sleep(WAIT_POLL_S)
     except KeyboardInterrupt:
         raise CliError(

@@ -51,7 +51,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o640) -> None:
 
 def unique_name(folder: Path, name: str) -> str:
     """``name`` if it is free in ``folder``, else ``name`` with a short random suffix before the extension."""
-    if not (folder / name).exists():
+    if not os.path.lexists(folder / name):  # a dangling link takes the name too
         return name
     stem, dot, ext = name.partition(".")
     return f"{stem}-{secrets.token_hex(4)}{dot}{ext}"

@@ -46,16 +46,12 @@ class _Verdict:
     error: JobRejected | None
     #: When this exact file (name, size, mtime, inode) was first seen, on the monotonic clock.
     since: float = field(default_factory=time.monotonic)
-    #: A good job, parsed once: what the claim starts if the bytes are still those judged.
-    job: Job | None = None
     producer: Producer | None = None
-    #: SHA-256 of the bytes judged: the claim re-reads the file and must find them.
+    #: SHA-256 of the bytes judged: the claim re-reads the file and must find them. The parsed
+    #: job is not kept while the file waits: a flood of waiting files costs their verdicts only.
     sha256: str = ""
-
-    @property
-    def priority(self) -> int:
-        """A good job's ``priority``: claims go highest first, then oldest."""
-        return self.job.priority if self.job is not None else 0
+    #: A good job's ``priority``: claims go highest first, then oldest.
+    priority: int = 0
 
 
 class Intake:
@@ -288,9 +284,8 @@ class Intake:
             job = self.admit(printable_name(candidate.name), data, producer)
         except JobRejected as exc:
             return _Verdict(candidate, exc.with_file(printable_name(candidate.name)))
-        return _Verdict(
-            candidate, None, job=job, producer=producer, sha256=hashlib.sha256(data).hexdigest()
-        )
+        digest = hashlib.sha256(data).hexdigest()
+        return _Verdict(candidate, None, producer=producer, sha256=digest, priority=job.priority)
 
     def _log_broken(self, candidate: Candidate, exc: BaseException) -> None:
         """A bug or an I/O error while handling one file: logged once per version, then skipped."""
@@ -316,14 +311,24 @@ class Intake:
             log.error("job.judge_failed", file=None, error=str(exc), exc_info=exc)
 
     def _next_to_claim(self) -> _Verdict | None:
-        """The good job to claim next: highest ``priority``, then oldest, whose producer has a slot."""
+        """The good job to claim next: highest ``priority``, then oldest, whose producer has a slot.
+
+        One pass over the verdicts, asking once per producer (a group rule reads the group
+        database): thousands of waiting files of a producer at its limit cost one question.
+        """
         if not self._has_capacity(None):
             return None
-        waiting = sorted(
-            (v for v in self._verdicts.values() if v.error is None),
-            key=lambda v: (-v.priority, v.candidate.mtime_ns, v.candidate.name),
-        )
-        return next((v for v in waiting if self._has_capacity(v.producer)), None)
+        room: dict[int, bool] = {}
+        best: _Verdict | None = None
+        for verdict in self._verdicts.values():
+            producer = verdict.producer
+            if verdict.error is not None or producer is None:
+                continue
+            if producer.uid not in room:
+                room[producer.uid] = self._has_capacity(producer)
+            if room[producer.uid] and (best is None or _order(verdict) < _order(best)):
+                best = verdict
+        return best
 
     async def _claim_all(self) -> None:
         """Claim one job at a time, its moves and fsyncs in a thread so the loop never waits on a
@@ -344,14 +349,13 @@ class Intake:
             except Exception as exc:  # one file must never stop the daemon or the other files
                 self._log_broken(verdict.candidate, exc)
                 claim = None
-            self._verdicts.pop(
-                name, None
-            )  # claimed, or gone or changed: judged again if still there
+            # Claimed, or gone or changed: judged again at the next scan if still there.
+            self._verdicts.pop(name, None)
             if claim is not None:
-                assert verdict.job is not None and verdict.producer is not None
-                self._start(claim, verdict.job, verdict.producer, False)
+                assert verdict.producer is not None
+                self._start(*claim, verdict.producer, False)
 
-    def _claim(self, verdict: _Verdict) -> Claim | None:
+    def _claim(self, verdict: _Verdict) -> tuple[Claim, Job] | None:
         """Claim the file if it still holds the bytes judged (read again: same hash, same owner); in a thread.
 
         Returns None when the file changed since it was judged.
@@ -360,13 +364,14 @@ class Intake:
             ClaimLost: the file is gone or was swapped, or its job id is running right now.
             JobRejected: unreadable now, or its id already ran.
         """
-        name, job, producer = verdict.candidate.name, verdict.job, verdict.producer
-        assert job is not None and producer is not None
+        name, producer = verdict.candidate.name, verdict.producer
+        assert producer is not None
         data, st = self.queue.read(name, self.settings.max_job_bytes)
         if hashlib.sha256(data).hexdigest() != verdict.sha256 or st.st_uid != producer.uid:
             return None
+        job = self.admit(printable_name(name), data, producer)  # the same bytes: the same verdict
         job_id = self.queue.scoped_id(job.id or new_job_id(), producer.uid, producer.user)
-        return self.queue.claim(name, job_id, Judged(data, st, producer.as_dict()))
+        return self.queue.claim(name, job_id, Judged(data, st, producer.as_dict())), job
 
     # -- rejecting -----------------------------------------------------------------------
 
@@ -407,12 +412,18 @@ class Intake:
         """Move one bad file into ``rejected/`` (in a thread); None when another daemon moved it first."""
         assert verdict.error is not None
         try:
-            return self.queue.reject(verdict.candidate.name, verdict.error, verdict.candidate.uid)
+            candidate = verdict.candidate
+            return self.queue.reject(candidate.name, verdict.error, candidate.uid, candidate.ino)
         except FileNotFoundError:
             return None
 
 
-def _release_late_claim(work: asyncio.Future[Claim | None]) -> None:
+def _order(verdict: _Verdict) -> tuple[int, int, str]:
+    """Claims go highest ``priority`` first, then oldest."""
+    return (-verdict.priority, verdict.candidate.mtime_ns, verdict.candidate.name)
+
+
+def _release_late_claim(work: asyncio.Future[tuple[Claim, Job] | None]) -> None:
     """Drop a claim that completed after its claimer was cancelled (the job stays in processing/)."""
-    if not work.cancelled() and work.exception() is None and (claim := work.result()) is not None:
-        claim.release()
+    if not work.cancelled() and work.exception() is None and (claimed := work.result()) is not None:
+        claimed[0].release()

@@ -11,7 +11,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
@@ -102,6 +102,12 @@ class _FieldProblem(ValueError):
         self.hint = hint
 
 
+#: A tag is a short label: its length is bounded before anything (Unicode normalisation of a
+#: reserved-tag check, whose cost grows faster than the length) looks at it.
+TAG_MAX_LENGTH = 200
+Tag = Annotated[str, Field(max_length=TAG_MAX_LENGTH)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 
@@ -112,7 +118,7 @@ class RunEntry(_Strict):
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="Merged over the stage's `parameters`."
     )
-    tags: list[str] = Field(
+    tags: list[Tag] = Field(
         default_factory=list, description="Added to the stage's tags for this run."
     )
     name: str | None = Field(
@@ -146,7 +152,7 @@ class Stage(_Strict):
     retries: int = Field(
         default=0, ge=0, le=10, description="Times a run that did not complete is submitted again."
     )
-    tags: list[str] = Field(default_factory=list, description="Tags put on every run.")
+    tags: list[Tag] = Field(default_factory=list, description="Tags put on every run.")
     job_variables: dict[str, Any] = Field(
         default_factory=dict, description="Passed to the work pool for every run."
     )

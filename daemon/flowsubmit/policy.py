@@ -425,6 +425,15 @@ def hydration_problems(job: Job) -> list[JobRejected]:
         )
         for where, value in _parameter_values(job)
         for field, kind in _prefect_kinds(value, where)
+    ] + [
+        JobRejected(
+            f"asks Prefect to fill in a value on the worker ({show(found)}), which the daemon's"
+            " policy does not allow",
+            field=short(field),
+            hint=_KINDS_HINT,
+        )
+        for where, variables in _job_variable_values(job)
+        for field, found in _templates(variables, where)
     ]
 
 
@@ -447,6 +456,28 @@ def _job_variables(job: Job) -> Iterator[tuple[str, str]]:
     for i, stage in enumerate(job.stages or ()):
         for key in stage.job_variables:
             yield f"stages.{i}.job_variables.{key}", key
+
+
+def _job_variable_values(job: Job) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(field, job_variables) of the job and of each stage."""
+    yield "job_variables", job.job_variables
+    for i, stage in enumerate(job.stages or ()):
+        yield f"stages.{i}.job_variables", stage.job_variables
+
+
+def _templates(value: Any, field: str) -> Iterator[tuple[str, str]]:
+    """(field, text) of what a worker resolves in job variables: ``{{ prefect.variables.x }}``-style
+    templates in strings and ``$ref`` block references, depth first in order."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "$ref":
+                yield f"{field}.{key}", key
+            yield from _templates(item, f"{field}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _templates(item, f"{field}.{i}")
+    elif isinstance(value, str) and "{{" in value:
+        yield field, value
 
 
 def _parameter_values(job: Job) -> Iterator[tuple[str, Any]]:

@@ -50,6 +50,8 @@ __all__ = [
 FOLDERS = ("tmp", "incoming", "processing", "done", "failed", "rejected")
 _IGNORED = re.compile(r"^\.|\.tmp$|\.part$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: Names tried for one drop when other producers' entries take them first.
+_DROP_TRIES = 5
 #: The default of ``max_job_bytes``: the most of a job file any reader takes in.
 DEFAULT_MAX_JOB_BYTES = 1024 * 1024
 #: ``processing/JOB.cancel`` asks the daemon owning JOB to cancel it; removed once the job ended.
@@ -248,8 +250,16 @@ class Queue:
         name = f"{job_id}.json"
         staged = self.tmp / f"{name}.{secrets.token_hex(4)}.part"
         atomic_write(staged, data)
-        target = self.incoming / unique_name(self.incoming, name)
-        os.rename(staged, target)
+        for attempt in range(_DROP_TRIES):
+            target = self.incoming / unique_name(self.incoming, name)
+            try:
+                os.rename(staged, target)
+                break
+            except PermissionError:
+                # Another producer's entry took the name meanwhile (the sticky bit keeps it).
+                if attempt == _DROP_TRIES - 1:
+                    staged.unlink(missing_ok=True)
+                    raise
         fsync_dir(self.incoming)
         return target
 
@@ -437,17 +447,22 @@ class Queue:
         """True when id ``bare`` of the producer ``uid`` is the job named ``job_id`` here."""
         return self.scoped_id(bare, uid, _user_name(uid)) == job_id
 
-    def outcome(self, job_id: str) -> tuple[str, dict[str, Any]] | None:
+    def outcome(self, job_id: str, file: str | None = None) -> tuple[str, dict[str, Any]] | None:
         """How job ``job_id`` ended: ``("done" | "failed", result)`` or ``("rejected", error)``.
 
         None while it waits or runs. A job counts as ended once its file has moved:
-        the result (or error) file is always written before that rename.
+        the result (or error) file is always written before that rename. ``file`` is the
+        name the job was dropped under in ``incoming/``, when it is not ``ID.json``: a
+        rejected file keeps that name (with the job's ``@USER``).
         """
         for folder in (self.done, self.failed):
             if (folder / f"{job_id}.json").exists():
                 return folder.name, _load(folder / f"{job_id}.result.json")
-        if (self.rejected / f"{job_id}.json").exists():
-            return "rejected", _load(self.rejected / f"{job_id}.json.error.json")
+        _, at, scope = job_id.partition("@")
+        names = [job_id, *([f"{file.removesuffix('.json')}{at}{scope}"] if file else [])]
+        for name in names:
+            if (self.rejected / f"{name}.json").exists():
+                return "rejected", _load(self.rejected / f"{name}.json.error.json")
         return None
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -508,12 +523,21 @@ class Queue:
 
     # -- ending ----------------------------------------------------------------------
 
-    def reject(self, name: str, error: JobRejected, uid: int | None = None) -> Path:
+    def reject(
+        self, name: str, error: JobRejected, uid: int | None = None, ino: int | None = None
+    ) -> Path:
         """Move ``incoming/name`` into ``rejected/`` under a safe name, with ``NAME.error.json`` beside it.
 
         ``uid`` is the file's owner: another producer's file is named ``STEM@USER.json``
-        (as its job would be), and the error file is readable by that producer.
+        (as its job would be), and the error file is readable by that producer. With
+        ``ino``, only that very file is moved: a file that took the name since it was
+        judged is not the one refused.
+
+        Raises:
+            FileNotFoundError: the file is gone (or is another file now).
         """
+        if ino is not None and os.stat(self.incoming / name, follow_symlinks=False).st_ino != ino:
+            raise FileNotFoundError(name)
         return self._reject(self.incoming / name, name, error, uid)
 
     def reject_claimed(self, claim: Claim, error: JobRejected) -> Path:
@@ -636,7 +660,9 @@ class Judged:
         return int(self.producer["uid"])
 
 
-_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,31}$")
+#: A user name that can stand in a job name: no dot (so none ends like ``.result``) and no
+#: leading digit (so none reads as another user's uid).
+_USER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,31}$")
 
 
 def _scope(uid: int, user: str | None) -> str:
