@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint mypy format bench bench-scale bench-fairness config all clean
+.PHONY: install demo test lint mypy format bench bench-scale bench-fairness bench-bombs config all clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench-scale: $(STAMP)
 
 bench-fairness: $(STAMP)
 	$(BIN)/python bench/fairness.py
+
+bench-bombs: $(STAMP)
+	$(BIN)/python bench/key_bombs.py 10
 
 config: $(STAMP)
 	$(BIN)/python -c "import sys; from flowsubmit.settings import example_toml; sys.stdout.write(example_toml())" > config/flowsubmit.toml

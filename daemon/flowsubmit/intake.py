@@ -21,7 +21,7 @@ from flowsubmit.policy import Policy, Producer, producer_by_uid, producer_of
 from flowsubmit.queue import Candidate, Claim, Judged, Queue, new_job_id, printable_name
 from flowsubmit.settings import Settings
 
-__all__ = ["Intake"]
+__all__ = ["SWITCH_INTERVAL_S", "Intake"]
 
 log = structlog.get_logger("flowsubmit.intake")
 
@@ -29,6 +29,11 @@ log = structlog.get_logger("flowsubmit.intake")
 #: one at a time per producer, so a producer's flood of costly files never delays another's.
 _JUDGES = 4
 _JUDGES_PER_PRODUCER = 1
+#: The interpreter's thread switch interval while judging threads run (``sys.setswitchinterval``;
+#: Python's default is 5 ms). The loop thread gives up the lock at every system call and waits up
+#: to an interval to get it back from a judging thread: with ten 1 MiB files being judged, a
+#: 10 ms timer on the loop lagged 74 ms at 5 ms and 23 ms at 1 ms (bench/key_bombs.py).
+SWITCH_INTERVAL_S = 0.001
 #: A file whose judging takes longer is refused (parsing is linear in the file's size, so
 #: only a pathological file comes near it); its thread finishes on its own.
 _JUDGE_BUDGET_S = 10.0

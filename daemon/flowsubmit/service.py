@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import time
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from flowsubmit.executor import Executor
 from flowsubmit.faults import CrashPoints
 from flowsubmit.gateway import Gateway
 from flowsubmit.heartbeat import Heartbeat
-from flowsubmit.intake import Intake
+from flowsubmit.intake import SWITCH_INTERVAL_S, Intake
 from flowsubmit.jobs import Job
 from flowsubmit.policy import Producer
 from flowsubmit.prefect_health import PrefectHealth
@@ -90,6 +91,7 @@ class Service:
     async def run(self) -> None:
         """Run until ``stop()``; jobs still running stay in ``processing/`` for the next start."""
         os.umask(0o027)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # the loop waits less for judging threads
         self.queue.ensure()
         if self.queue.others_can_write():
             log.warning("service.queue_writable_by_others", queue=str(self.queue.root))

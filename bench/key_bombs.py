@@ -1,0 +1,120 @@
+"""Hostile files beside a good one: how soon another producer's job is claimed, and how long the event loop stalls.
+
+Run: ``.venv/bin/python bench/key_bombs.py [BOMBS]`` (as root: the files are given to two
+uids). Prints one line per scenario; asserts nothing.
+
+The daemon's own intake on a real queue, without Prefect: ``BOMBS`` files of about 1 MiB
+of unknown keys from one producer, then one good job from another. The baselines, measured
+in the same run: the good job alone, and the bombs under Python's default thread switch
+interval rather than the daemon's. Figures: the good job's claim after its drop,
+the longest and the 99th-percentile lag of a 10 ms timer on the loop, and the time until
+every bomb is rejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from flowsubmit.intake import SWITCH_INTERVAL_S, Intake
+from flowsubmit.queue import Queue
+from flowsubmit.settings import Settings
+
+#: Two producers by uid (no user entry is needed: a producer is a file's owner).
+VICTIM_UID, ATTACKER_UID = 60_001, 60_002
+GOOD = json.dumps({"deployment": "allowed/etl", "runs": [{}], "id": "nightly"}).encode()
+
+
+def _bomb() -> bytes:
+    document: dict[str, Any] = {"deployment": "allowed/etl", "runs": [{}]}
+    document.update({f"k{i}": 0 for i in range(95_000)})
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def _drop(queue: Queue, name: str, data: bytes, uid: int) -> None:
+    staged = queue.tmp / f"{name}.part"
+    staged.write_bytes(data)
+    os.chown(staged, uid, uid)
+    os.rename(staged, queue.incoming / name)
+
+
+async def scenario(root: Path, bombs: int) -> str:
+    queue = Queue(root)
+    queue.ensure()
+    settings = Settings(queue=root, settle_s=0, allowed_deployments=["allowed/*"])
+    claimed: list[float] = []
+    rejected: list[float] = []
+    ended = asyncio.Event()
+
+    def note(times: list[float]) -> None:
+        times.append(time.monotonic())
+        if claimed and len(rejected) >= bombs:
+            ended.set()
+
+    intake = Intake(
+        queue,
+        settings,
+        has_capacity=lambda _: True,
+        start=lambda claim, *_: (note(claimed), claim.release()),
+        rejected=lambda *_: note(rejected),
+        stopped=lambda *_: None,
+    )
+    data = _bomb()
+    for i in range(bombs):
+        _drop(queue, f"bomb{i}.json", data, ATTACKER_UID)
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            lags.append(loop.time() - before - 0.01)
+
+    async def scans() -> None:
+        while not stop.is_set():
+            await intake.scan(stop.is_set)
+            await asyncio.sleep(0.05)
+
+    tasks = [asyncio.create_task(ticker()), asyncio.create_task(scans())]
+    await asyncio.sleep(0.2)
+    dropped = time.monotonic()
+    _drop(queue, "good.json", GOOD, VICTIM_UID)
+    await asyncio.wait_for(ended.wait(), 120)
+    stop.set()
+    await asyncio.gather(*tasks)
+    intake.close()
+    claim_s = claimed[0] - dropped if claimed else float("nan")
+    all_rejected_s = max(rejected) - dropped if rejected else 0.0
+    p99 = statistics.quantiles(lags, n=100, method="inclusive")[98] if len(lags) > 1 else lags[0]
+    return (
+        f"{bombs:>3} bombs: good job claimed {claim_s:5.2f} s after its drop; loop lag max "
+        f"{max(lags) * 1000:4.0f} ms, p99 {p99 * 1000:4.0f} ms; all bombs rejected after "
+        f"{all_rejected_s:5.1f} s"
+    )
+
+
+def main() -> None:
+    bombs = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+    default = sys.getswitchinterval()
+    with tempfile.TemporaryDirectory(prefix="flowsubmit-bombs-") as work:
+        for count, interval in (
+            (0, SWITCH_INTERVAL_S),
+            (bombs, default),
+            (bombs, SWITCH_INTERVAL_S),
+        ):
+            sys.setswitchinterval(interval)  # the daemon's, and Python's default for comparison
+            line = asyncio.run(scenario(Path(work) / f"q{count}-{interval}", count))
+            print(f"switch interval {interval * 1000:.0f} ms, {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
