@@ -1,7 +1,8 @@
 """Hostile files beside a good one: how soon another producer's job is claimed, and how long the event loop stalls.
 
-Run: ``.venv/bin/python bench/key_bombs.py [BOMBS]`` (as root: the files are given to two
-uids). Prints one line per scenario; asserts nothing.
+Run: ``.venv/bin/python bench/key_bombs.py [BOMBS] [--uids VICTIM,ATTACKER] [--json]`` (as
+root: the files are given to two uids). Prints one line per scenario (a JSON object with
+``--json``: tests/test_boundary.py runs it so, in a process of its own); asserts nothing.
 
 The daemon's own intake on a real queue, without Prefect: ``BOMBS`` files of about 1 MiB
 of unknown keys from one producer, then one good job from another. The baselines, measured
@@ -13,6 +14,7 @@ every bomb is rejected.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -45,11 +47,13 @@ def _drop(queue: Queue, name: str, data: bytes, uid: int) -> None:
     os.rename(staged, queue.incoming / name)
 
 
-async def scenario(root: Path, bombs: int) -> str:
+async def scenario(root: Path, bombs: int, uids: tuple[int, int]) -> dict[str, Any]:
     queue = Queue(root)
     queue.ensure()
     settings = Settings(queue=root, settle_s=0, allowed_deployments=["allowed/*"])
+    victim, attacker = uids
     claimed: list[float] = []
+    names: list[str] = []
     rejected: list[float] = []
     ended = asyncio.Event()
 
@@ -62,13 +66,13 @@ async def scenario(root: Path, bombs: int) -> str:
         queue,
         settings,
         has_capacity=lambda _: True,
-        start=lambda claim, *_: (note(claimed), claim.release()),
+        start=lambda claim, *_: (note(claimed), names.append(claim.job_id), claim.release()),
         rejected=lambda *_: note(rejected),
         stopped=lambda *_: None,
     )
     data = _bomb()
     for i in range(bombs):
-        _drop(queue, f"bomb{i}.json", data, ATTACKER_UID)
+        _drop(queue, f"bomb{i}.json", data, attacker)
     lags: list[float] = []
     stop = asyncio.Event()
 
@@ -87,33 +91,52 @@ async def scenario(root: Path, bombs: int) -> str:
     tasks = [asyncio.create_task(ticker()), asyncio.create_task(scans())]
     await asyncio.sleep(0.2)
     dropped = time.monotonic()
-    _drop(queue, "good.json", GOOD, VICTIM_UID)
+    _drop(queue, "good.json", GOOD, victim)
     await asyncio.wait_for(ended.wait(), 120)
     stop.set()
     await asyncio.gather(*tasks)
     intake.close()
-    claim_s = claimed[0] - dropped if claimed else float("nan")
-    all_rejected_s = max(rejected) - dropped if rejected else 0.0
-    p99 = statistics.quantiles(lags, n=100, method="inclusive")[98] if len(lags) > 1 else lags[0]
+    return {
+        "bombs": bombs,
+        "switch_interval_s": sys.getswitchinterval(),
+        "claimed": names,
+        "claimed_after_s": claimed[0] - dropped if claimed else None,
+        "rejected": len(rejected),
+        "rejected_after_s": max(rejected) - dropped if rejected else None,
+        "lag_max_s": max(lags),
+        "lag_p99_s": statistics.quantiles(lags, n=100, method="inclusive")[98],
+    }
+
+
+def describe(figures: dict[str, Any]) -> str:
+    """One line of figures."""
+    rejected = figures["rejected_after_s"]
     return (
-        f"{bombs:>3} bombs: good job claimed {claim_s:5.2f} s after its drop; loop lag max "
-        f"{max(lags) * 1000:4.0f} ms, p99 {p99 * 1000:4.0f} ms; all bombs rejected after "
-        f"{all_rejected_s:5.1f} s"
+        f"switch interval {figures['switch_interval_s'] * 1000:.0f} ms, {figures['bombs']:>3} bombs:"
+        f" good job claimed {figures['claimed_after_s']:5.2f} s after its drop; loop lag max"
+        f" {figures['lag_max_s'] * 1000:4.0f} ms, p99 {figures['lag_p99_s'] * 1000:4.0f} ms;"
+        f" all bombs rejected after {'-' if rejected is None else f'{rejected:.1f} s'}"
     )
 
 
 def main() -> None:
-    bombs = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bombs", nargs="?", type=int, default=10)
+    parser.add_argument("--uids", default=f"{VICTIM_UID},{ATTACKER_UID}", help="VICTIM,ATTACKER")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args()
+    victim, attacker = (int(uid) for uid in args.uids.split(","))
     default = sys.getswitchinterval()
     with tempfile.TemporaryDirectory(prefix="flowsubmit-bombs-") as work:
         for count, interval in (
             (0, SWITCH_INTERVAL_S),
-            (bombs, default),
-            (bombs, SWITCH_INTERVAL_S),
+            (args.bombs, default),
+            (args.bombs, SWITCH_INTERVAL_S),
         ):
             sys.setswitchinterval(interval)  # the daemon's, and Python's default for comparison
-            line = asyncio.run(scenario(Path(work) / f"q{count}-{interval}", count))
-            print(f"switch interval {interval * 1000:.0f} ms, {line}", flush=True)
+            root = Path(work) / f"q{count}-{interval}"
+            figures = asyncio.run(scenario(root, count, (victim, attacker)))
+            print(json.dumps(figures) if args.json else describe(figures), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import os
 import pwd
 import subprocess
 import sys
-import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from flowsubmit.settings import Settings
 #: The victim and the attacker: two real users, created for this module and removed after it.
 ALICE, MALLORY = "fs-bound-alice", "fs-bound-mallory"
 ALLOWED, FORBIDDEN = "allowed/etl", "secret/admin"
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
 
@@ -240,66 +240,35 @@ async def test_the_policy_held_now_judges_every_adoption(
     ]
 
 
-def _key_bomb(keys: int = 95_000) -> bytes:
-    """A job of about 1 MiB whose every key but two is unknown."""
-    document: dict[str, Any] = {"deployment": ALLOWED, "runs": [{}]}
-    document.update({f"k{i}": 0 for i in range(keys)})
-    data = json.dumps(document, separators=(",", ":")).encode()
-    assert len(data) <= 1024 * 1024
-    return data
-
-
-async def test_another_producer_is_claimed_within_a_second_while_ten_key_bombs_are_judged(
-    tmp_path: Path, users: dict[str, pwd.struct_passwd]
+def test_another_producer_is_claimed_within_a_second_while_ten_key_bombs_are_judged(
+    users: dict[str, pwd.struct_passwd],
 ) -> None:
     """Ten 1 MiB files of unknown keys from mallory are judged in threads: alice's job dropped after them is claimed within 1 s, and a 10 ms timer on the loop never drifts 100 ms."""
     alice, mallory = users[ALICE], users[MALLORY]
-    host = _Host(tmp_path / "queue")
-    bomb = _key_bomb()
-    for i in range(10):
-        host.drop(f"bomb{i}.json", bomb, mallory)
-    drift: list[float] = []
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        loop = asyncio.get_running_loop()
-        while not stop.is_set():
-            before = loop.time()
-            await asyncio.sleep(0.01)
-            drift.append(loop.time() - before - 0.01)
-
-    async def watcher() -> None:  # the claim loop: a scan at every wake-up
-        while not stop.is_set():
-            await host.intake.scan(stop.is_set)
-            await asyncio.sleep(0.05)
-
-    # The suite's other worker and its Prefect servers share the machine's two cores: the
-    # figure under test is the daemon's own lag, so its threads (created from now on,
-    # inheriting this) go first, as `Nice=` would have them under systemd.
-    niceness, interval = os.getpriority(os.PRIO_PROCESS, 0), sys.getswitchinterval()
-    os.setpriority(os.PRIO_PROCESS, 0, -15)
-    sys.setswitchinterval(SWITCH_INTERVAL_S)  # as the daemon runs
-    tasks = [asyncio.create_task(ticker()), asyncio.create_task(watcher())]
-    await asyncio.sleep(0.2)  # the bombs are being judged
-    dropped = time.monotonic()
-    host.drop("alice.json", _job(ALLOWED, id="nightly"), alice)
-    await host.wait(lambda: bool(host.started), 30)
-    claimed_after_s = time.monotonic() - dropped
-    await host.wait(lambda: len(host.rejected) == 10, 60)
-    stop.set()
-    await asyncio.gather(*tasks)
-    host.intake.close()
-    os.setpriority(os.PRIO_PROCESS, 0, niceness)
-    sys.setswitchinterval(interval)
-
-    ((claim, job, producer, _),) = host.started
-    assert (claim.job_id, producer.uid) == (f"nightly@{ALICE}", alice.pw_uid)
-    lag = f"claimed {claimed_after_s:.2f} s after the drop; the loop lagged {max(drift) * 1000:.0f} ms at most"
-    assert claimed_after_s < 1.0 and max(drift) < 0.1, lag
-    assert len(host.rejected) == 10
-    assert all(
-        e.reason.startswith("unknown key") or "more problems" in e.reason for e in host.rejected
+    # bench/key_bombs.py drives the daemon's intake; it runs in a process of its own, first in
+    # line for the CPU (nice -15, as `Nice=` would set it under systemd), so that the figure is
+    # the daemon's own lag, not that of the other test worker sharing the two cores.
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "key_bombs.py"),
+            "10",
+            "--uids",
+            f"{alice.pw_uid},{mallory.pw_uid}",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.nice(-15),
+        cwd=ROOT,
     )
+    assert done.returncode == 0, done.stderr
+    alone, _, daemon = (json.loads(line) for line in done.stdout.splitlines())
+    assert alone["claimed"] == daemon["claimed"] == [f"nightly@{ALICE}"]
+    assert (daemon["switch_interval_s"], daemon["rejected"]) == (SWITCH_INTERVAL_S, 10)
+    figures = f"claimed {daemon['claimed_after_s']:.2f} s after the drop; the loop lagged {daemon['lag_max_s'] * 1000:.0f} ms at most"
+    assert daemon["claimed_after_s"] < 1.0 and daemon["lag_max_s"] < 0.1, figures
 
 
 async def test_fifos_folders_and_links_in_incoming_are_never_opened_nor_moved(
