@@ -29,7 +29,11 @@ ALICE, MALLORY = "fs-bound-alice", "fs-bound-mallory"
 ALLOWED, FORBIDDEN = "allowed/etl", "secret/admin"
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root"),
+    # One worker creates this module's users and removes them at its end: all its tests run there.
+    pytest.mark.xdist_group("boundary"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import os
 import pwd
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,11 @@ from tests.flows import DRIVEN, ETL, VAULT
 #: Two producers, created by the test when absent (the tests run as root).
 ETL_USER, OTHER_USER = "fs-policy-etl", "fs-policy-ana"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root"),
+    # One worker creates this module's users and removes them at its end: all its tests run there.
+    pytest.mark.xdist_group("policy"),
+]
 
 
 def _user(name: str) -> pwd.struct_passwd:
@@ -40,9 +44,11 @@ def _user(name: str) -> pwd.struct_passwd:
 
 
 @pytest.fixture(scope="module")
-def users() -> dict[str, pwd.struct_passwd]:
-    """The two producers of this module, by name."""
-    return {name: _user(name) for name in (ETL_USER, OTHER_USER)}
+def users() -> Iterator[dict[str, pwd.struct_passwd]]:
+    """The two producers of this module, by name; removed at its end."""
+    yield {name: _user(name) for name in (ETL_USER, OTHER_USER)}
+    for name in (ETL_USER, OTHER_USER):
+        subprocess.run(["userdel", name], capture_output=True)
 
 
 def _drop(queue: Path, name: str, job: dict[str, Any], owner: pwd.struct_passwd) -> None:

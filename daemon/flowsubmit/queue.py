@@ -538,31 +538,28 @@ class Queue:
         """
         if ino is not None and os.stat(self.incoming / name, follow_symlinks=False).st_ino != ino:
             raise FileNotFoundError(name)
-        return self._reject(self.incoming / name, name, error, uid)
+        return self._reject(self.incoming / name, self._rejected_stem(name, uid), error, uid)
 
     def reject_claimed(self, claim: Claim, error: JobRejected) -> Path:
-        """Reject a job already claimed (pre-submit checks failed; no run exists), under its original name."""
-        if claim.source == claim.path.name:  # adopted: already under its job name
-            target = self._reject(claim.path, claim.source, error, None, claim.producer_uid)
-        else:
-            target = self._reject(claim.path, claim.source, error, claim.producer_uid)
+        """Reject a job already claimed (pre-submit checks failed; no run exists), under its original name.
+
+        An adopted job's original name is its name in ``processing/``: its job name.
+        """
+        adopted = claim.source == claim.path.name
+        stem = claim.job_id if adopted else self._rejected_stem(claim.source, claim.producer_uid)
+        target = self._reject(claim.path, stem, error, claim.producer_uid)
         self._retire_journal(claim, self.rejected, target.name.removesuffix(".json"))
         return target
 
-    def _reject(
-        self,
-        source: Path,
-        name: str,
-        error: JobRejected,
-        uid: int | None,
-        reader: int | None = None,
-    ) -> Path:
-        stem = (name if uid is None and reader is not None else safe_name(name)).removesuffix(
-            ".json"
-        )
-        if uid is not None and uid != self.owner_uid:
-            stem = f"{stem}@{_scope(uid, _user_name(uid))}"
-            reader = uid
+    def _rejected_stem(self, name: str, uid: int | None) -> str:
+        """``name`` made safe, without ``.json``, and with ``@USER`` when ``uid`` is another producer than the owner."""
+        stem = safe_name(name).removesuffix(".json")
+        if uid is None or uid == self.owner_uid:
+            return stem
+        return f"{stem}@{_scope(uid, _user_name(uid))}"
+
+    def _reject(self, source: Path, stem: str, error: JobRejected, reader: int | None) -> Path:
+        """Write ``STEM.json.error.json`` (readable by ``reader``), then move ``source`` to ``STEM.json``."""
         target_name = unique_name(self.rejected, f"{stem}.json")
         error_file = self.rejected / f"{target_name}.error.json"
         # The error first: a file in rejected/ always has its NAME.error.json.
