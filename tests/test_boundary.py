@@ -25,15 +25,12 @@ from flowsubmit.queue import Claim, Queue
 from flowsubmit.settings import Settings
 
 #: The victim and the attacker: two real users, created for this module and removed after it.
-ALICE, MALLORY = "fs-bound-alice", "fs-bound-mallory"
+#: Named after this process, so that two test workers never share (or remove) each other's users.
+ALICE, MALLORY = f"fsb{os.getpid()}-alice", f"fsb{os.getpid()}-mallory"
 ALLOWED, FORBIDDEN = "allowed/etl", "secret/admin"
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root"),
-    # One worker creates this module's users and removes them at its end: all its tests run there.
-    pytest.mark.xdist_group("boundary"),
-]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
 
 
 @pytest.fixture(scope="module")

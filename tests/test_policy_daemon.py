@@ -21,13 +21,10 @@ from tests.driver import drive, wait_for_runs
 from tests.flows import DRIVEN, ETL, VAULT
 
 #: Two producers, created by the test when absent (the tests run as root).
-ETL_USER, OTHER_USER = "fs-policy-etl", "fs-policy-ana"
+#: Named after this process, so that two test workers never share (or remove) each other's users.
+ETL_USER, OTHER_USER = f"fsp{os.getpid()}-etl", f"fsp{os.getpid()}-ana"
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root"),
-    # One worker creates this module's users and removes them at its end: all its tests run there.
-    pytest.mark.xdist_group("policy"),
-]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
 
 
 def _user(name: str) -> pwd.struct_passwd:
