@@ -12,9 +12,11 @@ from __future__ import annotations
 import signal
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flowsubmit.journal import replay
+from flowsubmit.localserver import LocalServer
 from flowsubmit.runset import job_tag
 from tests.conftest import Daemon, result_of
 from tests.crashkit import BackgroundDriver
@@ -94,17 +96,26 @@ def test_with_every_slot_busy_the_highest_priority_job_is_claimed_next(
 
 
 def test_kill_9_in_an_interleaved_submission_then_both_jobs_finish_exactly_once(
+    served: LocalServer,
+    spawn: Callable[..., Daemon],
     start_daemon: Callable[..., Daemon],
+    tmp_path: Path,
 ) -> None:
     """Killed by SIGKILL while two jobs' creates interleave, a restarted daemon ends both with every run created once."""
     suffix = uuid.uuid4().hex[:8]
     big, small = f"fair-crash-big-{suffix}", f"fair-crash-small-{suffix}"
     with BackgroundDriver(job_tag(big)), BackgroundDriver(job_tag(small)):
-        first = start_daemon(
-            test_crash_at="created:30", max_inflight_submissions=1, submit_batch_size=10
+        # Both wait before the daemon starts, so that its first scan claims both together
+        # (files are judged one at a time per producer: a later drop could miss the window).
+        drop(tmp_path / "queue", _job(big, 60))
+        drop(tmp_path / "queue", _job(small, 30))
+        first = spawn(
+            served.env(),
+            tmp_path / "queue",
+            test_crash_at="created:30",
+            max_inflight_submissions=1,
+            submit_batch_size=10,
         )
-        drop(first.queue, _job(big, 60))
-        drop(first.queue, _job(small, 30))
         assert first.process.wait(90) == -signal.SIGKILL
         journals = {
             job_id: replay(first.queue / "processing" / f"{job_id}.journal").created
