@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import grp
-import os
 import pwd
 import re
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from flowsubmit.heartbeat import _alive  # the one liveness check of a pid (kill 0)
 
 __all__ = ["User", "add_user", "remove_accounts", "remove_leftovers", "run_as", "user"]
 
@@ -96,16 +97,6 @@ def run_as(
         timeout=timeout_s,
         check=False,
     )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _exists(lookup: Callable[[str], object], name: str) -> bool:
