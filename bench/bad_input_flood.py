@@ -20,7 +20,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from flowsubmit.localserver import LocalServer, served_flows
+from flowsubmit.local.localserver import LocalServer, served_flows
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVEN = "driven/driven-deployment"

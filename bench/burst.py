@@ -47,7 +47,7 @@ DRIVER_CONCURRENCY = 16
 async def _row(label: str, runs: int, stall: bool, driver_env: dict[str, str]) -> dict[str, Any]:
     from tests.proxy import Proxy
 
-    from flowsubmit.runset import job_tag
+    from flowsubmit.engine.runset import job_tag
 
     name = await scale._deployment()
     work = Path(tempfile.mkdtemp(prefix="flowsubmit-burst-"))

@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from flowsubmit.localserver import LocalServer
+from flowsubmit.local.localserver import LocalServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT = "bench-fair/d"

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flowsubmit.intake import SWITCH_INTERVAL_S, Intake
-from flowsubmit.queue import Queue
+from flowsubmit.queue.folders import Queue
+from flowsubmit.service.intake import SWITCH_INTERVAL_S, Intake
 from flowsubmit.settings import Settings
 
 #: Two producers by uid (no user entry is needed: a producer is a file's owner).

@@ -6,7 +6,7 @@ Run: ``.venv/bin/python bench/scale.py [runs] [--topology] [--submit-only]``
 driver) and prints its rate: the quick loop for work on the submission path.
 
 By default the script starts its own embedded SQLite-backed server; with
-``--topology`` it starts the production topology (``flowsubmit.topology``:
+``--topology`` it starts the production topology (``flowsubmit.local.topology``:
 PostgreSQL, Redis, two API replicas, an auth string): the daemon talks to replica A,
 the driver to replica B, so every final event reaches the daemon through Redis.
 
@@ -54,7 +54,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test proxy and driver are shared with the tests
 
-from flowsubmit.localserver import LocalServer  # noqa: E402
+from flowsubmit.local.localserver import LocalServer  # noqa: E402
 
 FLOW = "bench-scale"
 BULK = 100
@@ -227,7 +227,7 @@ async def raw_phase(runs: int) -> tuple[float, int]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from tests.proxy import Proxy
 
-    from flowsubmit.gateway import Gateway
+    from flowsubmit.gateway.client import Gateway
 
     name = await _deployment()
     async with Gateway() as gateway:
@@ -246,7 +246,7 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
     """The daemon's figures, added to ``row``; then the table is printed."""
     from tests.proxy import Proxy
 
-    from flowsubmit.runset import job_tag
+    from flowsubmit.engine.runset import job_tag
 
     runs = row["runs"]
     name = await _deployment()
@@ -361,7 +361,7 @@ async def _drive(tag: str, runs: int) -> None:
 @contextlib.contextmanager
 def _server(topology: bool) -> Iterator[dict[str, str]]:
     """A fresh server (or topology) for one phase: sets its client environment, yields the driver's."""
-    from flowsubmit.topology import Topology
+    from flowsubmit.local.topology import Topology
 
     before = dict(os.environ)
     started: Topology | LocalServer = Topology() if topology else LocalServer()

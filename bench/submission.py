@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 
-from flowsubmit.localserver import LocalServer
+from flowsubmit.local.localserver import LocalServer
 
 
 async def _one(runs: int, inflight: int, batch: int, bulk: bool) -> tuple[float, int, int, int]:
@@ -22,7 +22,7 @@ async def _one(runs: int, inflight: int, batch: int, bulk: bool) -> tuple[float,
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
     from flowsubmit._types import RunRequest
-    from flowsubmit.gateway import Gateway
+    from flowsubmit.gateway.client import Gateway
 
     name = f"bench-{uuid.uuid4().hex[:6]}"
 

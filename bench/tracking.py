@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowsubmit.localserver import LocalServer
+from flowsubmit.local.localserver import LocalServer
 
 POLL_INTERVAL_S = 5.0
 SEED_INTERVAL_S = 5.0
@@ -266,8 +266,8 @@ async def _visibility_probe(gateway: Any, tracker: Any, n: int, deployment: Any)
 
 
 async def main() -> None:
-    from flowsubmit.gateway import Gateway
-    from flowsubmit.tracker import Tracker
+    from flowsubmit.engine.tracker import Tracker
+    from flowsubmit.gateway.client import Gateway
 
     name = await _deployment_name()
     rows: list[Row] = []

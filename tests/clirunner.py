@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import flowsubmit.cli
-import flowsubmit.executor
-import flowsubmit.gateway
-import flowsubmit.service
+import flowsubmit.gateway.client
+import flowsubmit.service.daemon
+import flowsubmit.service.executor
 
 
 def run(case: dict[str, Any], workdir: Path) -> dict[str, Any]:

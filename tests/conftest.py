@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from flowsubmit.localserver import LocalServer, free_port, prefect_env, served_flows
-from flowsubmit.queue import Queue
-from flowsubmit.topology import Topology
+from flowsubmit.local.localserver import LocalServer, free_port, prefect_env, served_flows
+from flowsubmit.local.topology import Topology
+from flowsubmit.queue.folders import Queue
 
 _HOME = Path(tempfile.mkdtemp(prefix="flowsubmit-tests-"))
 _PORT = free_port()

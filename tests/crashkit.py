@@ -18,7 +18,7 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-from flowsubmit.localserver import LocalServer
+from flowsubmit.local.localserver import LocalServer
 from tests.driver import drive
 
 

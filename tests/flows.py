@@ -10,7 +10,7 @@ from typing import cast
 from prefect import flow, serve
 from prefect.deployments.runner import RunnerDeployment
 
-from flowsubmit.examples import process_table_etl
+from flowsubmit.local.examples import process_table_etl
 
 #: Served deployments (a runner executes their runs).
 ETL = "process-table-etl/process-table-etl-deployment"

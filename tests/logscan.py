@@ -12,7 +12,7 @@ LEVELS = {"debug", "info", "warning", "error", "critical", "exception"}
 def logged_events() -> dict[str, set[str]]:
     """``{event name: {keys}}`` for every ``log.<level>("name", key=...)`` call in the package."""
     events: dict[str, set[str]] = {}
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if not (
                 isinstance(node, ast.Call)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from flowsubmit.localserver import LocalServer
+from flowsubmit.local.localserver import LocalServer
 from tests.conftest import Daemon, result_of, spawn_daemon
 from tests.driver import drive, wait_for_runs
 from tests.flows import ETL, VAULT

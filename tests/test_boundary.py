@@ -18,10 +18,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from flowsubmit.errors import JobRejected
-from flowsubmit.intake import SWITCH_INTERVAL_S, Intake
-from flowsubmit.jobs import Job
-from flowsubmit.policy import Producer
-from flowsubmit.queue import Claim, Queue
+from flowsubmit.jobs.model import Job
+from flowsubmit.jobs.policy import Producer
+from flowsubmit.queue.folders import Claim, Queue
+from flowsubmit.service.intake import SWITCH_INTERVAL_S, Intake
 from flowsubmit.settings import Settings
 
 #: The victim and the attacker: two real users, created for this module and removed after it.

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flowsubmit import jobs
 from flowsubmit._wording import show
 from flowsubmit.cli import main as cli
 from flowsubmit.errors import JobRejected, PermanentGatewayError
-from flowsubmit.gateway import Gateway
-from flowsubmit.jobs import (
+from flowsubmit.gateway.client import Gateway
+from flowsubmit.jobs import model as jobs
+from flowsubmit.jobs.model import (
     MAX_PROBLEMS,
     RESERVED_ID_SUFFIXES,
     Job,
@@ -25,7 +25,7 @@ from flowsubmit.jobs import (
     deployment_name_problem,
     parse_job,
 )
-from flowsubmit.policy import (
+from flowsubmit.jobs.policy import (
     Policy,
     Producer,
     ProducerLimits,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from flowsubmit.cli import main
-from flowsubmit.jobs import job_schema
-from flowsubmit.queue import Queue
+from flowsubmit.jobs.model import job_schema
+from flowsubmit.queue.folders import Queue
 
 JOB = {
     "deployment": "etl/etl-deployment",
@@ -185,7 +185,7 @@ def test_docs_cli_lists_every_subcommand_and_option() -> None:
     """docs/cli.md has a section per subcommand naming each of its options (settings flags are documented once, as settings)."""
     import argparse
 
-    from flowsubmit.cli import _parser
+    from flowsubmit.cli.commands import _parser
     from flowsubmit.settings import Settings
     from tests.conftest import ROOT
 
@@ -208,7 +208,7 @@ def test_docs_cli_lists_every_subcommand_and_option() -> None:
 
 def test_errors_that_are_not_flowsubmit_s_own_are_one_line_too() -> None:
     """An OS error names its file, a timeout says so, and a bug is an internal error with a hint, never a traceback."""
-    from flowsubmit.cli_errors import describe
+    from flowsubmit.cli.errors import describe
 
     assert describe(PermissionError(13, "Permission denied", "/q/tmp")).lines() == [
         "flowsubmit: /q/tmp: permission denied"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from flowsubmit.localserver import LocalServer
+from flowsubmit.local.localserver import LocalServer
 from tests.conftest import ROOT, Daemon
 from tests.driver import drive, wait_for_runs
 from tests.flows import DRIVEN

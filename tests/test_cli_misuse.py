@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from flowsubmit.localserver import LocalServer, free_port
-from flowsubmit.queue import FOLDERS, Queue
+from flowsubmit.local.localserver import LocalServer, free_port
+from flowsubmit.queue.folders import FOLDERS, Queue
 from tests.conftest import ROOT
 from tests.flows import DRIVEN
 

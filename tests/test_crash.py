@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
+from flowsubmit.engine.runset import job_tag
 from flowsubmit.errors import ClaimLost
-from flowsubmit.journal import Journal, replay
-from flowsubmit.localserver import LocalServer
-from flowsubmit.queue import JobLock, Queue
-from flowsubmit.runset import job_tag
+from flowsubmit.local.localserver import LocalServer
+from flowsubmit.queue.folders import JobLock, Queue
+from flowsubmit.queue.journal import Journal, replay
 from tests.conftest import ROOT, Daemon, result_of
 from tests.crashkit import BackgroundDriver, server_runs
 from tests.flows import DRIVEN

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flowsubmit.localserver import prefect_env
+from flowsubmit.local.localserver import prefect_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from flowsubmit.jobs import job_schema
+from flowsubmit.jobs.model import job_schema
 from flowsubmit.settings import Settings, example_toml
 from tests.logscan import logged_events
 

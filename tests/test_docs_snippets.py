@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flowsubmit.localserver import LocalServer
+from flowsubmit.local.localserver import LocalServer
 from tests.conftest import ROOT
 
 DOCS = ("README.md", "docs/library.md")

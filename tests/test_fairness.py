@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flowsubmit.journal import replay
-from flowsubmit.localserver import LocalServer
-from flowsubmit.runset import job_tag
+from flowsubmit.engine.runset import job_tag
+from flowsubmit.local.localserver import LocalServer
+from flowsubmit.queue.journal import replay
 from tests.conftest import Daemon, result_of
 from tests.crashkit import BackgroundDriver
 from tests.test_crash import _job, assert_exactly_once, drop

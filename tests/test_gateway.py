@@ -14,10 +14,10 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from structlog.testing import capture_logs
 
 from flowsubmit._types import RunRequest
+from flowsubmit.engine.runset import idempotency_key
 from flowsubmit.errors import PermanentGatewayError, TransientGatewayError
-from flowsubmit.gateway import Gateway
-from flowsubmit.localserver import LocalServer, free_port
-from flowsubmit.runset import idempotency_key
+from flowsubmit.gateway.client import Gateway
+from flowsubmit.local.localserver import LocalServer, free_port
 from tests.flows import DRIVEN
 from tests.proxy import Proxy, missing_route
 

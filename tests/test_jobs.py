@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from flowsubmit.engine.runset import idempotency_key
 from flowsubmit.errors import JobRejected
-from flowsubmit.jobs import RunSpec, parse_job
-from flowsubmit.runset import idempotency_key
+from flowsubmit.jobs.model import RunSpec, parse_job
 
 
 def _job(**fields: object) -> bytes:

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from flowsubmit._types import Deployment
 from flowsubmit.errors import ClaimLost, JobRejected
-from flowsubmit.gateway import parameter_problem
-from flowsubmit.intake import Intake
-from flowsubmit.jobs import MAX_NESTING, Job, parse_job
-from flowsubmit.queue import Candidate, Queue, printable_name, safe_name
+from flowsubmit.gateway.client import parameter_problem
+from flowsubmit.jobs.model import MAX_NESTING, Job, parse_job
+from flowsubmit.queue.folders import Candidate, Queue, printable_name, safe_name
+from flowsubmit.service.intake import Intake
 from flowsubmit.settings import Settings
 
 DEPLOYMENT = "etl/etl-deployment"

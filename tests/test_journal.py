@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flowsubmit._types import RunSnapshot
-from flowsubmit.journal import Journal, replay, snapshot_record
+from flowsubmit.queue.journal import Journal, replay, snapshot_record
 
 
 def test_replay_restores_created_runs_and_finals(tmp_path: Path) -> None:

@@ -24,8 +24,8 @@ from flowsubmit import (
     WaitTimeout,
     flow_submitter,
 )
-from flowsubmit.localserver import LocalServer, free_port
-from flowsubmit.runset import submission_key
+from flowsubmit.engine.runset import submission_key
+from flowsubmit.local.localserver import LocalServer, free_port
 from tests.driver import drive, wait_for_runs
 from tests.flows import DRIVEN, ETL
 from tests.proxy import Proxy

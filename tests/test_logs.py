@@ -10,7 +10,7 @@ import structlog
 
 from flowsubmit import logs
 from flowsubmit._types import RunSnapshot
-from flowsubmit.results import finished_message
+from flowsubmit.engine.results import finished_message
 
 
 @pytest.fixture(autouse=True)

@@ -20,9 +20,9 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowsubmit.cli import main
-from flowsubmit.localserver import free_port, prefect_env
+from flowsubmit.local.localserver import free_port, prefect_env
 from flowsubmit.logs import render_console, resolve_format
-from flowsubmit.retention import prune_periodically
+from flowsubmit.ops.retention import prune_periodically
 from tests.conftest import ROOT, Daemon, enqueue, result_of
 from tests.flows import ETL
 

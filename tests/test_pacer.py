@@ -1,10 +1,10 @@
-"""The create-call limits of ``pacer.py``, as pure logic (no server): the contention limit and the call size."""
+"""The create-call limits of ``gateway/pacer.py``, as pure logic (no server): the contention limit and the call size."""
 
 from __future__ import annotations
 
 import structlog
 
-from flowsubmit.pacer import CallLimit, CallSize
+from flowsubmit.gateway.pacer import CallLimit, CallSize
 
 
 def test_calls_start_at_one_and_open_up_after_a_short_clean_streak() -> None:

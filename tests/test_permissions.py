@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from flowsubmit.localserver import LocalServer
+from flowsubmit.local.localserver import LocalServer
 from tests.conftest import ROOT, Daemon
 from tests.driver import drive, wait_for_runs
 from tests.flows import VAULT

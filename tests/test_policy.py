@@ -13,8 +13,8 @@ from pydantic import ValidationError
 
 from flowsubmit.cli import main as cli
 from flowsubmit.errors import JobRejected
-from flowsubmit.jobs import Job
-from flowsubmit.policy import (
+from flowsubmit.jobs.model import Job
+from flowsubmit.jobs.policy import (
     Policy,
     Producer,
     ProducerRule,

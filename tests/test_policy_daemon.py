@@ -15,7 +15,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
-from flowsubmit.localserver import LocalServer
+from flowsubmit.local.localserver import LocalServer
 from tests.conftest import Daemon, result_of
 from tests.driver import drive, wait_for_runs
 from tests.flows import DRIVEN, ETL, VAULT

@@ -26,12 +26,12 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary
 from redis import Redis
 
 from flowsubmit import AuthenticationError, flow_submitter
-from flowsubmit.demo import FAILING_TABLES
+from flowsubmit.cli.demo import FAILING_TABLES
+from flowsubmit.engine.runset import job_tag
 from flowsubmit.errors import TransientGatewayError
-from flowsubmit.gateway import _translate_errors
-from flowsubmit.localserver import LocalServer
-from flowsubmit.runset import job_tag
-from flowsubmit.topology import REDIS, Topology, claim_redis_db, release_redis_db
+from flowsubmit.gateway.client import _translate_errors
+from flowsubmit.local.localserver import LocalServer
+from flowsubmit.local.topology import REDIS, Topology, claim_redis_db, release_redis_db
 from tests.conftest import Daemon, enqueue, result_of
 from tests.crashkit import BackgroundDriver, client_of, server_runs
 from tests.driver import drive

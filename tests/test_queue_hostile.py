@@ -18,9 +18,9 @@ import structlog
 
 from flowsubmit._types import RunSnapshot
 from flowsubmit.cli import main
-from flowsubmit.heartbeat import Heartbeat, scan
-from flowsubmit.localserver import LocalServer
-from flowsubmit.queue import FOLDERS, safe_name
+from flowsubmit.local.localserver import LocalServer
+from flowsubmit.ops.heartbeat import Heartbeat, scan
+from flowsubmit.queue.folders import FOLDERS, safe_name
 from tests.conftest import ROOT, Daemon, result_of
 from tests.driver import wait_for_runs
 from tests.flows import VAULT
@@ -194,7 +194,7 @@ def test_cancel_does_not_hang_on_a_fifo_in_incoming(tmp_path: Path) -> None:
 def test_a_rejection_masks_secret_assignments_in_its_reason_and_hint() -> None:
     """`password=hunter2` echoed by a rejection loses its value in the reason, the hint, the error file body and the message."""
     from flowsubmit.errors import JobRejected
-    from flowsubmit.jobs import check_job
+    from flowsubmit.jobs.model import check_job
 
     _, problems = check_job(
         b'{"deployment": "a/b", "parameters": "password=hunter2"}', file="x.json", max_runs=10
@@ -215,9 +215,9 @@ def test_a_rejection_masks_secret_assignments_in_its_reason_and_hint() -> None:
 
 def test_a_journal_final_record_is_masked_like_the_result(tmp_path: Path) -> None:
     """The daemon's ledger writes a final record whose state message is masked as the result file's is."""
-    from flowsubmit.executor import _JournalLedger
-    from flowsubmit.journal import Journal
-    from flowsubmit.results import RunRecord
+    from flowsubmit.engine.results import RunRecord
+    from flowsubmit.queue.journal import Journal
+    from flowsubmit.service.executor import _JournalLedger
 
     message = (
         "ValueError: bad config {'api_key': 'abc123', 'table': 3}; retry with password=hunter2"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from watchfiles import Change
 
-from flowsubmit.queue import Queue, is_job_name
-from flowsubmit.watcher import job_file_changed
+from flowsubmit.queue.folders import Queue, is_job_name
+from flowsubmit.queue.watcher import job_file_changed
 
 
 def test_cancel_request_round_trip(tmp_path: Path) -> None:
@@ -52,7 +52,7 @@ def test_state_messages_are_masked_like_parameters() -> None:
 
 def test_summary_names_cancelled_runs() -> None:
     """The summary sentence says how many runs were cancelled, and `failed` does not count them."""
-    from flowsubmit.results import RunRecord, Summary
+    from flowsubmit.engine.results import RunRecord, Summary
 
     def record(state_type: str | None) -> RunRecord:
         return RunRecord(0, 0, "f/d", {}, state_type=state_type, state_name=state_type)

@@ -21,14 +21,14 @@ from structlog.testing import capture_logs
 import flowsubmit
 from flowsubmit import TransientGatewayError, WaitTimeout, flow_submitter
 from flowsubmit._types import JobStatus
+from flowsubmit.engine.runset import job_tag
+from flowsubmit.engine.tracker import Tracker
 from flowsubmit.errors import JobRejected
-from flowsubmit.executor import Executor
-from flowsubmit.gateway import Gateway
-from flowsubmit.jobs import parse_job
-from flowsubmit.journal import Journal
-from flowsubmit.localserver import LocalServer, free_port
-from flowsubmit.runset import job_tag
-from flowsubmit.tracker import Tracker
+from flowsubmit.gateway.client import Gateway
+from flowsubmit.jobs.model import parse_job
+from flowsubmit.local.localserver import LocalServer, free_port
+from flowsubmit.queue.journal import Journal
+from flowsubmit.service.executor import Executor
 from tests.driver import drive, wait_for_runs
 from tests.flows import DRIVEN
 
@@ -67,7 +67,7 @@ async def test_executor_cancel_goes_on_past_a_refused_cancel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A daemon job's cancel: run.cancel_failed at warning for the refused run, the others end Cancelled."""
-    monkeypatch.setattr("flowsubmit.executor.CANCEL_GRACE_S", 1.0)
+    monkeypatch.setattr("flowsubmit.service.executor.CANCEL_GRACE_S", 1.0)
     job_id, run_tag = f"refused-{uuid.uuid4().hex[:8]}", f"runset-{uuid.uuid4().hex[:8]}"
     job = parse_job(json.dumps({"deployment": DRIVEN, "matrix": {"table": [0, 1, 2]}}).encode())
     journal, state = Journal.open(tmp_path / f"{job_id}.journal")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flowsubmit.localserver import LocalServer
-from flowsubmit.runset import job_tag
+from flowsubmit.engine.runset import job_tag
+from flowsubmit.local.localserver import LocalServer
 from tests.conftest import Daemon, enqueue, result_of
 from tests.crashkit import runs_tagged
 from tests.driver import drive

@@ -9,7 +9,7 @@ import pytest
 
 from flowsubmit._types import Deployment, RunRequest
 from flowsubmit.errors import ClosedError
-from flowsubmit.scheduler import RELIEF_EVERY, CreateScheduler, TurnOrder
+from flowsubmit.gateway.scheduler import RELIEF_EVERY, CreateScheduler, TurnOrder
 
 Item = tuple[str, int]
 

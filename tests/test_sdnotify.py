@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flowsubmit.localserver import LocalServer
-from flowsubmit.sdnotify import Notifier
+from flowsubmit.local.localserver import LocalServer
+from flowsubmit.ops.sdnotify import Notifier
 from tests.conftest import spawn_daemon
 
 

@@ -17,9 +17,9 @@ from prefect.states import Running
 from structlog.testing import capture_logs
 
 from flowsubmit._types import RunRequest, RunSnapshot
-from flowsubmit.gateway import Gateway
-from flowsubmit.localserver import LocalServer
-from flowsubmit.tracker import Tracker, TrackerMode
+from flowsubmit.engine.tracker import Tracker, TrackerMode
+from flowsubmit.gateway.client import Gateway
+from flowsubmit.local.localserver import LocalServer
 from tests.driver import drive
 from tests.flows import DRIVEN, TIMEOUT, driven
 from tests.proxy import Proxy

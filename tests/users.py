@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flowsubmit.heartbeat import _alive  # the one liveness check of a pid (kill 0)
+from flowsubmit.ops.heartbeat import _alive  # the one liveness check of a pid (kill 0)
 
 __all__ = ["User", "add_user", "remove_accounts", "remove_leftovers", "run_as", "user"]
 

@@ -84,7 +84,7 @@ class RunRequest:
     name: str | None = None
     #: Who the run belongs to (a job id): creates of one lane share that job's turns.
     lane: str = ""
-    #: The job's ``priority``: a higher one gets its turns first (``scheduler.py``).
+    #: The job's ``priority``: a higher one gets its turns first (``gateway.scheduler``).
     priority: int = 0
 
 

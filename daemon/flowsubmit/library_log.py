@@ -16,8 +16,8 @@ import logging
 from typing import Any
 
 from flowsubmit._types import RunSnapshot
+from flowsubmit.engine.results import RunRecord, Summary
 from flowsubmit.errors import GatewayError
-from flowsubmit.results import RunRecord, Summary
 
 __all__ = ["LOGGER_NAME", "SubmissionReporter"]
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics: the registry, every ``flowsubmit_*`` metric, and the small HTTP server for ``/metrics`` and ``/healthz``.
+"""Prometheus metrics: the registry and every ``flowsubmit_*`` metric (``ops.http`` serves them).
 
 The metrics are module-level objects in a registry of their own (not the process-wide
 default one, which a library user's application may own), so the modules that count
@@ -9,27 +9,12 @@ docs/metrics.md.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import functools
-import json
-from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
 
-import structlog
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from flowsubmit._types import RunSnapshot
-from flowsubmit.connection import versions
-from flowsubmit.errors import GatewayError, SettingsError, TransientGatewayError
+from flowsubmit.errors import GatewayError, TransientGatewayError
 
 __all__ = [
     "BUILD_INFO",
@@ -46,11 +31,7 @@ __all__ = [
     "TRACKER_STREAMING",
     "count_prefect_error",
     "observe_detection",
-    "serve",
-    "track_gauges",
 ]
-
-log = structlog.get_logger("flowsubmit.metrics")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -131,89 +112,3 @@ def observe_detection(snap: RunSnapshot) -> None:
     if snap.end_time is not None:
         latency_s = (datetime.now(UTC) - snap.end_time).total_seconds()
         DETECTION_LATENCY.observe(max(latency_s, 0.0))
-
-
-def track_gauges(
-    *,
-    in_flight: Callable[[], float],
-    streaming: Callable[[], float],
-    queue_files: Callable[[str], float],
-    folders: Iterable[str],
-) -> None:
-    """Read the gauges from their owners at every scrape (the daemon calls this once)."""
-    RUNS_IN_FLIGHT.set_function(in_flight)
-    TRACKER_STREAMING.set_function(streaming)
-    for folder in folders:
-        QUEUE_FILES.labels(folder).set_function(functools.partial(queue_files, folder))
-    BUILD_INFO.labels(*versions()).set(1)
-
-
-#: The health answer: ``None`` when healthy, else the reason (served as 503).
-HealthCheck = Callable[[], str | None]
-
-
-@contextlib.asynccontextmanager
-async def serve(host: str, port: int, health: HealthCheck) -> AsyncIterator[int]:
-    """Serve ``/metrics`` and ``/healthz`` on ``host:port`` until the block ends; yields the port.
-
-    A tiny HTTP/1.0 handler on asyncio, so the daemon needs no thread and no web
-    framework: a scrape reads a few counters and writes one response.
-    """
-    # The *_created series only add noise to every counter.
-    disable_created_metrics()  # type: ignore[no-untyped-call]
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(10):
-                request = await reader.readuntil(b"\r\n\r\n")
-                writer.write(_respond(request, health))
-                await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-            pass  # a client that hangs up or sends garbage gets nothing more
-        finally:
-            writer.close()
-
-    try:
-        server = await asyncio.start_server(handle, host, port)
-    except OSError as exc:
-        raise SettingsError(
-            "metrics_port", f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-        ) from exc
-    bound = int(server.sockets[0].getsockname()[1])
-    log.info("metrics.serving", host=host, port=bound)
-    try:
-        yield bound
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-def _respond(request: bytes, health: HealthCheck) -> bytes:
-    """The whole HTTP response to one request."""
-    parts = request.split(b" ", 2)
-    method = parts[0] if parts else b""
-    path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
-    if method not in (b"GET", b"HEAD"):
-        return _http(405, "text/plain", b"method not allowed\n")
-    if path == b"/metrics":
-        return _http(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY), head=method == b"HEAD")
-    if path == b"/healthz":
-        reason = health()
-        body = {"status": "ok"} if reason is None else {"status": "unhealthy", "reason": reason}
-        code = 200 if reason is None else 503
-        data = (json.dumps(body) + "\n").encode()
-        return _http(code, "application/json", data, head=method == b"HEAD")
-    return _http(404, "text/plain", b"not found: try /metrics or /healthz\n")
-
-
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
-
-
-def _http(code: int, content_type: str, body: bytes, *, head: bool = False) -> bytes:
-    header = (
-        f"HTTP/1.0 {code} {_REASONS[code]}\r\n"
-        f"Content-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return header.encode() + (b"" if head else body)

@@ -18,8 +18,8 @@ from pydantic_settings import (
 
 from flowsubmit._wording import did_you_mean, sentence
 from flowsubmit.errors import SettingsError
-from flowsubmit.jobs import PRIORITY_MAX, PRIORITY_MIN
-from flowsubmit.policy import ProducerRule
+from flowsubmit.jobs.model import PRIORITY_MAX, PRIORITY_MIN
+from flowsubmit.jobs.policy import ProducerRule
 
 __all__ = ["Settings", "crash_point", "example_toml"]
 

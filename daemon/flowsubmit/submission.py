@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from flowsubmit._types import RunSnapshot
+from flowsubmit.engine.results import RunRecord
+from flowsubmit.engine.runset import CANCEL_GRACE_S, RunSet, submission_key, submission_tag
+from flowsubmit.engine.tracker import Tracker
 from flowsubmit.errors import (
     AuthenticationError,
     ClosedError,
@@ -36,12 +39,9 @@ from flowsubmit.errors import (
     TransientGatewayError,
     WaitTimeout,
 )
-from flowsubmit.gateway import Gateway
-from flowsubmit.jobs import deployment_name_problem
+from flowsubmit.gateway.client import Gateway
+from flowsubmit.jobs.model import deployment_name_problem
 from flowsubmit.library_log import SubmissionReporter
-from flowsubmit.results import RunRecord
-from flowsubmit.runset import CANCEL_GRACE_S, RunSet, submission_key, submission_tag
-from flowsubmit.tracker import Tracker
 
 __all__ = ["FlowSubmission", "flow_submitter", "run_batch"]
 
@@ -554,7 +554,7 @@ async def _refuse_wrong_credentials(gateway: Gateway) -> None:
 
 def _unreachable(exc: GatewayError, tolerance_s: float) -> TransientGatewayError:
     """The one error a script sees when Prefect does not answer: which API, for how long."""
-    from flowsubmit.connection import configured_api_url, display_url
+    from flowsubmit.gateway.connection import configured_api_url, display_url
 
     url = display_url(configured_api_url())
     return TransientGatewayError(

@@ -25,10 +25,10 @@ from rich.table import Table
 from rich.text import Text
 
 from flowsubmit.errors import JobRejected
-from flowsubmit.fsutil import read_regular
-from flowsubmit.heartbeat import read as read_heartbeats
-from flowsubmit.journal import JournalState, replay
-from flowsubmit.queue import FOLDERS, JobLock, Queue, is_job_name, job_files
+from flowsubmit.ops.heartbeat import read as read_heartbeats
+from flowsubmit.queue.folders import FOLDERS, JobLock, Queue, is_job_name, job_files
+from flowsubmit.queue.fsutil import read_regular
+from flowsubmit.queue.journal import JournalState, replay
 from flowsubmit.settings import Settings
 
 __all__ = ["document", "render"]
@@ -96,7 +96,7 @@ def _job(queue: Queue, job_id: str, now: float, max_job_bytes: int) -> dict[str,
 
 def _total_runs(path: Path, max_job_bytes: int) -> int | None:
     """Runs the job file asks for; None when it is not a regular file, larger than ``max_job_bytes``, or bad."""
-    from flowsubmit.jobs import parse_job  # pydantic models: only the job view needs them
+    from flowsubmit.jobs.model import parse_job  # pydantic models: only the job view needs them
 
     try:
         data, _ = read_regular(path, max_job_bytes, single_link=False)

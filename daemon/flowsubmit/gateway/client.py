@@ -61,7 +61,6 @@ from tenacity.wait import wait_exponential_jitter
 
 from flowsubmit import metrics
 from flowsubmit._types import FINAL_STATE_TYPES, Deployment, RunRequest, RunSnapshot
-from flowsubmit.connection import configured_api_url, display_url
 from flowsubmit.errors import (
     AuthenticationError,
     ClosedError,
@@ -70,10 +69,11 @@ from flowsubmit.errors import (
     PermanentGatewayError,
     TransientGatewayError,
 )
+from flowsubmit.gateway.connection import configured_api_url, display_url
+from flowsubmit.gateway.pacer import CallLimit, CallSize, Pacer
+from flowsubmit.gateway.scheduler import CreateScheduler
 from flowsubmit.logs import get_logger
-from flowsubmit.pacer import CallLimit, CallSize, Pacer
 from flowsubmit.redaction import mentions_secret
-from flowsubmit.scheduler import CreateScheduler
 
 __all__ = ["READ_BATCH", "Gateway", "parameter_problem"]
 
@@ -398,7 +398,7 @@ class Gateway:
         """Create (or find, by idempotency key) one run; concurrent calls are sent in bulk.
 
         The run waits its turn in ``request.lane`` (its job) at ``request.priority``:
-        the scheduler shares the calls in flight fairly between jobs (``scheduler.py``).
+        the scheduler shares the calls in flight fairly between jobs (``gateway.scheduler``).
         """
         return await self._scheduler.create(deployment, request)
 

@@ -13,18 +13,24 @@ from structlog.contextvars import bound_contextvars
 
 from flowsubmit import metrics
 from flowsubmit._types import Deployment, GatewayProtocol, JobStatus, RunSnapshot
+from flowsubmit.engine.results import JobResult, RunRecord
+from flowsubmit.engine.runset import (
+    CANCEL_GRACE_S,
+    RunSet,
+    idempotency_key,
+    job_tag,
+    parameter_error,
+)
+from flowsubmit.engine.tracker import Tracker
 from flowsubmit.errors import (
     GatewayError,
     JobRejected,
     PermanentGatewayError,
     TransientGatewayError,
 )
-from flowsubmit.jobs import DEPLOYMENT_HINT, Job, Stage
-from flowsubmit.journal import Journal, JournalState, snapshot_record
-from flowsubmit.policy import Producer
-from flowsubmit.results import JobResult, RunRecord
-from flowsubmit.runset import CANCEL_GRACE_S, RunSet, idempotency_key, job_tag, parameter_error
-from flowsubmit.tracker import Tracker
+from flowsubmit.jobs.model import DEPLOYMENT_HINT, Job, Stage
+from flowsubmit.jobs.policy import Producer
+from flowsubmit.queue.journal import Journal, JournalState, snapshot_record
 
 __all__ = ["Executor", "JobOutcome", "prepare"]
 

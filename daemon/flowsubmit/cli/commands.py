@@ -18,7 +18,15 @@ from typing import Any
 
 from flowsubmit import logs
 from flowsubmit._types import JobStatus
-from flowsubmit.cli_errors import (
+from flowsubmit.cli.actions import (
+    ask_prefect,
+    cancel,
+    drop,
+    open_queue,
+    refuse_known_id,
+    wait_for_end,
+)
+from flowsubmit.cli.errors import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -27,20 +35,12 @@ from flowsubmit.cli_errors import (
     Parser,
     guarded,
 )
-from flowsubmit.cli_files import check_file, check_patterns, print_problems
-from flowsubmit.cli_queue import (
-    ask_prefect,
-    cancel,
-    drop,
-    open_queue,
-    refuse_known_id,
-    wait_for_end,
-)
-from flowsubmit.connection import configured_api_url, versions
+from flowsubmit.cli.files import check_file, check_patterns, print_problems
 from flowsubmit.errors import JobRejected
-from flowsubmit.jobs import PRIORITY_MAX, PRIORITY_MIN, Job, job_schema
-from flowsubmit.policy import Policy, current_producer, reserved_tag_problems
-from flowsubmit.queue import new_job_id
+from flowsubmit.gateway.connection import configured_api_url, versions
+from flowsubmit.jobs.model import PRIORITY_MAX, PRIORITY_MIN, Job, job_schema
+from flowsubmit.jobs.policy import Policy, current_producer, reserved_tag_problems
+from flowsubmit.queue.folders import new_job_id
 from flowsubmit.settings import Settings
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -339,7 +339,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     open_queue(settings, create=True)
     configured_api_url()  # refuse before anything could start Prefect's temporary server
-    from flowsubmit.service import Service  # Prefect is imported only once the arguments are good
+    from flowsubmit.service.daemon import (
+        Service,  # Prefect is imported only once the arguments are good
+    )
 
     logs.configure(settings.log_format, settings.log_level)
     asyncio.run(Service(settings).run())
@@ -442,7 +444,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from flowsubmit.status import document, render
+    from flowsubmit.ops.status import document, render
 
     settings = _settings(args)
     queue = open_queue(settings, hint="is it the daemon's --queue?")
@@ -486,7 +488,7 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    from flowsubmit.heartbeat import health
+    from flowsubmit.ops.heartbeat import health
 
     try:
         queue = open_queue(_settings(args), hint="is it the daemon's --queue?")
@@ -500,7 +502,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from flowsubmit.retention import parse_age, prune
+    from flowsubmit.ops.retention import parse_age, prune
 
     try:
         older_than_s = parse_age(args.older_than)
@@ -522,7 +524,7 @@ def _cmd_schema(_: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from flowsubmit.demo import run_demo
+    from flowsubmit.cli.demo import run_demo
 
     if args.runs < 1:
         raise CliError("demo --runs", f"must be at least 1, not {args.runs}")
@@ -544,7 +546,3 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "schema": _cmd_schema,
     "demo": _cmd_demo,
 }
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -12,7 +12,7 @@ from watchfiles import Change, awatch
 from watchfiles._rust_notify import WatchfilesRustInternalError
 
 from flowsubmit._aio import wait_event
-from flowsubmit.queue import is_job_name
+from flowsubmit.queue.folders import is_job_name
 
 __all__ = ["job_file_changed", "wakeups"]
 

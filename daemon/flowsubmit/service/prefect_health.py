@@ -9,10 +9,10 @@ from collections.abc import Callable
 import structlog
 
 from flowsubmit._aio import wait_event
-from flowsubmit.connection import display_url
 from flowsubmit.errors import AuthenticationError, GatewayError
-from flowsubmit.gateway import Gateway
-from flowsubmit.sdnotify import Notifier
+from flowsubmit.gateway.client import Gateway
+from flowsubmit.gateway.connection import display_url
+from flowsubmit.ops.sdnotify import Notifier
 
 __all__ = ["PrefectHealth"]
 

@@ -1,4 +1,4 @@
-"""The example flow of the demo, served with ``flow.serve``: ``python -m flowsubmit.examples``."""
+"""The example flow of the demo, served with ``flow.serve``: ``python -m flowsubmit.local.examples``."""
 
 from __future__ import annotations
 

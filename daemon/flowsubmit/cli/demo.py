@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flowsubmit.localserver import LocalServer, served_flows
-from flowsubmit.queue import Queue
+from flowsubmit.local.localserver import LocalServer, served_flows
+from flowsubmit.queue.folders import Queue
 
 __all__ = ["demo_job", "plan", "run_demo"]
 
@@ -55,7 +55,7 @@ def run_demo(runs: int = 20, log_format: str = "json", timeout_s: float = 180.0)
         say(f"starting a local Prefect server (SQLite in {home}) ...")
         with LocalServer(home=Path(home)) as server:
             say(f"Prefect API at {server.api_url}; serving the example flow ...")
-            with served_flows(server, "flowsubmit.examples"):
+            with served_flows(server, "flowsubmit.local.examples"):
                 return _run_daemon_and_job(server, queue, runs, log_format, timeout_s, say)
 
 

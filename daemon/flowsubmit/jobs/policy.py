@@ -27,10 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flowsubmit._wording import short, show
 from flowsubmit.errors import JobRejected
-from flowsubmit.jobs import PRIORITY_MAX, PRIORITY_MIN, capped
+from flowsubmit.jobs.model import PRIORITY_MAX, PRIORITY_MIN, capped
 
 if TYPE_CHECKING:
-    from flowsubmit.jobs import Job
+    from flowsubmit.jobs.model import Job
     from flowsubmit.settings import Settings
 
 __all__ = [

@@ -17,10 +17,10 @@ from pathlib import Path
 import structlog
 
 from flowsubmit.errors import ClaimLost, JobRejected
-from flowsubmit.fsutil import UnsafeFile, read_regular
-from flowsubmit.jobs import Job, parse_job
-from flowsubmit.policy import Policy, Producer, producer_by_uid, producer_of
-from flowsubmit.queue import Candidate, Claim, Judged, Queue, new_job_id, printable_name
+from flowsubmit.jobs.model import Job, parse_job
+from flowsubmit.jobs.policy import Policy, Producer, producer_by_uid, producer_of
+from flowsubmit.queue.folders import Candidate, Claim, Judged, Queue, new_job_id, printable_name
+from flowsubmit.queue.fsutil import UnsafeFile, read_regular
 from flowsubmit.settings import Settings
 
 __all__ = ["SWITCH_INTERVAL_S", "Intake"]

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowsubmit.fsutil import UnsafeFile, atomic_write, read_regular
-from flowsubmit.queue import safe_name
+from flowsubmit.queue.folders import safe_name
+from flowsubmit.queue.fsutil import UnsafeFile, atomic_write, read_regular
 
 __all__ = ["Beat", "Beats", "Heartbeat", "health", "read", "scan"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flowsubmit.errors import JobRejected
-from flowsubmit.jobs import Job, check_job
+from flowsubmit.jobs.model import Job, check_job
 from flowsubmit.settings import Settings
 
 __all__ = ["Checked", "check_file", "check_patterns", "display", "print_problems", "read_job_file"]

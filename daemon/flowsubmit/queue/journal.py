@@ -13,7 +13,7 @@ from typing import Any, Self
 
 from flowsubmit._types import RunSnapshot
 from flowsubmit.errors import ClosedError
-from flowsubmit.faults import CrashPoints
+from flowsubmit.queue.crashpoints import CrashPoints
 from flowsubmit.redaction import redact_text
 
 __all__ = ["Journal", "JournalState"]

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Self
 
 from flowsubmit.errors import ClaimLost, JobRejected
-from flowsubmit.faults import CrashPoints
-from flowsubmit.fsutil import (
+from flowsubmit.queue.crashpoints import CrashPoints
+from flowsubmit.queue.fsutil import (
     UnsafeFile,
     atomic_write,
     fsync_dir,
@@ -30,7 +30,7 @@ from flowsubmit.fsutil import (
     read_regular,
     unique_name,
 )
-from flowsubmit.journal import Journal, JournalState, replay
+from flowsubmit.queue.journal import Journal, JournalState, replay
 
 __all__ = [
     "FOLDERS",
@@ -475,7 +475,9 @@ class Queue:
 
     def progress(self, job_id: str, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> JobProgress:
         """What ``processing/JOB.journal`` says of the job: runs created and finished, of how many."""
-        from flowsubmit.jobs import parse_job  # pydantic models: only the CLI's status needs them
+        from flowsubmit.jobs.model import (
+            parse_job,  # pydantic models: only the CLI's status needs them
+        )
 
         path = self.processing / f"{job_id}.json"
         state = replay(path.with_suffix(".journal"))

@@ -63,7 +63,7 @@ class LocalServer:
     and database (to test outages). ``server_env`` overrides the server's settings
     (another database, a message broker), ``client_env`` adds to every client's
     (credentials), and ``services=False`` starts the API alone (``--no-services``):
-    that is how ``flowsubmit.topology`` builds its replicas.
+    that is how ``flowsubmit.local.topology`` builds its replicas.
     """
 
     def __init__(

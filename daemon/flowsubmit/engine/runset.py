@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from flowsubmit._types import Deployment, GatewayProtocol, RunRequest, RunSnapshot
+from flowsubmit.engine.results import RunRecord, Summary, finished_message
+from flowsubmit.engine.tracker import Tracker
 from flowsubmit.errors import GatewayError, JobRejected
-from flowsubmit.gateway import parameter_problem
-from flowsubmit.results import RunRecord, Summary, finished_message
-from flowsubmit.tracker import Tracker
+from flowsubmit.gateway.client import parameter_problem
 
 __all__ = [
     "CANCEL_GRACE_S",

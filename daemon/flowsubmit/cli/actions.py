@@ -9,15 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from flowsubmit._types import JobStatus
-from flowsubmit.cli_errors import EXIT_ERROR, EXIT_INTERRUPTED, CliError
+from flowsubmit.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, CliError
 from flowsubmit.errors import (
     AuthenticationError,
     ClaimLost,
     JobRejected,
     TransientGatewayError,
 )
-from flowsubmit.jobs import Job
-from flowsubmit.queue import DEFAULT_MAX_JOB_BYTES, FOLDERS, Queue
+from flowsubmit.jobs.model import Job
+from flowsubmit.queue.folders import DEFAULT_MAX_JOB_BYTES, FOLDERS, Queue
 from flowsubmit.settings import Settings
 
 __all__ = ["ask_prefect", "cancel", "drop", "open_queue", "refuse_known_id", "wait_for_end"]
@@ -122,8 +122,8 @@ async def ask_prefect(job: Job) -> None:
         CliError: Prefect does not answer within ``CHECK_TIMEOUT_S``, or refuses the
             credentials (exit 1): a fault of the setup, not of the job, said at once.
     """
-    from flowsubmit.executor import prepare
-    from flowsubmit.gateway import Gateway
+    from flowsubmit.gateway.client import Gateway
+    from flowsubmit.service.executor import prepare
 
     unreachable = CliError(
         "Prefect",
@@ -218,7 +218,7 @@ def _cancel(queue: Queue, job_id: str, max_job_bytes: int) -> str:
 
 
 def _cancel_waiting(queue: Queue, name: str, job_id: str) -> str:
-    from flowsubmit.results import JobResult
+    from flowsubmit.engine.results import JobResult
 
     claim = queue.claim(name, job_id)
     now = datetime.now(UTC)

@@ -39,7 +39,7 @@ from flowsubmit import metrics
 from flowsubmit._aio import wait_event
 from flowsubmit._types import GatewayProtocol, RunSnapshot
 from flowsubmit.errors import ClosedError, GatewayError, TransientGatewayError
-from flowsubmit.gateway import READ_BATCH
+from flowsubmit.gateway.client import READ_BATCH
 from flowsubmit.logs import get_logger
 
 __all__ = ["Tracker", "TrackerMode"]

@@ -16,24 +16,25 @@ from typing import Any
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from flowsubmit import metrics, retention
+from flowsubmit import metrics
 from flowsubmit._types import JobStatus
-from flowsubmit.connection import display_url, versions
+from flowsubmit.engine.results import JobResult
+from flowsubmit.engine.tracker import Tracker
 from flowsubmit.errors import GatewayError, JobRejected
-from flowsubmit.executor import Executor
-from flowsubmit.faults import CrashPoints
-from flowsubmit.gateway import Gateway
-from flowsubmit.heartbeat import Heartbeat
-from flowsubmit.intake import SWITCH_INTERVAL_S, Intake
-from flowsubmit.jobs import Job
-from flowsubmit.policy import Producer
-from flowsubmit.prefect_health import PrefectHealth
-from flowsubmit.queue import FOLDERS, Claim, Queue, job_files
-from flowsubmit.results import JobResult
-from flowsubmit.sdnotify import Notifier
+from flowsubmit.gateway.client import Gateway
+from flowsubmit.gateway.connection import display_url, versions
+from flowsubmit.jobs.model import Job
+from flowsubmit.jobs.policy import Producer
+from flowsubmit.ops import http, retention
+from flowsubmit.ops.heartbeat import Heartbeat
+from flowsubmit.ops.sdnotify import Notifier
+from flowsubmit.queue.crashpoints import CrashPoints
+from flowsubmit.queue.folders import FOLDERS, Claim, Queue, job_files
+from flowsubmit.queue.watcher import wakeups
+from flowsubmit.service.executor import Executor
+from flowsubmit.service.intake import SWITCH_INTERVAL_S, Intake
+from flowsubmit.service.prefect_health import PrefectHealth
 from flowsubmit.settings import Settings, crash_point
-from flowsubmit.tracker import Tracker
-from flowsubmit.watcher import wakeups
 
 __all__ = ["Service"]
 
@@ -139,7 +140,7 @@ class Service:
         async with AsyncExitStack() as stack:
             if s.metrics_port is not None:
                 await stack.enter_async_context(
-                    metrics.serve(s.metrics_host, s.metrics_port, self.heartbeat.problem)
+                    http.serve(s.metrics_host, s.metrics_port, self.heartbeat.problem)
                 )
             self._gateway = await stack.enter_async_context(
                 Gateway(
@@ -258,7 +259,7 @@ class Service:
         metrics.LAST_TICK.set_to_current_time()
 
     def _track_gauges(self, tracker: Tracker) -> None:
-        metrics.track_gauges(
+        http.track_gauges(
             in_flight=lambda: tracker.pending,
             streaming=lambda: float(tracker.mode.value == "streaming"),
             queue_files=lambda folder: len(job_files(self.queue.root / folder)),

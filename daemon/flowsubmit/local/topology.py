@@ -7,7 +7,7 @@ and starts two API replicas (``prefect server start --no-services``) and one
 ``prefect server services start``, every one with the Redis message broker and an
 API auth string. ``close()`` stops them, drops the database and flushes the index.
 
-Run ``python -m flowsubmit.topology`` to start one and print how to reach it (Ctrl-C
+Run ``python -m flowsubmit.local.topology`` to start one and print how to reach it (Ctrl-C
 stops it and removes its data).
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from flowsubmit.localserver import LocalServer, prefect_env, start_prefect, stop_process
+from flowsubmit.local.localserver import LocalServer, prefect_env, start_prefect, stop_process
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -226,7 +226,7 @@ async def _postgres(url: str, statement: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Start a topology, print how to reach it, and remove it on Ctrl-C or SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m flowsubmit.topology", description=__doc__.splitlines()[0]
+        prog="python -m flowsubmit.local.topology", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--auth-string", help="the API auth string (default: a random one)")
     args = parser.parse_args(argv)

@@ -1,0 +1,7 @@
+"""``python -m flowsubmit.cli``."""
+
+import sys
+
+from flowsubmit.cli.commands import main
+
+sys.exit(main())

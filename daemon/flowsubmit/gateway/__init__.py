@@ -1,0 +1,9 @@
+"""Everything that talks to Prefect: the only room that imports ``prefect`` or ``httpx``.
+
+- ``client``: ``Gateway``, the calls flowsubmit makes (create, read, cancel, stream) with
+  their retry policies and the translation of Prefect's errors into ``errors``.
+- ``scheduler`` and ``pacer``: how many create calls are in flight and how large.
+- ``connection``: which server the process talks to, and its versions.
+
+Imports the foundation only; the rooms above see Prefect through ``Gateway``.
+"""

@@ -1,0 +1,10 @@
+"""What the operator sees of a running daemon: heartbeats, status, retention, readiness.
+
+- ``heartbeat``: each daemon's heartbeat file, and ``health`` from it.
+- ``status``: the queue's state as ``flowsubmit status`` shows it.
+- ``retention``: pruning of ``done/``, ``failed/`` and ``rejected/``.
+- ``sdnotify``: systemd's ``Type=notify`` protocol.
+- ``http``: ``/metrics`` and ``/healthz``.
+
+Imports the foundation, ``jobs``, ``settings``, ``queue`` and ``gateway.connection``.
+"""

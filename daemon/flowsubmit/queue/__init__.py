@@ -1,0 +1,12 @@
+"""The queue directory's file protocol, and nothing else.
+
+- ``folders``: ``incoming/`` → ``processing/`` → ``done/`` | ``failed/`` | ``rejected/``,
+  each move one atomic rename (``Queue``, ``Claim``, ``JobLock``).
+- ``journal``: a job's append-only, fsynced journal and its replay.
+- ``fsutil``: safe reads of files producers own, durable writes, ACL grants.
+- ``watcher``: wakeups when ``incoming/`` changes (inotify via watchfiles, or a rescan).
+- ``crashpoints``: the named points where tests make the daemon die (``kill -9``).
+
+Contracts: docs/operations.md (folders, recovery). Imports the foundation and ``jobs``;
+never Prefect.
+"""

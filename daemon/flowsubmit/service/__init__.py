@@ -1,0 +1,9 @@
+"""The daemon: a composition of the rooms below that turns job files into finished jobs.
+
+- ``daemon``: ``Service``, the composition root and its loop.
+- ``intake``: judges files in ``incoming/`` and claims the admitted ones.
+- ``executor``: one claimed job's life: its runs, journal, and result file.
+- ``prefect_health``: waits for Prefect before the daemon is ready, and while it is away.
+
+Imports every room but ``cli`` and ``local``.
+"""
