@@ -235,7 +235,7 @@ def test_validate_refuses_prefect_kinds_without_policy_and_the_setting_allows_th
     config = tmp_path / "flowsubmit.toml"
     config.write_text("allow_prefect_kinds = true\n")
     assert cli(["validate", "--policy", "--config", str(config), str(job)]) == 0
-    assert Policy.from_settings(Settings.load(config)).allow_prefect_kinds is True
+    assert Settings.load(config).policy().allow_prefect_kinds is True
 
 
 def test_policy_problems_are_capped_like_parse_problems() -> None:
@@ -458,7 +458,7 @@ def test_limits_come_from_the_settings_and_validate_policy_reports_them(
         "producer_max_priority = 20\nproducer_max_timeout_s = 600\nproducer_default_timeout_s = 60\n"
         "[[producers]]\nuid = 1001\nmax_running_jobs = 1\n"
     )
-    policy = Policy.from_settings(Settings.load(config))
+    policy = Settings.load(config).policy()
     assert policy.limits == ProducerLimits(3, 400, 20, 600, 60)
     assert policy.limits_for(ETL_CRON) == ProducerLimits(1, 400, 20, 600, 60)
     job = tmp_path / "urgent.json"

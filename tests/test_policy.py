@@ -212,16 +212,16 @@ def test_policy_settings_come_from_toml_env_and_flags(
         'user = "etl-cron"\n'
         'allowed_deployments = ["etl/nightly"]\n'
     )
-    policy = Policy.from_settings(Settings.load(config))
+    policy = Settings.load(config).policy()
     assert policy == Policy(
         ("etl/*",), ("env",), _rules({"user": "etl-cron", "allowed_deployments": ["etl/nightly"]})
     )
     monkeypatch.setenv("FLOWSUBMIT_ALLOWED_DEPLOYMENTS", '["ops/*"]')
     monkeypatch.setenv("FLOWSUBMIT_PRODUCERS", '[{"group": "etl"}]')
-    from_env = Policy.from_settings(Settings.load(config))
+    from_env = Settings.load(config).policy()
     assert from_env == Policy(("ops/*",), ("env",), _rules({"group": "etl"}))
     flags = Settings.load(config, allowed_job_variables=["image", "env"])
-    assert Policy.from_settings(flags).allowed_job_variables == ("image", "env")
+    assert flags.policy().allowed_job_variables == ("image", "env")
 
 
 def test_validate_and_enqueue_check_the_policy_for_the_user_running_them(

@@ -18,6 +18,7 @@ from typing import Any
 from flowsubmit._types import RunSnapshot
 from flowsubmit.engine.results import RunRecord, Summary
 from flowsubmit.errors import GatewayError
+from flowsubmit.gateway.run_logger import current_run_logger
 
 __all__ = ["LOGGER_NAME", "SubmissionReporter"]
 
@@ -27,12 +28,7 @@ _log = logging.getLogger(LOGGER_NAME)
 
 def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
     """The run logger inside a Prefect flow or task run, else ``flowsubmit.submission``."""
-    from prefect.context import FlowRunContext, TaskRunContext
-    from prefect.logging import get_run_logger
-
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return _log
-    return get_run_logger()
+    return current_run_logger() or _log
 
 
 class SubmissionReporter:

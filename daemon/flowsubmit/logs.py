@@ -1,4 +1,8 @@
-"""structlog configuration: JSON lines on stdout for machines, a console form for people."""
+"""The package's only door to structlog: its configuration, and the logger every module uses.
+
+The daemon configures structlog (JSON lines on stdout for machines, a console form for
+people); a library user never does, and then the same calls go to stdlib ``logging``.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,19 @@ import sys
 from typing import Any, Literal
 
 import structlog
+from structlog.contextvars import bound_contextvars
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from flowsubmit.redaction import redact
 
-__all__ = ["EngineLogger", "configure", "get_logger", "render_console", "resolve_format"]
+__all__ = [
+    "EngineLogger",
+    "bound_contextvars",
+    "configure",
+    "get_logger",
+    "render_console",
+    "resolve_format",
+]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -89,7 +101,7 @@ def configure(fmt: str = "json", level: str = "info", *, cache: bool = True) -> 
 
 
 def get_logger(name: str) -> EngineLogger:
-    """The logger of a module the daemon and the library share (gateway, tracker)."""
+    """The logger of module ``name``: structlog in the daemon, stdlib ``logging`` in the library."""
     return EngineLogger(name)
 
 

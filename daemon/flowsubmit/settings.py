@@ -19,7 +19,7 @@ from pydantic_settings import (
 from flowsubmit._wording import did_you_mean, sentence
 from flowsubmit.errors import SettingsError
 from flowsubmit.jobs.model import PRIORITY_MAX, PRIORITY_MIN
-from flowsubmit.jobs.policy import ProducerRule
+from flowsubmit.jobs.policy import Policy, ProducerLimits, ProducerRule
 
 __all__ = ["Settings", "crash_point", "example_toml"]
 
@@ -212,6 +212,22 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Flags (init) > environment > TOML file; no dotenv, no secrets dir."""
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    def policy(self) -> Policy:
+        """The policy these settings describe: what jobs may ask for, and each producer's limits."""
+        return Policy(
+            tuple(self.allowed_deployments),
+            tuple(self.allowed_job_variables),
+            tuple(self.producers),
+            allow_prefect_kinds=self.allow_prefect_kinds,
+            limits=ProducerLimits(
+                max_running_jobs=self.producer_max_running_jobs,
+                max_runs_in_flight=self.producer_max_runs_in_flight,
+                max_priority=self.producer_max_priority,
+                max_timeout_s=self.producer_max_timeout_s,
+                default_timeout_s=self.producer_default_timeout_s,
+            ),
+        )
 
     @classmethod
     def load(cls, config_file: Path | None = None, **flags: Any) -> Self:

@@ -39,7 +39,7 @@ from flowsubmit.cli.files import check_file, check_patterns, print_problems
 from flowsubmit.errors import JobRejected
 from flowsubmit.gateway.connection import configured_api_url, versions
 from flowsubmit.jobs.model import PRIORITY_MAX, PRIORITY_MIN, Job, job_schema
-from flowsubmit.jobs.policy import Policy, current_producer, reserved_tag_problems
+from flowsubmit.jobs.policy import current_producer, reserved_tag_problems
 from flowsubmit.queue.folders import new_job_id
 from flowsubmit.settings import Settings
 
@@ -329,7 +329,7 @@ def _policy_problems(job: Job, settings: Settings, *, full: bool) -> list[JobRej
     """
     if not full:
         return reserved_tag_problems(job, allow_prefect_kinds=settings.allow_prefect_kinds)
-    return Policy.from_settings(settings).problems(job, current_producer())
+    return settings.policy().problems(job, current_producer())
 
 
 # -- commands -----------------------------------------------------------------------------

@@ -7,11 +7,11 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-import structlog
+from flowsubmit.logs import get_logger
 
 __all__ = ["CallLimit", "CallSize", "Pacer"]
 
-log = structlog.get_logger("flowsubmit.gateway")
+log = get_logger("flowsubmit.gateway")
 
 
 class Pacer:

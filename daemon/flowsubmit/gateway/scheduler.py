@@ -31,14 +31,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-import structlog
-
 from flowsubmit._types import Deployment, RunRequest
 from flowsubmit.errors import ClosedError
+from flowsubmit.logs import get_logger
 
 __all__ = ["RELIEF_EVERY", "CreateScheduler", "TurnOrder"]
 
-log = structlog.get_logger("flowsubmit.scheduler")
+log = get_logger("flowsubmit.scheduler")
 
 #: One turn in this many at most goes to lower priority while higher-priority runs wait.
 RELIEF_EVERY = 10

@@ -31,7 +31,6 @@ from flowsubmit.jobs.model import PRIORITY_MAX, PRIORITY_MIN, capped
 
 if TYPE_CHECKING:
     from flowsubmit.jobs.model import Job
-    from flowsubmit.settings import Settings
 
 __all__ = [
     "PREFECT_KIND_KEY",
@@ -267,23 +266,6 @@ class Policy:
     allow_prefect_kinds: bool = False
     #: The limits of every producer (the ``producer_*`` settings); a matching rule narrows them.
     limits: ProducerLimits = ProducerLimits()
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Self:
-        """The policy the settings describe."""
-        return cls(
-            tuple(settings.allowed_deployments),
-            tuple(settings.allowed_job_variables),
-            tuple(settings.producers),
-            allow_prefect_kinds=settings.allow_prefect_kinds,
-            limits=ProducerLimits(
-                max_running_jobs=settings.producer_max_running_jobs,
-                max_runs_in_flight=settings.producer_max_runs_in_flight,
-                max_priority=settings.producer_max_priority,
-                max_timeout_s=settings.producer_max_timeout_s,
-                default_timeout_s=settings.producer_default_timeout_s,
-            ),
-        )
 
     def limits_for(self, producer: Producer) -> ProducerLimits:
         """``producer``'s limits: the smallest of the global one and every matching rule's.

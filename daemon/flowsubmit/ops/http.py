@@ -8,11 +8,11 @@ import functools
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
 
-import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
 from flowsubmit.errors import SettingsError
 from flowsubmit.gateway.connection import versions
+from flowsubmit.logs import get_logger
 from flowsubmit.metrics import (
     BUILD_INFO,
     QUEUE_FILES,
@@ -23,7 +23,7 @@ from flowsubmit.metrics import (
 
 __all__ = ["HealthCheck", "serve", "track_gauges"]
 
-log = structlog.get_logger("flowsubmit.metrics")
+log = get_logger("flowsubmit.metrics")
 
 
 def track_gauges(

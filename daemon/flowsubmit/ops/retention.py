@@ -23,13 +23,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from flowsubmit._aio import wait_event
+from flowsubmit.logs import get_logger
 
 __all__ = ["Expired", "expired", "parse_age", "prune", "prune_periodically", "strays"]
 
-log = structlog.get_logger("flowsubmit.retention")
+log = get_logger("flowsubmit.retention")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")

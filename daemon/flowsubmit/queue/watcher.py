@@ -7,16 +7,16 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import structlog
 from watchfiles import Change, awatch
 from watchfiles._rust_notify import WatchfilesRustInternalError
 
 from flowsubmit._aio import wait_event
+from flowsubmit.logs import get_logger
 from flowsubmit.queue.folders import is_job_name
 
 __all__ = ["job_file_changed", "wakeups"]
 
-log = structlog.get_logger("flowsubmit.watcher")
+log = get_logger("flowsubmit.watcher")
 
 
 def job_file_changed(change: Change, path: str) -> bool:

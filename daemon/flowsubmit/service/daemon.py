@@ -13,9 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
-from structlog.contextvars import bound_contextvars
-
 from flowsubmit import metrics
 from flowsubmit._types import JobStatus
 from flowsubmit.engine.results import JobResult
@@ -25,6 +22,7 @@ from flowsubmit.gateway.client import Gateway
 from flowsubmit.gateway.connection import display_url, versions
 from flowsubmit.jobs.model import Job
 from flowsubmit.jobs.policy import Producer
+from flowsubmit.logs import bound_contextvars, get_logger
 from flowsubmit.ops import http, retention
 from flowsubmit.ops.heartbeat import Heartbeat
 from flowsubmit.ops.sdnotify import Notifier
@@ -38,7 +36,7 @@ from flowsubmit.settings import Settings, crash_point
 
 __all__ = ["Service"]
 
-log = structlog.get_logger("flowsubmit.service")
+log = get_logger("flowsubmit.service")
 
 
 class Service:

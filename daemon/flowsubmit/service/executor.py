@@ -8,9 +8,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import structlog
-from structlog.contextvars import bound_contextvars
-
 from flowsubmit import metrics
 from flowsubmit._types import Deployment, GatewayProtocol, JobStatus, RunSnapshot
 from flowsubmit.engine.results import JobResult, RunRecord
@@ -30,11 +27,12 @@ from flowsubmit.errors import (
 )
 from flowsubmit.jobs.model import DEPLOYMENT_HINT, Job, Stage
 from flowsubmit.jobs.policy import Producer
+from flowsubmit.logs import bound_contextvars, get_logger
 from flowsubmit.queue.journal import Journal, JournalState, snapshot_record
 
 __all__ = ["Executor", "JobOutcome", "prepare"]
 
-log = structlog.get_logger("flowsubmit.executor")
+log = get_logger("flowsubmit.executor")
 
 
 @dataclass(frozen=True)

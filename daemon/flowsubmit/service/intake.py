@@ -14,18 +14,17 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import structlog
-
 from flowsubmit.errors import ClaimLost, JobRejected
 from flowsubmit.jobs.model import Job, parse_job
-from flowsubmit.jobs.policy import Policy, Producer, producer_by_uid, producer_of
+from flowsubmit.jobs.policy import Producer, producer_by_uid, producer_of
+from flowsubmit.logs import get_logger
 from flowsubmit.queue.folders import Candidate, Claim, Judged, Queue, new_job_id, printable_name
 from flowsubmit.queue.fsutil import UnsafeFile, read_regular
 from flowsubmit.settings import Settings
 
 __all__ = ["SWITCH_INTERVAL_S", "Intake"]
 
-log = structlog.get_logger("flowsubmit.intake")
+log = get_logger("flowsubmit.intake")
 
 #: Files judged at once, each in a worker thread, so a slow file never holds the event loop;
 #: one at a time per producer, so a producer's flood of costly files never delays another's.
@@ -91,7 +90,7 @@ class Intake:
         self._rejected = rejected
         self._stopped = stopped
         #: What jobs may ask for, as the settings held now say.
-        self.policy = Policy.from_settings(settings)
+        self.policy = settings.policy()
         self._verdicts: dict[str, _Verdict] = {}
         #: Files whose judging raised (logged once per version of the file).
         self._broken: dict[str, Candidate] = {}

@@ -6,17 +6,16 @@ import asyncio
 import time
 from collections.abc import Callable
 
-import structlog
-
 from flowsubmit._aio import wait_event
 from flowsubmit.errors import AuthenticationError, GatewayError
 from flowsubmit.gateway.client import Gateway
 from flowsubmit.gateway.connection import display_url
+from flowsubmit.logs import get_logger
 from flowsubmit.ops.sdnotify import Notifier
 
 __all__ = ["PrefectHealth"]
 
-log = structlog.get_logger("flowsubmit.service")
+log = get_logger("flowsubmit.service")
 
 #: While all is well, the periodic check reads with credentials at most this often: the
 #: health route is free, but a database read every ``poll_interval_s`` would spend a
