@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from flowsubmit import logs
@@ -35,81 +34,24 @@ from flowsubmit.cli.errors import (
     Parser,
     guarded,
 )
-from flowsubmit.cli.files import check_file, check_patterns, print_problems
+from flowsubmit.cli.files import check_file, check_patterns, policy_problems, print_problems
+from flowsubmit.cli.options import (
+    add_config,
+    add_settings_flags,
+    common,
+    load_settings,
+    queue_options,
+)
 from flowsubmit.errors import JobRejected
 from flowsubmit.gateway.connection import configured_api_url, versions
-from flowsubmit.jobs.model import PRIORITY_MAX, PRIORITY_MIN, Job, job_schema
-from flowsubmit.jobs.policy import current_producer, reserved_tag_problems
+from flowsubmit.jobs.model import PRIORITY_MAX, PRIORITY_MIN, job_schema
+from flowsubmit.jobs.policy import current_producer
 from flowsubmit.queue.folders import new_job_id
-from flowsubmit.settings import Settings
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
 
 
 # -- the parser -------------------------------------------------------------------------
-
-
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per settings field, with the field's description as help (one source of truth)."""
-    group = parser.add_argument_group(
-        "settings (also FLOWSUBMIT_<NAME> and the --config TOML file)"
-    )
-    for name, setting in Settings.model_fields.items():
-        if name in ("queue", "producers"):  # producers: TOML tables (or JSON in the env) only
-            continue
-        flag = "--" + name.replace("_", "-")
-        if setting.annotation == list[str]:  # repeat the flag: --allowed-deployments 'etl/*' ...
-            group.add_argument(
-                flag, dest=name, action="append", help=f"{setting.description} Repeatable."
-            )
-        elif setting.annotation is bool:
-            group.add_argument(
-                flag,
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=setting.description,
-            )
-        else:
-            group.add_argument(
-                flag,
-                dest=name,
-                default=None,
-                metavar=name.upper(),
-                help=f"{setting.description} (default: {setting.default})",
-            )
-
-
-def _common() -> argparse.ArgumentParser:
-    """Options every subcommand takes."""
-    common = Parser(add_help=False)
-    common.add_argument(
-        "--debug",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="on an error, show the Python traceback too",
-    )
-    return common
-
-
-def _queue_options(*, config: bool = True) -> argparse.ArgumentParser:
-    """``--queue`` (and ``--config``), for every subcommand that works on a queue."""
-    options = Parser(add_help=False)
-    options.add_argument(
-        "--queue",
-        type=Path,
-        metavar="DIR",
-        help="the queue directory (default: $FLOWSUBMIT_QUEUE, or `queue` in the --config file)",
-    )
-    if config:
-        _config_option(options)
-    return options
-
-
-def _config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", type=Path, metavar="FILE", help="TOML file of settings (docs/cli.md)"
-    )
 
 
 def _command(
@@ -127,7 +69,7 @@ def _command(
         description=description or help[:1].upper() + help[1:] + ".",
         epilog=f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[_common(), *parents],
+        parents=[common(), *parents],
     )
 
 
@@ -140,7 +82,7 @@ def _parser() -> Parser:
             "example:\n  flowsubmit validate jobs/*.json && flowsubmit enqueue --queue /var/spool/flowsubmit jobs/nightly.json"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[_common()],
+        parents=[common()],
     )
     parser.add_argument(
         "--version",
@@ -155,16 +97,16 @@ def _parser() -> Parser:
         "run",
         "run the daemon in the foreground",
         "PREFECT_API_URL=http://127.0.0.1:4200/api flowsubmit run --queue /var/spool/flowsubmit",
-        _queue_options(),
+        queue_options(),
     )
-    _add_settings_flags(run)
+    add_settings_flags(run)
 
     enqueue = _command(
         commands,
         "enqueue",
         "validate a job and drop it atomically into the queue; prints its job id",
         "flowsubmit enqueue --queue /var/spool/flowsubmit nightly.json",
-        _queue_options(),
+        queue_options(),
     )
     enqueue.add_argument("file", metavar="FILE", help="job file, or - for standard input")
     enqueue.add_argument(
@@ -205,14 +147,14 @@ def _parser() -> Parser:
         help="also check the daemon's policy (allowed_deployments, allowed_job_variables, "
         "[[producers]]; from --config and FLOWSUBMIT_*) for the user running this",
     )
-    _config_option(validate)
+    add_config(validate)
 
     status = _command(
         commands,
         "status",
         "jobs per folder, the progress and owner of those in processing, queued ids, last rejections",
         "flowsubmit status --queue /var/spool/flowsubmit --watch",
-        _queue_options(),
+        queue_options(),
     )
     status.add_argument(
         "--watch", action="store_true", help="refresh in place (progress bars on a terminal)"
@@ -229,7 +171,7 @@ def _parser() -> Parser:
         "cancel",
         "cancel a job: one still in incoming/ at once (no run is created), a running one by the daemon",
         "flowsubmit cancel --queue /var/spool/flowsubmit nightly-tables-2026-11-26",
-        _queue_options(),
+        queue_options(),
     )
     cancel.add_argument("job_id", metavar="JOB_ID")
     cancel.add_argument(
@@ -241,7 +183,7 @@ def _parser() -> Parser:
         "health",
         "exit 0 when a daemon on this host serves the queue and passed its loop recently, else 1 and why",
         "flowsubmit health --queue /var/spool/flowsubmit",
-        _queue_options(),
+        queue_options(),
     )
 
     prune = _command(
@@ -249,7 +191,7 @@ def _parser() -> Parser:
         "prune",
         "remove the files of finished and rejected jobs that ended longer ago than AGE",
         "flowsubmit prune --queue /var/spool/flowsubmit --older-than 7d --dry-run",
-        _queue_options(),
+        queue_options(),
     )
     prune.add_argument(
         "--older-than", required=True, metavar="AGE", help="e.g. 7d, 12h, 30m (s, m, h, d, w)"
@@ -298,12 +240,6 @@ def _dispatch(argv: list[str]) -> int:
 # -- shared pieces ------------------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    """The settings from the flags this command has, the environment and ``--config``."""
-    flags = {name: getattr(args, name, None) for name in Settings.model_fields}
-    return Settings.load(getattr(args, "config", None), **flags)
-
-
 #: The settings that make up the policy: given any of them, ``enqueue`` checks it (#14).
 _POLICY_SETTINGS = frozenset(
     {
@@ -320,23 +256,11 @@ _POLICY_SETTINGS = frozenset(
 )
 
 
-def _policy_problems(job: Job, settings: Settings, *, full: bool) -> list[JobRejected]:
-    """How ``job`` breaks the policy for the user running this (``enqueue`` writes the file as them).
-
-    Without ``full`` only the reserved tags, which no setting allows, and parameters
-    Prefect would fill in (unless ``allow_prefect_kinds``); with it, the whole policy the
-    settings describe, as the daemon holding them would judge it.
-    """
-    if not full:
-        return reserved_tag_problems(job, allow_prefect_kinds=settings.allow_prefect_kinds)
-    return settings.policy().problems(job, current_producer())
-
-
 # -- commands -----------------------------------------------------------------------------
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = load_settings(args)
     open_queue(settings, create=True)
     configured_api_url()  # refuse before anything could start Prefect's temporary server
     from flowsubmit.service.daemon import (
@@ -349,8 +273,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    policy = partial(_policy_problems, settings=settings, full=args.policy)
+    settings = load_settings(args)
+    policy = partial(policy_problems, settings=settings, full=args.policy)
     checked = check_patterns(args.files, settings, policy)
     ok = all(not c.problems for c in checked)
     if args.json:
@@ -378,14 +302,14 @@ def _priority(text: str) -> int:
 
 
 def _cmd_enqueue(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = load_settings(args)
     queue = open_queue(
         settings, create=args.create, hint="check the path, or give --create to make a new queue"
     )
     # The daemon's policy is known when its settings were given (--config, FLOWSUBMIT_*).
     full = args.config is not None or bool(_POLICY_SETTINGS & settings.model_fields_set)
     checked = check_file(
-        args.file, settings, partial(_policy_problems, settings=settings, full=full)
+        args.file, settings, partial(policy_problems, settings=settings, full=full)
     )
     if checked.job is None:
         print_problems(checked.problems)
@@ -408,7 +332,7 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
         if args.priority is not None:
             document["priority"] = args.priority
             # The priority asked for on the command line is judged as the file's would be.
-            problems = _policy_problems(
+            problems = policy_problems(
                 job.model_copy(update={"priority": args.priority}), settings, full=full
             )
             if problems:
@@ -446,7 +370,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from flowsubmit.ops.status import document, render
 
-    settings = _settings(args)
+    settings = load_settings(args)
     queue = open_queue(settings, hint="is it the daemon's --queue?")
     if args.json:
         print(json.dumps(document(queue, max_job_bytes=settings.max_job_bytes), indent=2))
@@ -477,7 +401,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = load_settings(args)
     queue = open_queue(settings, hint="is it the daemon's --queue?")
     print(cancel(queue, args.job_id, settings.max_job_bytes), flush=True)
     if not args.wait:
@@ -491,7 +415,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
     from flowsubmit.ops.heartbeat import health
 
     try:
-        queue = open_queue(_settings(args), hint="is it the daemon's --queue?")
+        queue = open_queue(load_settings(args), hint="is it the daemon's --queue?")
     except CliError as exc:  # exit 1, not 2: Docker reserves 2 in a HEALTHCHECK
         raise CliError(exc.what, exc.why, code=EXIT_ERROR, hint=exc.hint) from None
     healthy, line = health(queue.root)
@@ -508,7 +432,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         older_than_s = parse_age(args.older_than)
     except ValueError as exc:
         raise CliError("prune --older-than", str(exc)) from None
-    queue = open_queue(_settings(args), hint="is it the daemon's --queue?")
+    queue = open_queue(load_settings(args), hint="is it the daemon's --queue?")
     logs.configure(
         "console", "info", cache=False
     )  # a few lines; and main() may run again in-process

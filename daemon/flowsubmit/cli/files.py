@@ -11,9 +11,18 @@ from typing import Any
 
 from flowsubmit.errors import JobRejected
 from flowsubmit.jobs.model import Job, check_job
+from flowsubmit.jobs.policy import current_producer, reserved_tag_problems
 from flowsubmit.settings import Settings
 
-__all__ = ["Checked", "check_file", "check_patterns", "display", "print_problems", "read_job_file"]
+__all__ = [
+    "Checked",
+    "check_file",
+    "check_patterns",
+    "display",
+    "policy_problems",
+    "print_problems",
+    "read_job_file",
+]
 
 #: The name ``-`` (standard input) has in messages.
 STDIN = "<stdin>"
@@ -106,6 +115,18 @@ def check_patterns(
             problem = JobRejected("no file matches this pattern", file=pattern)
             checked.append(Checked(pattern, problems=[problem]))
     return checked
+
+
+def policy_problems(job: Job, settings: Settings, *, full: bool) -> list[JobRejected]:
+    """How ``job`` breaks the policy for the user running this (``enqueue`` writes the file as them).
+
+    Without ``full`` only the reserved tags, which no setting allows, and parameters
+    Prefect would fill in (unless ``allow_prefect_kinds``); with it, the whole policy the
+    settings describe, as the daemon holding them would judge it.
+    """
+    if not full:
+        return reserved_tag_problems(job, allow_prefect_kinds=settings.allow_prefect_kinds)
+    return settings.policy().problems(job, current_producer())
 
 
 def print_problems(problems: list[JobRejected]) -> None:
