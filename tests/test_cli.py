@@ -185,7 +185,7 @@ def test_docs_cli_lists_every_subcommand_and_option() -> None:
     """docs/cli.md has a section per subcommand naming each of its options (settings flags are documented once, as settings)."""
     import argparse
 
-    from flowsubmit.cli.commands import _parser
+    from flowsubmit.cli.parser import build_parser as _parser
     from flowsubmit.settings import Settings
     from tests.conftest import ROOT
 

@@ -1,14 +1,19 @@
 """The ``flowsubmit`` command: each subcommand's arguments, handler, output and exit code.
 
-- ``commands``: the parser and the handlers of ``run``, ``validate``, ``enqueue``, ...
+- ``parser``: ``flowsubmit`` itself, its subcommands in the documented order, and ``main``.
+- ``command``: what a subcommand declares (name, help, example, arguments, handler).
+- ``commands/``: one module per subcommand (``run`` with ``demo``, ``validate`` with
+  ``schema``), each declaring its arguments beside its handler.
+- ``options``: the options subcommands share (``--debug``, ``--queue``, ``--config``, the
+  settings flags), and the settings they make.
 - ``actions``: the commands that act on the queue (``enqueue --wait``, ``cancel``).
-- ``files``: reading and validating job files named on the command line.
+- ``files``: reading and judging job files named on the command line.
 - ``errors``: exit codes and how an error is told to a person.
-- ``demo``: ``flowsubmit demo``.
+- ``demo``: what ``flowsubmit demo`` starts and stops.
 
 The top room: it may import any other. Contract: docs/cli.md.
 """
 
-from flowsubmit.cli.commands import main
+from flowsubmit.cli.parser import main
 
 __all__ = ["main"]

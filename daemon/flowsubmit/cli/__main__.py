@@ -2,6 +2,6 @@
 
 import sys
 
-from flowsubmit.cli.commands import main
+from flowsubmit.cli.parser import main
 
 sys.exit(main())

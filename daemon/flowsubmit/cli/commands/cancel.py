@@ -1,0 +1,40 @@
+"""``flowsubmit cancel``: a job still in incoming/ at once (no run is created), a running one by its daemon."""
+
+from __future__ import annotations
+
+import argparse
+
+from flowsubmit.cli.actions import cancel, open_queue, wait_for_end
+from flowsubmit.cli.command import Command
+from flowsubmit.cli.errors import EXIT_OK
+from flowsubmit.cli.options import load_settings
+
+__all__ = ["CANCEL"]
+
+
+def _cancel_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job_id", metavar="JOB_ID")
+    parser.add_argument(
+        "--wait", action="store_true", help="wait until the job has ended and print its summary"
+    )
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    queue = open_queue(settings, hint="is it the daemon's --queue?")
+    print(cancel(queue, args.job_id, settings.max_job_bytes), flush=True)
+    if not args.wait:
+        return EXIT_OK
+    folder, document = wait_for_end(queue, args.job_id)
+    print(document["summary"]["line"] if "summary" in document else f"ended in {folder}/")
+    return EXIT_OK
+
+
+CANCEL = Command(
+    "cancel",
+    "cancel a job: one still in incoming/ at once (no run is created), a running one by the daemon",
+    "flowsubmit cancel --queue /var/spool/flowsubmit nightly-tables-2026-11-26",
+    _cmd_cancel,
+    _cancel_arguments,
+    queue_options=True,
+)
