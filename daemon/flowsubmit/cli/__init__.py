@@ -2,8 +2,9 @@
 
 - ``parser``: ``flowsubmit`` itself, its subcommands in the documented order, and ``main``.
 - ``command``: what a subcommand declares (name, help, example, arguments, handler).
-- ``commands/``: one module per subcommand (``run`` with ``demo``, ``validate`` with
-  ``schema``), each declaring its arguments beside its handler.
+- ``run`` (with ``demo``), ``enqueue``, ``validate`` (with ``schema``), ``status``, ``cancel``,
+  ``health``, ``prune``: one module per subcommand, each declaring its arguments beside its
+  handler.
 - ``options``: the options subcommands share (``--debug``, ``--queue``, ``--config``, the
   settings flags), and the settings they make.
 - ``actions``: the commands that act on the queue (``enqueue --wait``, ``cancel``).

@@ -6,16 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from flowsubmit.cli.cancel import CANCEL
 from flowsubmit.cli.command import Command
-from flowsubmit.cli.commands.cancel import CANCEL
-from flowsubmit.cli.commands.enqueue import ENQUEUE
-from flowsubmit.cli.commands.health import HEALTH
-from flowsubmit.cli.commands.prune import PRUNE
-from flowsubmit.cli.commands.run import DEMO, RUN
-from flowsubmit.cli.commands.status import STATUS
-from flowsubmit.cli.commands.validate import SCHEMA, VALIDATE
+from flowsubmit.cli.enqueue import ENQUEUE
 from flowsubmit.cli.errors import Parser, guarded
+from flowsubmit.cli.health import HEALTH
 from flowsubmit.cli.options import common
+from flowsubmit.cli.prune import PRUNE
+from flowsubmit.cli.run import DEMO, RUN
+from flowsubmit.cli.status import STATUS
+from flowsubmit.cli.validate import SCHEMA, VALIDATE
 from flowsubmit.gateway.connection import versions
 
 __all__ = ["COMMANDS", "build_parser", "main"]
