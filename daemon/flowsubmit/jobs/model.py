@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import functools
 import heapq
 import itertools
 import json
@@ -18,6 +19,7 @@ from pydantic_core import ErrorDetails
 
 from flowsubmit._wording import did_you_mean, sentence, short, show
 from flowsubmit.errors import JobRejected
+from flowsubmit.jobs.plan import Plan
 
 __all__ = [
     "DEPLOYMENT_HINT",
@@ -185,14 +187,9 @@ class Stage(_Strict):
                 )
         return matrix
 
-    @property
-    def run_count(self) -> int:
-        """How many runs this stage expands to, computed without expanding it."""
-        product = math.prod(len(v) for v in self.matrix.values()) if self.matrix else 0
-        return len(self.runs) + product
-
     def runs_up_to(self, ceiling: int) -> int:
-        """``run_count``, or a number above ``ceiling`` as soon as the matrix is known to pass it.
+        """How many runs this stage lists, counted without listing them; or a number above ``ceiling`` as
+        soon as the matrix is known to pass it.
 
         The product of a matrix with thousands of keys is a number with thousands of
         digits: stopping at the ceiling keeps counting linear.
@@ -345,14 +342,15 @@ class Job(Stage):
             for stage in self.stages
         ]
 
+    @functools.cached_property
+    def plan(self) -> Plan:
+        """The stages to run and every run of each, built once for this job."""
+        return Plan.of(self.resolved_stages(), staged=self.stages is not None)
+
     @property
     def total_runs(self) -> int:
-        """Runs over all stages, counted without expanding."""
-        return (
-            sum(stage.run_count for stage in self.resolved_stages())
-            if self.stages
-            else self.run_count
-        )
+        """Runs over all stages."""
+        return self.plan.total_runs
 
     def total_runs_up_to(self, ceiling: int) -> int:
         """``total_runs``, or a number above ``ceiling`` as soon as the count is known to pass it."""

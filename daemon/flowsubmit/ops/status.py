@@ -83,7 +83,9 @@ def _job(queue: Queue, job_id: str, now: float, max_job_bytes: int) -> dict[str,
         counts = dict.fromkeys(JournalState().run_counts())
     claimed = _unix(state.claimed_at)
     owned = JobLock.held(queue.processing / f"{job_id}.lock")
-    total = _total_runs(queue.processing / f"{job_id}.json", max_job_bytes)
+    total = state.total_runs
+    if total is None:  # claimed by a version that did not record it
+        total = _total_runs(queue.processing / f"{job_id}.json", max_job_bytes)
     return {
         "job_id": job_id,
         "owner": {True: "alive", False: "waiting_for_recovery", None: "unknown"}[owned],

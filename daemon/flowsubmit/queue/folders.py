@@ -104,7 +104,7 @@ class JobProgress:
     job_id: str
     finished: int
     created: int
-    #: Runs the job file asks for; None when the file cannot be parsed.
+    #: Runs the job's plan holds (the ``claimed`` record); None before the job is claimed.
     total: int | None
     #: Runs by their latest attempt (``JournalState.run_counts``).
     runs: dict[str, int] = field(default_factory=dict)
@@ -386,9 +386,10 @@ class Queue:
             at=_now(),
             sha256=judged.sha256,
             producer=judged.producer,
+            runs=judged.runs,
         )
         claim.state.job_id, claim.state.sha256 = claim.job_id, judged.sha256
-        claim.state.producer = judged.producer
+        claim.state.producer, claim.state.total_runs = judged.producer, judged.runs
 
     def refuse_duplicate(self, job_id: str) -> None:
         """Raise ``JobRejected`` naming where ``job_id`` already is, if it is in processing/, done/ or failed/."""
@@ -473,19 +474,11 @@ class Queue:
         """The job files of ``processing/``, sorted by name."""
         return sorted(p for p in self.processing.glob("*.json") if not p.name.startswith("."))
 
-    def progress(self, job_id: str, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> JobProgress:
+    def progress(self, job_id: str) -> JobProgress:
         """What ``processing/JOB.journal`` says of the job: runs created and finished, of how many."""
-        from flowsubmit.jobs.model import (
-            parse_job,  # pydantic models: only the CLI's status needs them
-        )
-
         path = self.processing / f"{job_id}.json"
         state = replay(path.with_suffix(".journal"))
-        try:
-            data, _ = read_regular(path, max_bytes)
-            total: int | None = parse_job(data, max_runs=10**9).total_runs
-        except (JobRejected, OSError):
-            total = None
+        total = state.total_runs
         return JobProgress(
             job_id,
             len(state.finals),
@@ -647,6 +640,8 @@ class Judged:
     st: os.stat_result
     #: ``{"uid": 1001, "user": "etl"}``: recorded in the journal, the result and the run tag.
     producer: dict[str, Any]
+    #: Runs the job's plan holds: recorded in the journal, so that ``status`` never parses the job.
+    runs: int
 
     @property
     def sha256(self) -> str:

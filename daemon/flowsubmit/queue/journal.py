@@ -36,6 +36,9 @@ class JournalState:
     sha256: str | None = None
     #: Who dropped the job (``{"uid": 1001, "user": "etl"}``), as judged at the claim.
     producer: dict[str, Any] | None = None
+    #: Runs the job's plan holds, as counted at the claim; None in a journal from before it was
+    #: recorded.
+    total_runs: int | None = None
 
     def apply(self, record: dict[str, Any]) -> None:
         """Fold one record into the state; unknown record kinds are ignored (forward compatible)."""
@@ -46,6 +49,8 @@ class JournalState:
             if isinstance(record.get("sha256"), str):
                 self.sha256 = record["sha256"]
                 self.producer = record.get("producer")
+            if isinstance(record.get("runs"), int):
+                self.total_runs = record["runs"]
         elif kind == "created":
             key = (int(record["stage"]), int(record["index"]), int(record["attempt"]))
             self.created[key] = str(record["flow_run_id"])

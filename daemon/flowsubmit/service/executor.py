@@ -26,6 +26,7 @@ from flowsubmit.errors import (
     TransientGatewayError,
 )
 from flowsubmit.jobs.model import DEPLOYMENT_HINT, Job, Stage
+from flowsubmit.jobs.plan import PlannedStage
 from flowsubmit.jobs.policy import Producer
 from flowsubmit.logs import bound_contextvars, get_logger
 from flowsubmit.queue.journal import Journal, JournalState, snapshot_record
@@ -182,7 +183,7 @@ class Executor:
         if self._deadline is not None and not self._deadline.expired():
             self._deadline.reschedule(asyncio.get_running_loop().time())
 
-    async def prepare(self) -> list[tuple[Stage, RunSet]]:
+    async def prepare(self) -> list[tuple[PlannedStage, RunSet]]:
         """``prepare(job, gateway)`` for this job, then one run-set per stage.
 
         Raises:
@@ -190,13 +191,10 @@ class Executor:
                 schema refuses, or a work queue that does not exist.
         """
         checked = await prepare(self.job, self._gateway)
-        return [
-            (stage, self._run_set(stage, deployment, i))
-            for i, (stage, deployment) in enumerate(checked)
-        ]
+        return [(planned, self._run_set(planned, deployment)) for planned, deployment in checked]
 
-    def _run_set(self, stage: Stage, deployment: Deployment, stage_index: int) -> RunSet:
-        job_id = self.job_id
+    def _run_set(self, planned: PlannedStage, deployment: Deployment) -> RunSet:
+        job_id, stage_index, stage = self.job_id, planned.index, planned.stage
         runs = RunSet(
             deployment,
             key=lambda deployment_id, index, attempt: idempotency_key(
@@ -210,7 +208,7 @@ class Executor:
             ledger=_JournalLedger(self._journal, self._state),
             recovered=self._recovered,
         )
-        for spec in stage.expand(stage_index):
+        for spec in planned.runs:
             runs.add(
                 RunRecord(
                     spec.stage,
@@ -227,7 +225,7 @@ class Executor:
     def _records(self) -> list[RunRecord]:
         return [record for runs in self._started for record in runs.ordered()]
 
-    async def run(self, prepared: list[tuple[Stage, RunSet]]) -> JobOutcome:
+    async def run(self, prepared: list[tuple[PlannedStage, RunSet]]) -> JobOutcome:
         """Run the stages; never raises for failed runs (they are data in the result)."""
         started = datetime.now(UTC)
         status, error = JobStatus.SUCCEEDED, None
@@ -281,13 +279,13 @@ class Executor:
     # -- stages -----------------------------------------------------------------------------
 
     async def _run_stages(
-        self, prepared: list[tuple[Stage, RunSet]]
+        self, prepared: list[tuple[PlannedStage, RunSet]]
     ) -> tuple[JobStatus, str | None]:
-        for stage_index, (stage, runs) in enumerate(prepared):
+        for stage_index, (planned, runs) in enumerate(prepared):
             runs.attach(self._gateway, self._tracker)
             self._started.append(runs)
             with bound_contextvars(deployment=runs.deployment.name, stage=stage_index):
-                await self._run_stage(stage, runs)
+                await self._run_stage(planned.stage, runs)
             if not all(record.succeeded for record in runs.ordered()):
                 left = len(prepared) - stage_index - 1
                 error = (
@@ -326,7 +324,7 @@ class Executor:
                     return
 
 
-async def prepare(job: Job, gateway: GatewayProtocol) -> list[tuple[Stage, Deployment]]:
+async def prepare(job: Job, gateway: GatewayProtocol) -> list[tuple[PlannedStage, Deployment]]:
     """Resolve every stage's deployment and check every run before anything is created.
 
     The daemon makes this check after the claim; ``flowsubmit enqueue --check`` makes
@@ -336,32 +334,34 @@ async def prepare(job: Job, gateway: GatewayProtocol) -> list[tuple[Stage, Deplo
         JobRejected: unknown deployment, parameters the flow does not take or its
             schema refuses, or a work queue that does not exist.
     """
-    prepared: list[tuple[Stage, Deployment]] = []
-    for stage_index, stage in enumerate(job.resolved_stages()):
-        field = "deployment" if job.stages is None else f"stages.{stage_index}.deployment"
+    prepared: list[tuple[PlannedStage, Deployment]] = []
+    for planned in job.plan.stages:
         try:
-            deployment = await gateway.resolve_deployment(stage.deployment)
+            deployment = await gateway.resolve_deployment(planned.stage.deployment)
         except PermanentGatewayError as exc:
-            raise JobRejected(str(exc), field=field, hint=DEPLOYMENT_HINT) from exc
-        await _check_work_queue(job, gateway, stage, deployment, stage_index)
-        for spec in stage.expand(stage_index):
-            where = f"stage {stage_index} run {spec.index}" if job.stages else f"run {spec.index}"
-            problem = parameter_error(deployment, spec.parameters, where)
+            raise JobRejected(
+                str(exc), field=planned.field("deployment"), hint=DEPLOYMENT_HINT
+            ) from exc
+        await _check_work_queue(gateway, planned, deployment)
+        for spec in planned.runs:
+            problem = parameter_error(deployment, spec.parameters, planned.where(spec.index))
             if problem is not None:
                 raise problem
-        prepared.append((stage, deployment))
+        prepared.append((planned, deployment))
     return prepared
 
 
 async def _check_work_queue(
-    job: Job, gateway: GatewayProtocol, stage: Stage, deployment: Deployment, stage_index: int
+    gateway: GatewayProtocol, planned: PlannedStage, deployment: Deployment
 ) -> None:
+    stage = planned.stage
     if stage.work_queue_name is None or stage.create_work_queue:
         return
     try:
         await gateway.check_work_queue(deployment, stage.work_queue_name)
     except PermanentGatewayError as exc:
-        field = "work_queue_name" if job.stages is None else f"stages.{stage_index}.work_queue_name"
         raise JobRejected(
-            str(exc), field=field, hint='set "create_work_queue": true to allow a new queue'
+            str(exc),
+            field=planned.field("work_queue_name"),
+            hint='set "create_work_queue": true to allow a new queue',
         ) from exc

@@ -7,7 +7,7 @@ import hashlib
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +38,10 @@ SWITCH_INTERVAL_S = 0.001
 #: A file whose judging takes longer is refused (parsing is linear in the file's size, so
 #: only a pathological file comes near it); its thread finishes on its own.
 _JUDGE_BUDGET_S = 10.0
+#: Parsed jobs kept for their claims: those judged last, which are claimed at once while slots are
+#: free. A flood of waiting files costs its verdicts only; a file claimed after it fell out of this
+#: is parsed again at its claim.
+_KEPT_JOBS = 32
 #: Time one scan may spend rejecting (three fsyncs each); the rest waits for the next scan, so a
 #: slot freed meanwhile goes to a good job first (the moves wake the watcher at once).
 _REJECT_BUDGET_S = 0.5
@@ -53,11 +57,12 @@ class _Verdict:
     #: When this exact file (name, size, mtime, inode) was first seen, on the monotonic clock.
     since: float = field(default_factory=time.monotonic)
     producer: Producer | None = None
-    #: SHA-256 of the bytes judged: the claim re-reads the file and must find them. The parsed
-    #: job is not kept while the file waits: a flood of waiting files costs their verdicts only.
+    #: SHA-256 of the bytes judged: the claim re-reads the file and must find them.
     sha256: str = ""
     #: A good job's ``priority``: claims go highest first, then oldest.
     priority: int = 0
+    #: The job parsed from these bytes, on its way from the judging thread to ``Intake._kept``.
+    job: Job | None = None
 
 
 class Intake:
@@ -106,6 +111,9 @@ class Intake:
         self._pool = ThreadPoolExecutor(
             _JUDGES, thread_name_prefix="flowsubmit-judge", initializer=_behind_the_loop
         )
+        #: The jobs parsed from the latest good verdicts, by file name, oldest first: the claim of
+        #: such a file reuses its job instead of parsing the bytes again.
+        self._kept: OrderedDict[str, tuple[str, Job]] = OrderedDict()
         #: The one task claiming jobs, while there are jobs to claim and slots for them.
         self._claimer: asyncio.Task[None] | None = None
 
@@ -173,7 +181,7 @@ class Intake:
             self._pool, partial(self.admit, claim.path.name, data, producer)
         )
         if state.sha256 is None:
-            self.queue.seal(claim, Judged(data, st, producer.as_dict()))
+            self.queue.seal(claim, Judged(data, st, producer.as_dict(), job.total_runs))
         else:
             self.queue.share(claim)  # the lock file is new
         return job, producer
@@ -193,7 +201,7 @@ class Intake:
         """
         candidates = self.queue.scan()
         present = {c.name for c in candidates}
-        for cache in (self._verdicts, self._broken, self._ignored, self._pending):
+        for cache in (self._verdicts, self._broken, self._ignored, self._pending, self._kept):
             for name in [n for n in cache if n not in present]:
                 del cache[name]
         for candidate in candidates:
@@ -276,6 +284,8 @@ class Intake:
         if known is not None and known.candidate == candidate:
             verdict.since = known.since  # the same version of the file: its settling goes on
         self._verdicts[candidate.name] = verdict
+        if verdict.job is not None:
+            self._keep(candidate.name, verdict)
         if verdict.error is None:
             self._claim_waiting()
 
@@ -293,7 +303,18 @@ class Intake:
         except JobRejected as exc:
             return _Verdict(candidate, exc.with_file(printable_name(candidate.name)))
         digest = hashlib.sha256(data).hexdigest()
-        return _Verdict(candidate, None, producer=producer, sha256=digest, priority=job.priority)
+        return _Verdict(
+            candidate, None, producer=producer, sha256=digest, priority=job.priority, job=job
+        )
+
+    def _keep(self, name: str, verdict: _Verdict) -> None:
+        """Keep the job a verdict parsed, for its claim, among the latest ``_KEPT_JOBS`` only."""
+        assert verdict.job is not None
+        self._kept[name] = (verdict.sha256, verdict.job)
+        self._kept.move_to_end(name)
+        verdict.job = None  # the verdict outlives the claim; the parsed job need not
+        while len(self._kept) > _KEPT_JOBS:
+            self._kept.popitem(last=False)
 
     def _log_broken(self, candidate: Candidate, exc: BaseException) -> None:
         """A bug or an I/O error while handling one file: logged once per version, then skipped."""
@@ -343,7 +364,10 @@ class Intake:
         disk, until no slot or no good job is left; each claimed job starts at once."""
         while (verdict := self._next_to_claim()) is not None:
             name = verdict.candidate.name
-            work = asyncio.ensure_future(asyncio.to_thread(self._claim, verdict))
+            sha256, kept = self._kept.pop(name, ("", None))
+            if sha256 != verdict.sha256:
+                kept = None  # parsed from other bytes than the verdict's
+            work = asyncio.ensure_future(asyncio.to_thread(self._claim, verdict, kept))
             try:
                 claim = await asyncio.shield(work)
             except asyncio.CancelledError:
@@ -363,8 +387,11 @@ class Intake:
                 assert verdict.producer is not None
                 self._start(*claim, verdict.producer, False)
 
-    def _claim(self, verdict: _Verdict) -> tuple[Claim, Job] | None:
+    def _claim(self, verdict: _Verdict, kept: Job | None) -> tuple[Claim, Job] | None:
         """Claim the file if it still holds the bytes judged (read again: same hash, same owner); in a thread.
+
+        The same bytes make the same job: the one parsed when they were judged (``kept``) is
+        checked against the policy again rather than parsed again; a job no longer kept is.
 
         Returns None when the file changed since it was judged.
 
@@ -377,9 +404,14 @@ class Intake:
         data, st = self.queue.read(name, self.settings.max_job_bytes)
         if hashlib.sha256(data).hexdigest() != verdict.sha256 or st.st_uid != producer.uid:
             return None
-        job = self.admit(printable_name(name), data, producer)  # the same bytes: the same verdict
+        if kept is None:
+            job = self.admit(printable_name(name), data, producer)
+        else:
+            job = kept
+            self.policy.check(job, producer)
         job_id = self.queue.scoped_id(job.id or new_job_id(), producer.uid, producer.user)
-        return self.queue.claim(name, job_id, Judged(data, st, producer.as_dict())), job
+        judged = Judged(data, st, producer.as_dict(), job.total_runs)
+        return self.queue.claim(name, job_id, judged), job
 
     # -- rejecting -----------------------------------------------------------------------
 
