@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flowsubmit.queue.folders import Queue
-from flowsubmit.service.intake import SWITCH_INTERVAL_S, Intake
+from flowsubmit.service.intake import SWITCH_INTERVAL_S, CallbackHost, Intake
 from flowsubmit.settings import Settings
 
 #: Two producers by uid (no user entry is needed: a producer is a file's owner).
@@ -65,10 +65,13 @@ async def scenario(root: Path, bombs: int, uids: tuple[int, int]) -> dict[str, A
     intake = Intake(
         queue,
         settings,
-        has_capacity=lambda _: True,
-        start=lambda claim, *_: (note(claimed), names.append(claim.job_id), claim.release()),
-        rejected=lambda *_: note(rejected),
-        stopped=lambda *_: None,
+        settings.policy(),
+        CallbackHost(
+            has_capacity=lambda _: True,
+            start=lambda claim, *_: (note(claimed), names.append(claim.job_id), claim.release()),
+            rejected=lambda *_: note(rejected),
+            stop_recovered=lambda *_: None,
+        ),
     )
     data = _bomb()
     for i in range(bombs):

@@ -21,7 +21,7 @@ from flowsubmit.errors import JobRejected
 from flowsubmit.jobs.model import Job
 from flowsubmit.jobs.policy import Producer
 from flowsubmit.queue.folders import Claim, Queue
-from flowsubmit.service.intake import SWITCH_INTERVAL_S, Intake
+from flowsubmit.service.intake import SWITCH_INTERVAL_S, CallbackHost, Intake
 from flowsubmit.settings import Settings
 
 #: The victim and the attacker: two real users, created for this module and removed after it.
@@ -79,10 +79,13 @@ class _Host:
         self.intake = Intake(
             self.queue,
             self.settings,
-            has_capacity=lambda producer: producer is None or self.room,
-            start=lambda *args: (self.started.append(args), self.moved.set()),
-            rejected=lambda error, _: (self.rejected.append(error), self.moved.set()),
-            stopped=lambda claim, error: self.stopped.append((claim, error)),
+            self.settings.policy(),
+            CallbackHost(
+                has_capacity=lambda producer: producer is None or self.room,
+                start=lambda *args: (self.started.append(args), self.moved.set()),
+                rejected=lambda error, _: (self.rejected.append(error), self.moved.set()),
+                stop_recovered=lambda claim, error: self.stopped.append((claim, error)),
+            ),
         )
         return self.intake
 
@@ -180,7 +183,7 @@ async def test_a_job_rewritten_through_a_kept_descriptor_runs_as_judged_after_a_
     claim.release()  # the daemon dies with stage 0 running
 
     host.started.clear()
-    await host.restart().adopt_orphans(owned=lambda _: False)
+    await host.restart().adopt_orphans()
 
     ((adopted, job, producer, recovered),) = host.started
     assert (adopted.job_id, recovered, producer.uid) == (f"two@{MALLORY}", True, mallory.pw_uid)
@@ -207,7 +210,7 @@ async def test_a_claimed_job_whose_bytes_changed_is_stopped_or_rejected_at_adopt
         claim.release()
     host.started.clear()
 
-    await host.restart().adopt_orphans(owned=lambda _: False)
+    await host.restart().adopt_orphans()
 
     reason = "the job file changed after its claim: its bytes are not the ones judged"
     assert host.started == []
@@ -233,7 +236,7 @@ async def test_the_policy_held_now_judges_every_adoption(
     host.started.clear()
     host.settings = Settings(queue=host.queue.root, settle_s=0, allowed_deployments=["allowed/*"])
 
-    await host.restart().adopt_orphans(owned=lambda _: False)
+    await host.restart().adopt_orphans()
 
     assert host.started == []
     assert [(c.job_id, e.field, e.reason) for c, e in host.stopped] == [
@@ -305,7 +308,7 @@ async def test_a_grown_claimed_file_is_refused_at_adoption_without_being_read(
     claim.release()
     host.started.clear()
 
-    await host.restart().adopt_orphans(owned=lambda _: False)
+    await host.restart().adopt_orphans()
 
     (error,) = host.rejected
     assert error.reason == (

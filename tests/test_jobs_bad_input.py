@@ -17,7 +17,7 @@ from flowsubmit.errors import ClaimLost, JobRejected
 from flowsubmit.gateway.client import parameter_problem
 from flowsubmit.jobs.model import MAX_NESTING, Job, parse_job
 from flowsubmit.queue.folders import Candidate, Queue, printable_name, safe_name
-from flowsubmit.service.intake import Intake
+from flowsubmit.service.intake import CallbackHost, Intake
 from flowsubmit.settings import Settings
 
 DEPLOYMENT = "etl/etl-deployment"
@@ -482,10 +482,13 @@ def test_a_file_another_daemon_took_is_neither_an_error_nor_a_rejection(
     intake = Intake(
         queue,
         settings,
-        has_capacity=lambda _: True,
-        start=lambda *_: pytest.fail("nothing is claimed"),
-        rejected=lambda error, _: rejections.append(error),
-        stopped=lambda *_: pytest.fail("nothing is adopted"),
+        settings.policy(),
+        CallbackHost(
+            has_capacity=lambda _: True,
+            start=lambda *_: pytest.fail("nothing is claimed"),
+            rejected=lambda error, _: rejections.append(error),
+            stop_recovered=lambda *_: pytest.fail("nothing is adopted"),
+        ),
     )
     (queue.incoming / "bad.json").write_bytes(b"{")
     (candidate,) = queue.scan()

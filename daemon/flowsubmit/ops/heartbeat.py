@@ -86,10 +86,13 @@ class Heartbeat:
         self._said: tuple[object, ...] = ()
         #: The last beat, also answered by ``/healthz``; None before the first.
         self.last: Beat | None = None
+        #: When the last beat was, on the monotonic clock (the systemd watchdog's reference).
+        self._beaten_at = time.monotonic()
 
     def beat(self, *, every_s: float, tracker: str | None, prefect_down_s: float | None) -> None:
         """Record one pass of the loop, which promises the next within ``every_s``."""
         now = time.time()
+        self._beaten_at = time.monotonic()
         first = self.last is None
         self.last = Beat(
             pid=os.getpid(),
@@ -108,6 +111,10 @@ class Heartbeat:
         if said != self._said or now - self._written_at >= _MIN_PERIOD_S:
             atomic_write(self.path, (json.dumps(asdict(self.last)) + "\n").encode())
             self._written_at, self._said = now, said
+
+    def beaten_at(self) -> float:
+        """When the loop last passed (``beat``), on the monotonic clock; this object's creation before."""
+        return self._beaten_at
 
     def _remove_dead(self) -> None:
         """Delete the files this host's dead daemons left (a kill -9); a file not trusted is never touched."""

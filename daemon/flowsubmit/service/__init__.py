@@ -2,7 +2,8 @@
 
 - ``daemon``: ``Service``, the composition root and its loop.
 - ``intake``: judges files in ``incoming/`` and claims the admitted ones.
-- ``executor``: one claimed job's life: its runs, journal, and result file.
+- ``jobs``: the running jobs: each claimed job's start, end, result file and move.
+- ``executor``: one job's runs: pre-submit checks, stages, retries, timeout and cancel.
 - ``prefect_health``: waits for Prefect before the daemon is ready, and while it is away.
 
 Imports every room but ``cli`` and ``local``.

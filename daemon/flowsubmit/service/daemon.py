@@ -1,4 +1,4 @@
-"""The daemon: one class owns the claim loop, the running jobs, recovery, signals and shutdown."""
+"""The daemon's composition root: one class wires the rooms together and owns the loop, signals and shutdown."""
 
 from __future__ import annotations
 
@@ -9,28 +9,21 @@ import signal
 import sys
 import time
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 from flowsubmit import metrics
-from flowsubmit._types import JobStatus
-from flowsubmit.engine.results import JobResult
 from flowsubmit.engine.tracker import Tracker
-from flowsubmit.errors import GatewayError, JobRejected
+from flowsubmit.errors import GatewayError
 from flowsubmit.gateway.client import Gateway
 from flowsubmit.gateway.connection import display_url, versions
-from flowsubmit.jobs.model import Job
-from flowsubmit.jobs.policy import Producer
-from flowsubmit.logs import bound_contextvars, get_logger
+from flowsubmit.logs import get_logger
 from flowsubmit.ops import http, retention
 from flowsubmit.ops.heartbeat import Heartbeat
 from flowsubmit.ops.sdnotify import Notifier
 from flowsubmit.queue.crashpoints import CrashPoints
-from flowsubmit.queue.folders import FOLDERS, Claim, Queue, job_files
+from flowsubmit.queue.folders import FOLDERS, Queue, job_files
 from flowsubmit.queue.watcher import wakeups
-from flowsubmit.service.executor import Executor
 from flowsubmit.service.intake import SWITCH_INTERVAL_S, Intake
+from flowsubmit.service.jobs import RunningJobs
 from flowsubmit.service.prefect_health import PrefectHealth
 from flowsubmit.settings import Settings, crash_point
 
@@ -40,7 +33,7 @@ log = get_logger("flowsubmit.service")
 
 
 class Service:
-    """Owns the claim loop, the ``job_id -> Task`` registry, the counters and shutdown.
+    """Owns the claim loop, signals, readiness and shutdown; the running jobs are ``RunningJobs``'s.
 
     ``run()`` enters, in order: the gateway (Prefect client), then, once Prefect
     answers, the tracker (event subscription); it tears them down in reverse, so the
@@ -54,34 +47,24 @@ class Service:
         self.queue = Queue(settings.queue, crash=CrashPoints(crash_point()))
         self.notifier = notifier or Notifier()
         self._stop = asyncio.Event()
-        self._jobs: dict[str, asyncio.Task[None]] = {}
-        self._executors: dict[str, Executor] = {}
-        self._intake = Intake(
+        self.policy = settings.policy()
+        self.jobs = RunningJobs(
             self.queue,
             settings,
-            has_capacity=self._has_capacity,
-            start=self._start_job,
-            rejected=self._rejected,
-            stopped=self._stop_recovered,
+            self.policy,
+            accepting=self._accepting,
+            changed=lambda: self.notifier.status(self._status_line()),
         )
-        #: The producer uid of each running job, and each producer's runs in flight.
-        self._producers: dict[str, int] = {}
-        self._run_slots: dict[int, asyncio.Semaphore] = {}
-        self._heartbeat = time.monotonic()
-        self.counts = {"claimed": 0, "succeeded": 0, "failed": 0, "rejected": 0, "recovered": 0}
+        self._intake = Intake(self.queue, settings, self.policy, self.jobs)
         self._gateway: Gateway | None = None
         self._tracker: Tracker | None = None
         self._health: PrefectHealth | None = None
-        #: The task group of the running jobs, while the claim loop runs.
-        self._tg: asyncio.TaskGroup | None = None
         self.heartbeat = Heartbeat(self.queue.root, version=versions()[0])
 
     def __repr__(self) -> str:
         mode = self._tracker.mode.value if self._tracker else "not started"
-        counts = " ".join(f"{k}={v}" for k, v in self.counts.items())
-        return (
-            f"<Service queue={self.queue.root} running={len(self._jobs)} tracker={mode} {counts}>"
-        )
+        counts = " ".join(f"{k}={v}" for k, v in self.jobs.counts.items())
+        return f"<Service queue={self.queue.root} running={len(self.jobs)} tracker={mode} {counts}>"
 
     def stop(self) -> None:
         """Stop claiming and shut down (what SIGTERM and SIGINT do)."""
@@ -94,10 +77,10 @@ class Service:
         self.queue.ensure()
         if self.queue.others_can_write():
             log.warning("service.queue_writable_by_others", queue=str(self.queue.root))
-        if self._intake.policy.launches_anything:
+        if self.policy.launches_anything:
             log.warning(
                 "service.any_deployment_allowed",
-                allowed_deployments=list(self._intake.policy.allowed_deployments),
+                allowed_deployments=list(self.policy.allowed_deployments),
                 hint="whoever can write to incoming/ may launch any deployment: set allowed_deployments",
             )
         loop = asyncio.get_running_loop()
@@ -169,10 +152,10 @@ class Service:
             await self._tracker.wait_connected(timeout_s=10.0)
             self._track_gauges(self._tracker)
             async with asyncio.TaskGroup() as tg:
-                self._tg = tg
+                self.jobs.open(self._gateway, self._tracker, tg)
                 helpers = [
                     tg.create_task(
-                        self._health.watch(lambda: len(self._jobs), self._abort_jobs),
+                        self._health.watch(lambda: len(self.jobs), self.jobs.abort_all),
                         name="flowsubmit-prefect",
                     ),
                     *self._spawn_watchdog(tg),
@@ -185,12 +168,7 @@ class Service:
                 for helper in helpers:
                     helper.cancel()  # a health check in flight must not delay the exit
                 await self._drain()
-        log.info("service.stopped", **self.counts)
-
-    def _abort_jobs(self, reason: str) -> None:
-        for job_id, executor in self._executors.items():
-            log.error("job.aborted", job_id=job_id, reason=reason)
-            executor.abort(f"{reason} (prefect_outage_tolerance_s)")
+        log.info("service.stopped", **self.jobs.counts)
 
     async def _claim_loop(self) -> None:
         ready = False
@@ -200,9 +178,8 @@ class Service:
             rescan_interval_s=self.settings.rescan_interval_s,
             force_polling=self.settings.force_polling,
         ):
-            self._heartbeat = time.monotonic()
-            await self._intake.adopt_orphans(owned=self._jobs.__contains__)
-            self._deliver_cancel_requests()
+            await self._intake.adopt_orphans()
+            self.jobs.deliver_cancel_requests()
             await self._intake.scan(self._stop.is_set)
             self._beat(self.settings.rescan_interval_s)
             if not ready:
@@ -236,12 +213,8 @@ class Service:
     async def _drain(self) -> None:
         """Cancel running jobs and wait for them, bounded by ``drain_timeout_s``."""
         self.notifier.stopping()
-        log.info("service.stopping", running=len(self._jobs), **self.counts)
-        tasks = list(self._jobs.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
+        log.info("service.stopping", running=len(self.jobs), **self.jobs.counts)
+        await self.jobs.drain()
 
     # -- what operators see (docs/metrics.md) -------------------------------------------------
 
@@ -273,152 +246,13 @@ class Service:
 
     def _status_line(self) -> str:
         pending = self._tracker.pending if self._tracker else 0
-        return f"{len(self._jobs)} jobs running, {pending} runs tracked, {self.counts['succeeded']} succeeded, {self.counts['failed']} failed"
+        counts = self.jobs.counts
+        return f"{len(self.jobs)} jobs running, {pending} runs tracked, {counts['succeeded']} succeeded, {counts['failed']} failed"
 
-    # -- claiming -----------------------------------------------------------------------------
-
-    def _has_capacity(self, producer: Producer | None) -> bool:
-        """A slot is free for one more job (of ``producer``, within its ``max_running_jobs``)."""
-        # Nothing is claimed while Prefect is known to be down: it could not be submitted.
-        free = (
-            len(self._jobs) < self.settings.max_concurrent_jobs
-            and not self._stop.is_set()
-            and (self._health is None or self._health.down_since is None)
-        )
-        if not free or producer is None:
-            return free
-        limit = self._intake.policy.limits_for(producer).max_running_jobs
-        return limit is None or sum(u == producer.uid for u in self._producers.values()) < limit
-
-    def _producer_slots(self, producer: Producer) -> asyncio.Semaphore | None:
-        """The semaphore of ``producer``'s runs in flight over all its jobs (``max_runs_in_flight``)."""
-        limit = self._intake.policy.limits_for(producer).max_runs_in_flight
-        if limit is None:
-            return None
-        return self._run_slots.setdefault(producer.uid, asyncio.Semaphore(limit))
-
-    def _rejected(self, error: JobRejected, target: Path) -> None:
-        """Count and log one rejection (the file is already in ``rejected/``)."""
-        self.counts["rejected"] += 1
-        metrics.JOBS.labels("rejected").inc()
-        log.warning(
-            "job.rejected",
-            file=error.file,
-            reason=error.reason,
-            field=error.field,
-            hint=error.hint,
-            moved_to=str(target),
-        )
-
-    def _deliver_cancel_requests(self) -> None:
-        for job_id, executor in self._executors.items():
-            if self.queue.cancel_requested(job_id):
-                executor.cancel()
-
-    # -- one job --------------------------------------------------------------------------------
-
-    def _start_job(self, claim: Claim, job: Job, producer: Producer, recovered: bool) -> None:
-        assert self._tg is not None
-        self.counts["recovered" if recovered else "claimed"] += 1
-        task = self._tg.create_task(
-            self._run_job(claim, job, producer, recovered), name=f"flowsubmit-job-{claim.job_id}"
-        )
-        self._jobs[claim.job_id] = task
-        self._producers[claim.job_id] = producer.uid
-        task.add_done_callback(lambda _: self._forget(claim.job_id))
-
-    def _forget(self, job_id: str) -> None:
-        self._jobs.pop(job_id, None)
-        self._producers.pop(job_id, None)
-        self._executors.pop(job_id, None)
-        self.notifier.status(self._status_line())
-
-    async def _run_job(self, claim: Claim, job: Job, producer: Producer, recovered: bool) -> None:
-        assert self._gateway is not None and self._tracker is not None
-        with bound_contextvars(job_id=claim.job_id):
-            log.info(
-                "job.claimed",
-                file=claim.source,
-                runs=job.total_runs,
-                recovered=recovered,
-                producer=producer.as_dict(),
-            )
-            executor = Executor(
-                job,
-                claim.job_id,
-                gateway=self._gateway,
-                tracker=self._tracker,
-                journal=claim.journal,
-                state=claim.state,
-                run_tag=self.settings.run_tag,
-                recovered=recovered,
-                producer=producer,
-                timeout_s=self._timeout_s(job, producer),
-                producer_slots=self._producer_slots(producer),
-            )
-            self._executors[claim.job_id] = executor
-            try:
-                await self._execute(claim, executor)
-            except asyncio.CancelledError:
-                claim.release()  # stays in processing/; the next start re-attaches its runs
-                raise
-            except Exception as exc:
-                log.error("job.crashed", error=str(exc), exc_info=exc)
-                self._finish_crashed(claim, producer, exc)
-
-    async def _execute(self, claim: Claim, executor: Executor) -> None:
-        try:
-            prepared = await executor.prepare()
-        except JobRejected as exc:
-            error = exc.with_file(claim.source)
-            self._rejected(error, self.queue.reject_claimed(claim, error))
-            return
-        self._finish(claim, (await executor.run(prepared)).result)
-
-    def _timeout_s(self, job: Job, producer: Producer) -> float | None:
-        """The job's ``timeout``, or its producer's ``default_timeout_s`` (then ``max_timeout_s``)."""
-        if job.timeout is not None:
-            return job.timeout
-        return self._intake.policy.limits_for(producer).job_timeout_s
-
-    def _finish_crashed(self, claim: Claim, producer: Producer, exc: Exception) -> None:
-        self._finish_unrun(claim, producer.as_dict(), str(exc))
-
-    def _stop_recovered(self, claim: Claim, error: JobRejected) -> None:
-        """End an adopted job that may not go on (its bytes changed, or the policy held now
-        refuses it): no further run is created; the runs it created are left to Prefect."""
-        log.error("job.stopped", job_id=claim.job_id, reason=error.reason, field=error.field)
-        reason = f"{error.reason}; no further run was created"
-        self._finish_unrun(claim, claim.state.producer, reason)
-
-    def _finish_unrun(self, claim: Claim, producer: dict[str, Any] | None, error: str) -> None:
-        now = datetime.now(UTC)
-        self._finish(
-            claim,
-            JobResult.of(
-                job_id=claim.job_id,
-                status=JobStatus.FAILED,
-                started_at=now,
-                ended_at=now,
-                records=[],
-                error=error,
-                producer=producer,
-            ),
-        )
-
-    def _finish(self, claim: Claim, result: JobResult) -> None:
-        """Write the result and move the job to ``done/`` or ``failed/``; count and log it."""
-        succeeded = result.status is JobStatus.SUCCEEDED
-        target = self.queue.finish(claim, succeeded, result.as_dict())
-        self.counts["succeeded" if succeeded else "failed"] += 1
-        metrics.JOBS.labels(result.status.value).inc()
-        fields = {"status": result.status.value, "moved_to": str(target), "error": result.error}
-        if succeeded:
-            log.info("job.finished", **fields)
-        elif result.error and not any(run.flow_run_id for run in result.runs):
-            log.error("job.finished", **fields)  # it could not run at all
-        else:
-            log.warning("job.finished", **fields)
+    def _accepting(self) -> bool:
+        """Jobs may be claimed: not stopping, and Prefect not known to be down (it could not
+        take their runs)."""
+        return not self._stop.is_set() and (self._health is None or self._health.down_since is None)
 
     # -- watchdog ----------------------------------------------------------------------------------
 
@@ -427,5 +261,5 @@ class Service:
         if interval is None:
             return []
         stale_after_s = self.settings.rescan_interval_s * 3 + interval
-        alive = self.notifier.keep_alive(lambda: self._heartbeat, stale_after_s, self._stop)
+        alive = self.notifier.keep_alive(self.heartbeat.beaten_at, stale_after_s, self._stop)
         return [tg.create_task(alive, name="flowsubmit-watchdog")]

@@ -13,16 +13,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 from flowsubmit.errors import ClaimLost, JobRejected
 from flowsubmit.jobs.model import Job, parse_job
-from flowsubmit.jobs.policy import Producer, producer_by_uid, producer_of
+from flowsubmit.jobs.policy import Policy, Producer, producer_by_uid, producer_of
 from flowsubmit.logs import get_logger
 from flowsubmit.queue.folders import Candidate, Claim, Judged, Queue, new_job_id, printable_name
 from flowsubmit.queue.fsutil import UnsafeFile, read_regular
 from flowsubmit.settings import Settings
 
-__all__ = ["SWITCH_INTERVAL_S", "Intake"]
+__all__ = ["SWITCH_INTERVAL_S", "CallbackHost", "Intake", "JobHost"]
 
 log = get_logger("flowsubmit.intake")
 
@@ -38,13 +39,45 @@ SWITCH_INTERVAL_S = 0.001
 #: A file whose judging takes longer is refused (parsing is linear in the file's size, so
 #: only a pathological file comes near it); its thread finishes on its own.
 _JUDGE_BUDGET_S = 10.0
-#: Parsed jobs kept for their claims: those judged last, which are claimed at once while slots are
-#: free. A flood of waiting files costs its verdicts only; a file claimed after it fell out of this
-#: is parsed again at its claim.
-_KEPT_JOBS = 32
+#: Parsed jobs kept for their claims, at most: those judged last while a slot was free, which are
+#: claimed at once. A file claimed after it fell out of this is parsed again at its claim.
+_KEPT_JOBS = 8
 #: Time one scan may spend rejecting (three fsyncs each); the rest waits for the next scan, so a
 #: slot freed meanwhile goes to a good job first (the moves wake the watcher at once).
 _REJECT_BUDGET_S = 0.5
+
+
+class JobHost(Protocol):
+    """Who runs the jobs the intake claims (``service.jobs.RunningJobs``)."""
+
+    def __contains__(self, job_id: object) -> bool:
+        """``job_id`` runs here now."""
+
+    def has_capacity(self, producer: Producer | None) -> bool:
+        """A slot is free for one more job (of ``producer``)."""
+
+    def start(self, claim: Claim, job: Job, producer: Producer, recovered: bool) -> None:
+        """Run a claimed job (``recovered``: adopted from ``processing/``)."""
+
+    def rejected(self, error: JobRejected, target: Path) -> None:
+        """A file was moved to ``rejected/`` as ``target``."""
+
+    def stop_recovered(self, claim: Claim, error: JobRejected) -> None:
+        """End an adopted job that may not go on; it creates no more runs."""
+
+
+@dataclass(frozen=True)
+class CallbackHost:
+    """A ``JobHost`` made of functions: the intake without a daemon (benchmarks, tests)."""
+
+    has_capacity: Callable[[Producer | None], bool]
+    start: Callable[[Claim, Job, Producer, bool], None]
+    rejected: Callable[[JobRejected, Path], None]
+    stop_recovered: Callable[[Claim, JobRejected], None]
+    running: Callable[[str], bool] = lambda _: False
+
+    def __contains__(self, job_id: object) -> bool:
+        return isinstance(job_id, str) and self.running(job_id)
 
 
 @dataclass(slots=True)
@@ -71,31 +104,21 @@ class Intake:
     ``scan()`` lists ``incoming/`` and hands new or changed files to the judging
     threads, fairest first (the producer judged least, then the smallest file); each
     verdict is kept while its file is unchanged. Good jobs are claimed as soon as they
-    are judged, highest priority first, while ``has_capacity(producer)`` says so, and
-    handed to ``start(claim, job, producer, recovered=False)``; bad files are moved to
-    ``rejected/`` once settled and reported to ``rejected``. ``adopt_orphans()`` judges
+    are judged, highest priority first, while ``jobs.has_capacity(producer)`` says so, and
+    handed to ``jobs.start(claim, job, producer, recovered=False)``; bad files are moved to
+    ``rejected/`` once settled and reported to ``jobs.rejected``. ``adopt_orphans()`` judges
     the jobs of ``processing/`` whose owner is gone again, by their recorded bytes and
-    the policy held now, and resumes them (``recovered=True``) or ``stopped`` them.
+    the policy held now, and resumes them (``recovered=True``) or stops them
+    (``jobs.stop_recovered``). Claims happen the moment a judging ends, not at a scan, so
+    the intake hands them over as they come rather than returning them.
     """
 
-    def __init__(
-        self,
-        queue: Queue,
-        settings: Settings,
-        *,
-        has_capacity: Callable[[Producer | None], bool],
-        start: Callable[[Claim, Job, Producer, bool], None],
-        rejected: Callable[[JobRejected, Path], None],
-        stopped: Callable[[Claim, JobRejected], None],
-    ) -> None:
+    def __init__(self, queue: Queue, settings: Settings, policy: Policy, jobs: JobHost) -> None:
         self.queue = queue
         self.settings = settings
-        self._has_capacity = has_capacity
-        self._start = start
-        self._rejected = rejected
-        self._stopped = stopped
         #: What jobs may ask for, as the settings held now say.
-        self.policy = settings.policy()
+        self.policy = policy
+        self._jobs = jobs
         self._verdicts: dict[str, _Verdict] = {}
         #: Files whose judging raised (logged once per version of the file).
         self._broken: dict[str, Candidate] = {}
@@ -133,12 +156,12 @@ class Intake:
 
     # -- adoption ------------------------------------------------------------------------
 
-    async def adopt_orphans(self, owned: Callable[[str], bool]) -> None:
+    async def adopt_orphans(self) -> None:
         """Resume ``processing/`` jobs whose owner is gone (this daemon before a crash, or a dead peer)."""
         for job_id in self.queue.retire_stranded():
             log.info("job.journal_retired", job_id=job_id)
         for job_id in self.queue.orphans():
-            if owned(job_id) or not self._has_capacity(None):
+            if job_id in self._jobs or not self._jobs.has_capacity(None):
                 continue
             try:
                 claim = self.queue.adopt(job_id)
@@ -149,11 +172,11 @@ class Intake:
             except JobRejected as exc:
                 error = exc.with_file(claim.path.name)
                 if claim.state.created:
-                    self._stopped(claim, error)  # its runs exist: no more are created
+                    self._jobs.stop_recovered(claim, error)  # its runs exist: no more are created
                 else:
-                    self._rejected(error, self.queue.reject_claimed(claim, error))
+                    self._jobs.rejected(error, self.queue.reject_claimed(claim, error))
                 continue
-            self._start(claim, job, producer, True)
+            self._jobs.start(claim, job, producer, True)
 
     async def _recovered(self, claim: Claim) -> tuple[Job, Producer]:
         """Judge an adopted job again: its bytes must be those judged at the claim, and the
@@ -286,6 +309,7 @@ class Intake:
         self._verdicts[candidate.name] = verdict
         if verdict.job is not None:
             self._keep(candidate.name, verdict)
+            verdict.job = None  # the verdict outlives the claim; the parsed job need not
         if verdict.error is None:
             self._claim_waiting()
 
@@ -308,11 +332,13 @@ class Intake:
         )
 
     def _keep(self, name: str, verdict: _Verdict) -> None:
-        """Keep the job a verdict parsed, for its claim, among the latest ``_KEPT_JOBS`` only."""
+        """Keep the job a verdict parsed for its claim, if it can be claimed now: a job that must
+        wait for a slot is parsed again at its claim, so waiting files cost their verdicts only."""
         assert verdict.job is not None
+        if not self._jobs.has_capacity(verdict.producer):
+            return
         self._kept[name] = (verdict.sha256, verdict.job)
         self._kept.move_to_end(name)
-        verdict.job = None  # the verdict outlives the claim; the parsed job need not
         while len(self._kept) > _KEPT_JOBS:
             self._kept.popitem(last=False)
 
@@ -345,7 +371,7 @@ class Intake:
         One pass over the verdicts, asking once per producer (a group rule reads the group
         database): thousands of waiting files of a producer at its limit cost one question.
         """
-        if not self._has_capacity(None):
+        if not self._jobs.has_capacity(None):
             return None
         room: dict[int, bool] = {}
         best: _Verdict | None = None
@@ -354,7 +380,7 @@ class Intake:
             if verdict.error is not None or producer is None:
                 continue
             if producer.uid not in room:
-                room[producer.uid] = self._has_capacity(producer)
+                room[producer.uid] = self._jobs.has_capacity(producer)
             if room[producer.uid] and (best is None or _order(verdict) < _order(best)):
                 best = verdict
         return best
@@ -385,7 +411,7 @@ class Intake:
             self._verdicts.pop(name, None)
             if claim is not None:
                 assert verdict.producer is not None
-                self._start(*claim, verdict.producer, False)
+                self._jobs.start(*claim, verdict.producer, False)
 
     def _claim(self, verdict: _Verdict, kept: Job | None) -> tuple[Claim, Job] | None:
         """Claim the file if it still holds the bytes judged (read again: same hash, same owner); in a thread.
@@ -434,7 +460,7 @@ class Intake:
                 self._log_broken(verdict.candidate, exc)
                 continue
             if target is not None and verdict.error is not None:
-                self._rejected(verdict.error, target)
+                self._jobs.rejected(verdict.error, target)
 
     def _settled(self, verdict: _Verdict) -> bool:
         """True once the file has stayed unchanged for ``settle_s``: a bad file still being written is never rejected.
