@@ -84,6 +84,6 @@ def _secret_values(value: Any, secret: bool = False) -> list[str]:
 def mentions_secret(path: Iterable[object], value: Any) -> bool:
     """True when a name on ``path`` is secret-like, or ``value`` holds a secret-like key at any depth.
 
-    An error message that would echo such a value must not be shown as is (#6).
+    An error message that would echo such a value must not be shown as is.
     """
     return any(is_secret_name(str(part)) for part in path) or redact(value) != value

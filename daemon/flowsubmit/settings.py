@@ -116,7 +116,7 @@ class Settings(BaseSettings):
         default=False,
         description="Watch incoming/ by polling instead of inotify (NFS, some bind mounts).",
     )
-    # The queue is a privilege boundary (#14): what a job may ask for is the daemon's choice.
+    # The queue is a privilege boundary: what a job may ask for is the daemon's choice.
     allowed_deployments: list[str] = Field(
         default=["*"],
         description=(

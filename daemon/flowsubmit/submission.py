@@ -1,6 +1,6 @@
 """The library API: ``flow_submitter(...)`` fans runs of one deployment out, ``wait()`` fans their final states in.
 
-Lifecycle (issue 4). A submission owns at most one *engine* at a time: a
+Lifecycle. A submission owns at most one *engine* at a time: a
 ``Gateway`` (Prefect client) and a ``Tracker`` (one event subscription for every
 run of the submission, with batched polling as reconciliation and fallback). The
 engine is opened lazily by the first call that needs Prefect, with the
@@ -422,7 +422,7 @@ class FlowSubmission:
 
     async def _wait_all(self) -> None:
         # No read of its own: the tracker reads, batched, any run it watches without an
-        # event to cover it (a run found again by its key may be final already; issue 3).
+        # event to cover it (a run found again by its key may be final already).
         while unfinished := self._unfinished():
             async with self._using():
                 await self._run_set().wait(unfinished)
@@ -454,7 +454,7 @@ class FlowSubmission:
         try:
             yield await self._open()
         except AuthenticationError:
-            raise  # refused credentials are said at once, not as an outage (#12)
+            raise  # refused credentials are said at once, not as an outage
         except TransientGatewayError as exc:
             raise _unreachable(exc, self.outage_tolerance_s) from exc
         finally:

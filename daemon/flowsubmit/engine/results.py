@@ -213,7 +213,7 @@ class JobResult:
     summary: Summary
     runs: tuple[RunResult, ...]
     error: str | None = None
-    #: Who dropped the job (#14), as ``Producer.as_dict()``.
+    #: Who dropped the job, as ``Producer.as_dict()``.
     producer: dict[str, Any] | None = None
 
     @classmethod

@@ -10,7 +10,7 @@ call, each call under its own time limit; a pass that fails part-way goes on fro
 there at the next turn. So at 10,000 pending runs a pass costs 50 small answers
 and always progresses, however slow the server is to answer one page.
 
-A final event is recorded as it arrives, without a confirming read (issue 3). The
+A final event is recorded as it arrives, without a confirming read. The
 server emits a state-change event from inside the transaction that commits the
 state, with the state's own id, type, name and timestamp: a read can only lag
 behind it by milliseconds (measured in ``bench/tracking.py``), and one read per

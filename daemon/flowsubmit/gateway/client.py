@@ -146,7 +146,7 @@ def _translate(operation: str, deployment: str | None = None) -> Iterator[None]:
 
 
 def _quiet_httpx() -> None:
-    """Keep httpx's one INFO line per request out of a script's ``basicConfig(level=INFO)`` (#9).
+    """Keep httpx's one INFO line per request out of a script's ``basicConfig(level=INFO)``.
 
     Only while nobody has set the ``httpx`` logger's level: a level the user chose wins.
     """
@@ -227,7 +227,7 @@ def parameter_problem(
     path = ".".join(str(p) for p in cause.path) or None
     reason = cause.message
     if mentions_secret(cause.path, cause.instance):
-        # jsonschema's message echoes the value: never for a secret (#6).
+        # jsonschema's message echoes the value: never for a secret.
         rule = f"{cause.validator}={cause.validator_value!r}"
         reason = f"the value does not fit the rule {rule} (not shown: it looks like a secret)"
     return f"the deployment's parameter schema rejects it: {reason}", path
@@ -263,7 +263,7 @@ class Gateway:
         self._client: PrefectClient | None = None
         self._closed = False
         self._bulk = True
-        #: Orders the pending creates of every job into batches (fair, by priority: #13).
+        #: Orders the pending creates of every job into batches (fair between jobs, by priority).
         self._scheduler = CreateScheduler(
             self._create_batch,
             capacity=lambda: self.calls.limit,

@@ -23,7 +23,7 @@ def configured_api_url() -> str:
 
     Prefect's ``get_client()`` starts a temporary ephemeral server in a subprocess when
     ``PREFECT_API_URL`` is empty and its default profile (``ephemeral``) allows it; a
-    daemon would then report ready against a database nobody else sees (issue 10).
+    daemon would then report ready against a database nobody else sees.
     This reads the same setting the same way (``PREFECT_API_URL.value()``: environment,
     then the active profile) and refuses before ``get_client()`` can decide that.
 

@@ -156,7 +156,7 @@ class CallSize:
     fewer while the server creates them slowly, so that one call lasts about ``target_s``.
 
     A job that arrives while another submits thousands of runs waits for the calls in
-    flight to return before its own runs go out (issue 13): on a SQLite-backed server
+    flight to return before its own runs go out: on a SQLite-backed server
     a call of 100 runs lasts about three seconds, one of 30 about one. The server's
     speed is learnt from the calls that created runs (seconds per run created, a moving
     average); a call whose items were all refused tells nothing about it. Until a call

@@ -744,7 +744,7 @@ def _rejection_from(error: Any) -> JobRejected:
     if isinstance(cause, _FieldProblem):
         # A field validator's problem names its field from the model it validates
         # (`matrix.x`); a model validator's is at the model itself. Either way the
-        # path down to that model (`stages.1.`) goes in front (#11).
+        # path down to that model (`stages.1.`) goes in front.
         at_model = loc[:-1] if loc and cause.field.split(".")[0] == loc[-1] else loc
         return JobRejected(
             str(cause), field=short(".".join((*at_model, cause.field))), hint=cause.hint

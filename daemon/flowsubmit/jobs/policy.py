@@ -2,7 +2,7 @@
 
 A job file's owner is set by the kernel when the file is created and a ``rename``
 keeps it, so the producer of a job is the user who *created* its file, whoever
-moved it into ``incoming/`` afterwards (#14). The policy is the daemon's:
+moved it into ``incoming/`` afterwards. The policy is the daemon's:
 ``allowed_deployments`` (glob patterns of ``flow/deployment``),
 ``allowed_job_variables`` (keys), and ``[[producers]]`` rules that narrow both for
 the producers they match, and per-producer limits (jobs and runs at once, the

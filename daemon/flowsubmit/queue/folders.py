@@ -289,7 +289,7 @@ class Queue:
         ``O_NONBLOCK`` keeps a FIFO with no writer from blocking the open; ``fstat``
         on the open descriptor then refuses it, so nothing is judged by a name that
         could be swapped between the check and the read. That ``fstat`` is returned
-        with the bytes: its owner is the producer of exactly these bytes (#14).
+        with the bytes: its owner is the producer of exactly these bytes.
 
         Raises:
             ClaimLost: the file vanished (another daemon took it).
@@ -626,7 +626,7 @@ class Queue:
         journal = self.processing / f"{job_id}.journal"
         if journal.exists():
             os.rename(journal, folder / f"{stem}.journal")
-        # A cancel request is handled once its job has ended: the result says so (#11).
+        # A cancel request is handled once its job has ended: the result says so.
         (self.processing / f"{job_id}{_CANCEL_SUFFIX}").unlink(missing_ok=True)
         fsync_dir(folder)
 

@@ -33,7 +33,7 @@ async def wakeups(
     give none), the scan and the rename claim are the truth. Ends when ``stop`` is set.
 
     The watcher fails on a file name that is not UTF-8 (``WatchfilesRustInternalError``);
-    a producer must not be able to stop the daemon that way (#6), so the failure is
+    a producer must not be able to stop the daemon that way, so the failure is
     logged, the folder is scanned (which rejects that file), and watching starts again.
     """
     yield None
