@@ -1,4 +1,4 @@
-"""A run's one record and its views: the result document, a message masked once, a result frozen when made (no server)."""
+"""A run's one record and its views: the result document read back as itself, a message masked once, a result frozen when made (no server)."""
 
 from __future__ import annotations
 
@@ -69,10 +69,11 @@ def _written(result: JobResult) -> dict[str, Any]:
     return document
 
 
-def test_a_run_entry_is_its_latest_final_attempt() -> None:
-    """A run's fields are its latest final attempt's; attempts list every run; secrets are masked everywhere."""
+def test_a_result_document_reads_back_as_itself() -> None:
+    """from_dict then as_dict gives the document again: retries, an unfinished retry, a run not created, secrets, None fields."""
     document = _written(_result(_records()))
 
+    assert JobResult.from_dict(document).as_dict() == document
     assert document["summary"]["line"] == "Summary → 1/4 succeeded, 3 failed"
     assert document["runs"][0] == {
         "stage": 0,
@@ -112,6 +113,33 @@ def test_a_run_entry_is_its_latest_final_attempt() -> None:
         (None, None, None),
     ]
     assert not any(secret in json.dumps(document) for secret in SECRETS)
+
+
+def test_a_result_without_runs_reads_back_as_itself() -> None:
+    """A job ended before any run (cancelled while waiting) has a document that reads back too."""
+    now = datetime.now(UTC)
+    result = JobResult.of(
+        job_id="later", status=JobStatus.CANCELLED, started_at=now, ended_at=now, records=[]
+    )
+    document = _written(result)
+
+    read = JobResult.from_dict(document)
+    assert (read.status, read.runs, read.summary.line) == (
+        JobStatus.CANCELLED,
+        (),
+        "Summary → 0/0 succeeded, 0 failed",
+    )
+    assert read.as_dict() == document
+
+
+@pytest.mark.parametrize(
+    "document",
+    [{"status": "succeeded"}, {**_written(_result(_records())), "status": "lost"}, []],
+)
+def test_what_is_not_a_result_document_is_refused(document: Any) -> None:
+    """A document missing a field, with an unknown status, or not an object raises ValueError."""
+    with pytest.raises(ValueError, match="result document|is not a valid JobStatus"):
+        JobResult.from_dict(document)
 
 
 def test_a_state_message_is_masked_once_for_the_lines_and_the_result(

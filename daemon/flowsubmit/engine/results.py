@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -145,6 +145,31 @@ class RunRecord:
             "error": self.error,
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
+        """The record a run's entry in ``JOB.result.json`` stands for: ``as_dict`` read back.
+
+        The entry holds less than the record did: its parameters come back masked, the
+        tags, job variables and name asked for are not in it, and each attempt's final
+        comes back with the fields the entry shows (``source`` ``result``; the run's
+        ``flow_run_name`` on the latest final). Such a record is for reading, not running.
+        """
+        attempts = data["attempts"]
+        finals = [_final_from(attempt) for attempt in attempts if attempt["state_type"]]
+        if finals:
+            finals[-1] = replace(finals[-1], flow_run_name=data["flow_run_name"])
+        return cls(
+            data["stage"],
+            data["index"],
+            data["deployment"],
+            data["parameters"],
+            attempts=len(attempts),
+            run_ids=tuple(attempt["flow_run_id"] for attempt in attempts),
+            finals=tuple(finals),
+            error=data["error"],
+            not_created=data["state_name"] == NOT_CREATED,
+        )
+
 
 def _attempt_dict(run_id: str, final: RunSnapshot | None) -> dict[str, Any]:
     """One attempt in a run's ``attempts``: its run, and how it ended (all None while not final)."""
@@ -156,6 +181,18 @@ def _attempt_dict(run_id: str, final: RunSnapshot | None) -> dict[str, Any]:
         "start_time": _iso(final.start_time) if final else None,
         "end_time": _iso(final.end_time) if final else None,
     }
+
+
+def _final_from(attempt: Mapping[str, Any]) -> RunSnapshot:
+    return RunSnapshot(
+        flow_run_id=attempt["flow_run_id"],
+        state_type=attempt["state_type"],
+        state_name=attempt["state_name"],
+        start_time=_time(attempt["start_time"]),
+        end_time=_time(attempt["end_time"]),
+        source="result",
+        state_message=attempt["state_message"],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +287,29 @@ class JobResult:
             producer=producer,
         )
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobResult:
+        """The result a ``JOB.result.json`` document holds: ``as_dict`` read back.
+
+        ``as_dict(from_dict(d)) == d`` for every document ``as_dict`` writes; its
+        ``summary`` and ``duration_s`` are not read, they follow from the runs and times.
+
+        Raises:
+            ValueError: ``data`` is not a result document (a field missing or of the wrong kind).
+        """
+        try:
+            return cls(
+                job_id=data["job_id"],
+                status=JobStatus(data["status"]),
+                started_at=datetime.fromisoformat(data["started_at"]),
+                ended_at=datetime.fromisoformat(data["ended_at"]),
+                runs=tuple(RunRecord.from_dict(run) for run in data["runs"]),
+                error=data["error"],
+                producer=data["producer"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a result document: {type(exc).__name__}: {exc}") from exc
+
     @property
     def summary(self) -> Summary:
         """The counts and sentence of the runs."""
@@ -277,3 +337,7 @@ class JobResult:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value is not None else None
