@@ -36,6 +36,7 @@ from flowsubmit.cli.errors import (
     guarded,
 )
 from flowsubmit.cli.files import check_file, check_patterns, print_problems
+from flowsubmit.engine.results import JobResult
 from flowsubmit.errors import JobRejected
 from flowsubmit.gateway.connection import configured_api_url, versions
 from flowsubmit.jobs.model import PRIORITY_MAX, PRIORITY_MIN, Job, job_schema
@@ -422,21 +423,16 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
     return _report_end(name, *wait_for_end(queue, name, dropped))
 
 
-def _report_end(job_id: str, folder: str, document: dict[str, Any]) -> int:
+def _report_end(job_id: str, folder: str, ended: JobResult | JobRejected) -> int:
     """Print how a waited-for job ended; 0 only if every run completed."""
-    if folder == "rejected":
-        raise JobRejected(
-            str(document.get("reason")),
-            file=str(document.get("file")),
-            field=document.get("field"),
-            hint=document.get("hint"),
-        )
-    print(document["summary"]["line"])
-    if document["status"] == JobStatus.SUCCEEDED.value:
+    if isinstance(ended, JobRejected):
+        raise ended
+    print(ended.summary.line)
+    if ended.status is JobStatus.SUCCEEDED:
         return EXIT_OK
-    error = f": {document['error']}" if document.get("error") else ""
+    error = f": {ended.error}" if ended.error else ""
     raise CliError(
-        f"job {job_id}", f"{document['status']}{error} ({folder}/{job_id}.result.json)", code=1
+        f"job {job_id}", f"{ended.status.value}{error} ({folder}/{job_id}.result.json)", code=1
     )
 
 
@@ -482,8 +478,8 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     print(cancel(queue, args.job_id, settings.max_job_bytes), flush=True)
     if not args.wait:
         return EXIT_OK
-    folder, document = wait_for_end(queue, args.job_id)
-    print(document["summary"]["line"] if "summary" in document else f"ended in {folder}/")
+    folder, ended = wait_for_end(queue, args.job_id)
+    print(f"ended in {folder}/" if isinstance(ended, JobRejected) else ended.summary.line)
     return EXIT_OK
 
 
