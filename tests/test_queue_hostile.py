@@ -233,7 +233,7 @@ def test_a_journal_final_record_is_masked_like_the_result(tmp_path: Path) -> Non
 
     (line,) = (tmp_path / "j.journal").read_text().splitlines()
     assert json.loads(line)["state_message"] == masked
-    assert record.result().state_message == masked
+    assert record.as_dict()["state_message"] == masked
 
 
 async def _fail(run_id: str, message: str) -> None:

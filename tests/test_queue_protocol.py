@@ -52,10 +52,14 @@ def test_state_messages_are_masked_like_parameters() -> None:
 
 def test_summary_names_cancelled_runs() -> None:
     """The summary sentence says how many runs were cancelled, and `failed` does not count them."""
+    from flowsubmit._types import RunSnapshot
     from flowsubmit.engine.results import RunRecord, Summary
 
     def record(state_type: str | None) -> RunRecord:
-        return RunRecord(0, 0, "f/d", {}, state_type=state_type, state_name=state_type)
+        run = RunRecord(0, 0, "f/d", {})
+        if state_type is not None:
+            run.record(RunSnapshot("r", state_type, state_type))
+        return run
 
     summary = Summary.of(
         [record("COMPLETED"), record("FAILED"), *(record("CANCELLED") for _ in range(9))]

@@ -68,7 +68,7 @@ class SubmissionReporter:
             flow_run_name=snap.flow_run_name,
             state=snap.state_name,
             state_type=snap.state_type,
-            state_message=record.message_of(snap),
+            state_message=snap.state_message,
             source=snap.source,
         )
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from flowsubmit._types import JobStatus
 from flowsubmit.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, CliError
+from flowsubmit.engine.results import JobResult
 from flowsubmit.errors import (
     AuthenticationError,
     ClaimLost,
@@ -151,11 +152,14 @@ async def ask_prefect(job: Job) -> None:
             raise unreachable from None
 
 
-def wait_for_end(queue: Queue, job_id: str, file: str | None = None) -> tuple[str, dict[str, Any]]:
-    """Wait until the job has ended; (folder, result or error document).
+def wait_for_end(
+    queue: Queue, job_id: str, file: str | None = None
+) -> tuple[str, JobResult | JobRejected]:
+    """Wait until the job has ended; (folder, its result or why it was rejected).
 
     Raises:
         CliError: interrupted by Ctrl-C (exit 130); the job goes on.
+        ValueError: its result file is not a result document.
     """
     try:
         while (ended := queue.outcome(job_id, file)) is None:
@@ -166,7 +170,18 @@ def wait_for_end(queue: Queue, job_id: str, file: str | None = None) -> tuple[st
             f"stopped waiting for {job_id}; the job itself goes on",
             code=EXIT_INTERRUPTED,
         ) from None
-    return ended
+    folder, document = ended
+    return folder, _rejection(document) if folder == "rejected" else JobResult.from_dict(document)
+
+
+def _rejection(error: dict[str, Any]) -> JobRejected:
+    """The rejection a ``.error.json`` document records."""
+    return JobRejected(
+        str(error.get("reason")),
+        file=str(error.get("file")),
+        field=error.get("field"),
+        hint=error.get("hint"),
+    )
 
 
 def cancel(queue: Queue, job_id: str, max_job_bytes: int = DEFAULT_MAX_JOB_BYTES) -> str:
@@ -218,8 +233,6 @@ def _cancel(queue: Queue, job_id: str, max_job_bytes: int) -> str:
 
 
 def _cancel_waiting(queue: Queue, name: str, job_id: str) -> str:
-    from flowsubmit.engine.results import JobResult
-
     claim = queue.claim(name, job_id)
     now = datetime.now(UTC)
     result = JobResult.of(
@@ -235,6 +248,8 @@ def _cancel_waiting(queue: Queue, name: str, job_id: str) -> str:
 
 
 def _already_ended(job_id: str, folder: str, document: dict[str, Any]) -> str:
+    # Only the status is read, not the whole result: cancel answers for any job that has
+    # ended, whatever else its file holds.
     if document.get("status") == JobStatus.CANCELLED.value:
         return f"{job_id} is already cancelled ({folder}/{job_id}.result.json)"
     how = "was rejected" if folder == "rejected" else f"has already ended: {document.get('status')}"

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flowsubmit.engine.results import JobResult
 from flowsubmit.local.localserver import LocalServer, served_flows
 from flowsubmit.queue.folders import Queue
 
@@ -83,41 +84,41 @@ def _run_daemon_and_job(
         )
         job_id = enqueued.stdout.strip()
         say(f"enqueued job {job_id} ({plan(runs)})")
-        result = _wait_for_result(queue, job_id, daemon, timeout_s)
+        result, path = _wait_for_result(queue, job_id, daemon, timeout_s)
     finally:
         _terminate(daemon)
-    _print_result(result, say)
+    _print_result(result, path, say)
     return 0
 
 
 def _wait_for_result(
     queue: Path, job_id: str, daemon: subprocess.Popen[bytes], timeout_s: float
-) -> dict[str, Any]:
+) -> tuple[JobResult, Path]:
+    """The job's result, and the path of its result file."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         ended = Queue(queue).outcome(job_id)
         if ended is not None:
-            folder, result = ended
+            folder, document = ended
             if folder == "rejected":
-                raise RuntimeError(f"the job was rejected: {result}")
-            result["_path"] = str(queue / folder / f"{job_id}.result.json")
-            return result
+                raise RuntimeError(f"the job was rejected: {document}")
+            return JobResult.from_dict(document), queue / folder / f"{job_id}.result.json"
         if daemon.poll() is not None:
             raise RuntimeError(f"the daemon exited with {daemon.returncode}")
         time.sleep(0.2)
     raise TimeoutError(f"job {job_id} not finished after {timeout_s}s")
 
 
-def _print_result(result: dict[str, Any], say: Any) -> None:
+def _print_result(result: JobResult, path: Path, say: Any) -> None:
     say("")
-    for run in result["runs"]:
-        mark = "✅" if run["state_type"] == "COMPLETED" else "❌"
-        short = (run["flow_run_id"] or "--------")[:8]
+    for run in result.runs:
+        mark = "✅" if run.succeeded else "❌"
+        short = (run.flow_run_id or "--------")[:8]
         say(
-            f"{mark} [{run['deployment']}] Run {short} finished with state: {run['state_name']}  (table {run['parameters'].get('table')})"
+            f"{mark} [{run.deployment}] Run {short} finished with state: {run.state_name}  (table {run.parameters.get('table')})"
         )
-    say(result["summary"]["line"])
-    say(f"result file: {result['_path']}")
+    say(result.summary.line)
+    say(f"result file: {path}")
 
 
 def _terminate(process: subprocess.Popen[bytes]) -> None:

@@ -2,7 +2,7 @@
 
 - ``runset``: a ``RunSet`` submits its runs with idempotency keys and retries the failed ones.
 - ``tracker``: ONE event subscription for every run, with the batched polling fallback.
-- ``results``: a run's record, a job's result, and the summary line.
+- ``results``: each run's one record (every attempt's final), the result document and summary as its views.
 
 Imports the foundation and ``gateway``.
 """

@@ -1,22 +1,33 @@
-"""What runs produced: per-run records, the summary counts and sentence, the typed result document."""
+"""What runs produced: each run's one record, the summary, and the result document as a view of the records."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from flowsubmit._types import JobStatus, RunSnapshot
 from flowsubmit.redaction import redact, redact_text
 
-__all__ = ["AttemptResult", "JobResult", "RunRecord", "RunResult", "Summary", "finished_message"]
+__all__ = ["NOT_CREATED", "JobResult", "RunRecord", "Summary", "finished_message"]
+
+#: The state name of a run whose latest attempt could not be created (the run has an ``error``).
+NOT_CREATED = "NotCreated"
 
 
 @dataclass
 class RunRecord:
-    """One run of a set as it stands: what to create, and what became of every attempt."""
+    """One run of a set: what to create, and the final state of every attempt; the run's only record.
+
+    A final state is kept here once, as the attempt's snapshot with its state message
+    masked when it is recorded (``record``); the ``run.finished`` line, the library's
+    line and the result document (``as_dict``) all read that one message. The run's
+    state is its latest final attempt's: a run is retried only once its attempt is
+    final, so ``finals`` come in attempt order. ``run_ids`` and ``finals`` are tuples,
+    replaced and never changed in place, so a copy of a record is a snapshot of it.
+    """
 
     stage: int
     index: int
@@ -26,118 +37,98 @@ class RunRecord:
     job_variables: dict[str, Any] = field(default_factory=dict)
     #: The flow run name asked for (Prefect makes one up when None).
     name: str | None = None
-    flow_run_id: str | None = None
-    flow_run_name: str | None = None
-    state_name: str | None = None
-    state_type: str | None = None
-    state_message: str | None = None
+    #: Creations asked for so far (the latest may have no run yet).
     attempts: int = 0
-    start_time: datetime | None = None
-    end_time: datetime | None = None
+    #: The run of every attempt, oldest first.
+    run_ids: tuple[str, ...] = ()
+    #: The final snapshot of every attempt that has one, oldest first, state message masked.
+    finals: tuple[RunSnapshot, ...] = ()
+    #: Why the latest attempt could not be created, secrets masked.
     error: str | None = None
-    #: The run of every attempt, oldest first (the last one is ``flow_run_id``).
-    run_ids: list[str] = field(default_factory=list)
-    #: The final state of every attempt that has one.
-    snapshots: dict[str, RunSnapshot] = field(default_factory=dict)
+    #: The latest attempt could not be created: the run's state name is ``NotCreated``.
+    not_created: bool = False
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def add_run(self, run_id: str) -> None:
+        """The current attempt's run was created (or found by its key)."""
+        self.run_ids = (*self.run_ids, run_id)
+
+    def record(self, snap: RunSnapshot) -> RunSnapshot:
+        """Keep the final snapshot of one attempt, its state message masked; returns what was kept.
+
+        The one place a run's state message is masked for its views: the log lines and
+        the result read the kept one (the journal masks the line it writes itself).
+        """
+        masked = redact_text(snap.state_message, self.parameters) if snap.state_message else None
+        kept = replace(snap, state_message=masked)
+        self.finals = (*self.finals, kept)
+        return kept
+
+    def creation_failed(self, error: str) -> None:
+        """The current attempt could not be created: the run ends ``NotCreated`` with ``error``."""
+        self.error = redact_text(error, self.parameters) if error else None
+        self.not_created = True
+
+    # -- the run's state: its latest final attempt's ------------------------------------------
+
+    @property
+    def final(self) -> RunSnapshot | None:
+        """The final snapshot of the latest attempt that has one."""
+        return self.finals[-1] if self.finals else None
+
+    def final_of(self, run_id: str) -> RunSnapshot | None:
+        """The final snapshot of one attempt's run, if it has one."""
+        return next((snap for snap in self.finals if snap.flow_run_id == run_id), None)
+
+    @property
+    def flow_run_id(self) -> str | None:
+        """The latest attempt's run, final or not."""
+        return self.run_ids[-1] if self.run_ids else None
+
+    @property
+    def flow_run_name(self) -> str | None:
+        """The latest name a final snapshot gave (an event may come without one)."""
+        return next(
+            (snap.flow_run_name for snap in reversed(self.finals) if snap.flow_run_name), None
+        )
+
+    @property
+    def state_name(self) -> str | None:
+        """``NotCreated``, the latest final state's name, or None."""
+        if self.not_created:
+            return NOT_CREATED
+        return self.final.state_name if self.final else None
+
+    @property
+    def state_type(self) -> str | None:
+        """The latest final state's type, or None."""
+        return self.final.state_type if self.final else None
+
+    @property
+    def state_message(self) -> str | None:
+        """The latest final state's message, secrets masked."""
+        return self.final.state_message if self.final else None
+
+    @property
+    def start_time(self) -> datetime | None:
+        """When the latest final attempt started, if known."""
+        return self.final.start_time if self.final else None
+
+    @property
+    def end_time(self) -> datetime | None:
+        """When the latest final attempt ended, if known."""
+        return self.final.end_time if self.final else None
 
     @property
     def succeeded(self) -> bool:
         """Success is the state type COMPLETED."""
         return self.state_type == "COMPLETED"
 
-    def record(self, snap: RunSnapshot) -> None:
-        """Take the final snapshot of the current attempt."""
-        self.flow_run_id = snap.flow_run_id
-        self.flow_run_name = snap.flow_run_name or self.flow_run_name
-        self.state_name = snap.state_name
-        self.state_type = snap.state_type
-        self.state_message = snap.state_message
-        self.start_time = snap.start_time
-        self.end_time = snap.end_time
-
-    def message_of(self, snap: RunSnapshot) -> str | None:
-        """The state message of one of this run's attempts, secrets masked."""
-        return redact_text(snap.state_message, self.parameters) if snap.state_message else None
-
-    def result(self) -> RunResult:
-        """The run's entry in the result document, as it stands now."""
-        return RunResult(
-            stage=self.stage,
-            index=self.index,
-            deployment=self.deployment,
-            parameters=self.parameters,
-            flow_run_id=self.flow_run_id,
-            flow_run_name=self.flow_run_name,
-            state_name=self.state_name,
-            state_type=self.state_type,
-            state_message=(
-                redact_text(self.state_message, self.parameters) if self.state_message else None
-            ),
-            attempts=tuple(self._attempt(run_id) for run_id in self.run_ids),
-            start_time=self.start_time,
-            end_time=self.end_time,
-            error=redact_text(self.error, self.parameters) if self.error else None,
-        )
-
-    def _attempt(self, run_id: str) -> AttemptResult:
-        snap = self.snapshots.get(run_id)
-        if snap is None:
-            return AttemptResult(run_id, None, None, None, None, None)
-        return AttemptResult(
-            run_id,
-            snap.state_name,
-            snap.state_type,
-            self.message_of(snap),
-            snap.start_time,
-            snap.end_time,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptResult:
-    """One creation of a run (``retries`` make more): its flow run and how it ended."""
-
-    flow_run_id: str
-    state_name: str | None
-    state_type: str | None
-    #: Prefect's state message, secrets masked.
-    state_message: str | None
-    start_time: datetime | None
-    end_time: datetime | None
+    # -- the result document's entry -----------------------------------------------------------
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON form."""
-        return {
-            "flow_run_id": self.flow_run_id,
-            "state_name": self.state_name,
-            "state_type": self.state_type,
-            "state_message": self.state_message,
-            "start_time": _iso(self.start_time),
-            "end_time": _iso(self.end_time),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class RunResult:
-    """One run's entry in ``JOB.result.json``."""
-
-    stage: int
-    index: int
-    deployment: str
-    parameters: dict[str, Any]
-    flow_run_id: str | None
-    flow_run_name: str | None
-    state_name: str | None
-    state_type: str | None
-    #: The latest attempt's state message, secrets masked.
-    state_message: str | None
-    attempts: tuple[AttemptResult, ...]
-    start_time: datetime | None
-    end_time: datetime | None
-    error: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON form (secret-like parameters masked)."""
+        """The run's entry in ``JOB.result.json`` (secret-like parameters masked)."""
         return {
             "stage": self.stage,
             "index": self.index,
@@ -148,11 +139,60 @@ class RunResult:
             "state_name": self.state_name,
             "state_type": self.state_type,
             "state_message": self.state_message,
-            "attempts": [a.as_dict() for a in self.attempts],
+            "attempts": [_attempt_dict(run_id, self.final_of(run_id)) for run_id in self.run_ids],
             "start_time": _iso(self.start_time),
             "end_time": _iso(self.end_time),
             "error": self.error,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
+        """The record a run's entry in ``JOB.result.json`` stands for: ``as_dict`` read back.
+
+        The entry holds less than the record did: its parameters come back masked, the
+        tags, job variables and name asked for are not in it, and each attempt's final
+        comes back with the fields the entry shows (``source`` ``result``; the run's
+        ``flow_run_name`` on the latest final). Such a record is for reading, not running.
+        """
+        attempts = data["attempts"]
+        finals = [_final_from(attempt) for attempt in attempts if attempt["state_type"]]
+        if finals:
+            finals[-1] = replace(finals[-1], flow_run_name=data["flow_run_name"])
+        return cls(
+            data["stage"],
+            data["index"],
+            data["deployment"],
+            data["parameters"],
+            attempts=len(attempts),
+            run_ids=tuple(attempt["flow_run_id"] for attempt in attempts),
+            finals=tuple(finals),
+            error=data["error"],
+            not_created=data["state_name"] == NOT_CREATED,
+        )
+
+
+def _attempt_dict(run_id: str, final: RunSnapshot | None) -> dict[str, Any]:
+    """One attempt in a run's ``attempts``: its run, and how it ended (all None while not final)."""
+    return {
+        "flow_run_id": run_id,
+        "state_name": final.state_name if final else None,
+        "state_type": final.state_type if final else None,
+        "state_message": final.state_message if final else None,
+        "start_time": _iso(final.start_time) if final else None,
+        "end_time": _iso(final.end_time) if final else None,
+    }
+
+
+def _final_from(attempt: Mapping[str, Any]) -> RunSnapshot:
+    return RunSnapshot(
+        flow_run_id=attempt["flow_run_id"],
+        state_type=attempt["state_type"],
+        state_name=attempt["state_name"],
+        start_time=_time(attempt["start_time"]),
+        end_time=_time(attempt["end_time"]),
+        source="result",
+        state_message=attempt["state_message"],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,14 +244,21 @@ def finished_message(deployment: str, snap: RunSnapshot) -> str:
 
 @dataclass(frozen=True, slots=True)
 class JobResult:
-    """What a job produced: the content of ``JOB.result.json``."""
+    """What a job produced: ``JOB.result.json`` as a view of its runs' records at one moment.
+
+    ``runs`` are copies of the records taken when the result is made (``of``). A record's
+    attempts and finals are tuples it replaces and never changes, so the copy keeps them
+    as they stood: a final recorded afterwards changes the live record, not the result,
+    and every ``as_dict`` of one result is the same document. The summary and the
+    duration are views too, of the runs and the times.
+    """
 
     job_id: str
     status: JobStatus
     started_at: datetime
     ended_at: datetime
-    summary: Summary
-    runs: tuple[RunResult, ...]
+    #: The runs in (stage, index) order, as they stood when the result was made.
+    runs: tuple[RunRecord, ...]
     error: str | None = None
     #: Who dropped the job, as ``Producer.as_dict()``.
     producer: dict[str, Any] | None = None
@@ -228,18 +275,45 @@ class JobResult:
         error: str | None = None,
         producer: dict[str, Any] | None = None,
     ) -> JobResult:
-        """The result of a job whose runs stand as ``records``."""
+        """The result of a job whose runs stand as ``records`` now."""
         ordered = sorted(records, key=lambda r: (r.stage, r.index))
         return cls(
             job_id=job_id,
             status=status,
             started_at=started_at,
             ended_at=ended_at,
-            summary=Summary.of(ordered),
-            runs=tuple(r.result() for r in ordered),
+            runs=tuple(replace(r) for r in ordered),
             error=error,
             producer=producer,
         )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobResult:
+        """The result a ``JOB.result.json`` document holds: ``as_dict`` read back.
+
+        ``as_dict(from_dict(d)) == d`` for every document ``as_dict`` writes; its
+        ``summary`` and ``duration_s`` are not read, they follow from the runs and times.
+
+        Raises:
+            ValueError: ``data`` is not a result document (a field missing or of the wrong kind).
+        """
+        try:
+            return cls(
+                job_id=data["job_id"],
+                status=JobStatus(data["status"]),
+                started_at=datetime.fromisoformat(data["started_at"]),
+                ended_at=datetime.fromisoformat(data["ended_at"]),
+                runs=tuple(RunRecord.from_dict(run) for run in data["runs"]),
+                error=data["error"],
+                producer=data["producer"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a result document: {type(exc).__name__}: {exc}") from exc
+
+    @property
+    def summary(self) -> Summary:
+        """The counts and sentence of the runs."""
+        return Summary.of(self.runs)
 
     @property
     def duration_s(self) -> float:
@@ -263,3 +337,7 @@ class JobResult:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value is not None else None

@@ -85,7 +85,10 @@ class RunReporter(Protocol):
         """A run that did not complete was submitted again as ``run_id``."""
 
     def finished(self, record: RunRecord, snap: RunSnapshot, message: str) -> None:
-        """A run reached its final state; ``message`` is the ✅/❌ sentence."""
+        """A run reached its final state; ``message`` is the ✅/❌ sentence.
+
+        ``snap`` is the final as the record keeps it: its state message is masked.
+        """
 
     def cancelled(self, record: RunRecord, run_id: str, snap: RunSnapshot | None) -> None:
         """Prefect was asked to cancel a run; ``snap`` is the state it answered with."""
@@ -210,8 +213,7 @@ class RunSet:
                 self._ledger.add_created(record, attempt, run_id)
             self._reporter.submitted(record, run_id)
         previous = self._finals.get(record.run_ids[-1]) if record.run_ids else None
-        record.run_ids.append(run_id)
-        record.flow_run_id = run_id
+        record.add_run(run_id)
         self._owner[run_id] = record
         if previous is not None:
             self._reporter.retrying(record, previous, run_id)
@@ -259,13 +261,11 @@ class RunSet:
         if self._ledger is not None and self._ledger.final(run_id) is None:
             self._ledger.add_final(record, snap)
         self._finals[run_id] = snap
-        if record.run_ids[-1] == run_id:
-            record.record(snap)
-        record.snapshots[run_id] = snap
+        kept = record.record(snap)
         if report:
-            self._reporter.finished(record, snap, finished_message(self.deployment.name, snap))
+            self._reporter.finished(record, kept, finished_message(self.deployment.name, kept))
         if self._on_final is not None:
-            self._on_final(record, snap)
+            self._on_final(record, kept)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -98,7 +98,7 @@ class _JobReporter:
         if snap.succeeded:
             log.info("run.finished", **fields)
         else:  # a failure is a warning, with Prefect's reason (the flow's exception text)
-            log.warning("run.finished", **fields, state_message=record.message_of(snap))
+            log.warning("run.finished", **fields, state_message=snap.state_message)
 
     def cancelled(self, record: RunRecord, run_id: str, snap: RunSnapshot | None) -> None:
         log.info(
@@ -312,12 +312,12 @@ class Executor:
                 try:
                     run_id = await runs.create(record)
                 except PermanentGatewayError as exc:
-                    record.error, record.state_name = str(exc), "NotCreated"
+                    record.creation_failed(str(exc))
                     log.error("run.refused", index=record.index, error=str(exc))
                     return
                 except TransientGatewayError as exc:
                     # The gateway retried for prefect_outage_tolerance_s: the job fails as a whole.
-                    record.error, record.state_name = str(exc), "NotCreated"
+                    record.creation_failed(str(exc))
                     self.abort(f"Prefect unreachable beyond prefect_outage_tolerance_s: {exc}")
                     return
                 if (await runs.final(run_id)).succeeded:
