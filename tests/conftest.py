@@ -46,8 +46,8 @@ def prefect_server() -> Iterator[LocalServer]:
 
 @pytest.fixture(scope="session")
 def served(prefect_server: LocalServer) -> Iterator[LocalServer]:
-    """The test flows of ``tests/flows.py``, served by ``flow.serve`` in a subprocess."""
-    with served_flows(prefect_server, "tests.flows", log_file=_HOME / "served.log"):
+    """The test flows of ``tests/support/flows.py``, served by ``flow.serve`` in a subprocess."""
+    with served_flows(prefect_server, "tests.support.flows", log_file=_HOME / "served.log"):
         yield prefect_server
 
 
@@ -61,7 +61,7 @@ def topology() -> Iterator[Topology]:
 @pytest.fixture(scope="session")
 def topology_served(topology: Topology) -> Iterator[Topology]:
     """The test flows served by ``flow.serve`` through replica B, so their states reach A only via Redis."""
-    with served_flows(topology.b, "tests.flows", log_file=topology.home / "served.log"):
+    with served_flows(topology.b, "tests.support.flows", log_file=topology.home / "served.log"):
         yield topology
 
 

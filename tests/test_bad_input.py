@@ -15,8 +15,8 @@ import pytest
 
 from flowsubmit.local.localserver import LocalServer
 from tests.conftest import Daemon, result_of, spawn_daemon
-from tests.driver import drive, wait_for_runs
-from tests.flows import ETL, VAULT
+from tests.support.driver import drive, wait_for_runs
+from tests.support.flows import ETL, VAULT
 
 DEPLOYMENT_HINT = "`prefect deployment ls` lists the deployments"
 ID_RULE = (

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from flowsubmit.local.localserver import LocalServer
 from tests.conftest import ROOT, Daemon
-from tests.driver import drive, wait_for_runs
-from tests.flows import DRIVEN
+from tests.support.driver import drive, wait_for_runs
+from tests.support.flows import DRIVEN
 
 
 def _enqueue_and_wait(

@@ -28,8 +28,8 @@ from flowsubmit.local.localserver import LocalServer
 from flowsubmit.queue.folders import JobLock, Queue
 from flowsubmit.queue.journal import Journal, replay
 from tests.conftest import ROOT, Daemon, result_of
-from tests.crashkit import BackgroundDriver, server_runs
-from tests.flows import DRIVEN
+from tests.support.crashkit import BackgroundDriver, server_runs
+from tests.support.flows import DRIVEN
 
 RUNS = 30
 
@@ -245,7 +245,7 @@ def other_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServ
             [
                 sys.executable,
                 "-c",
-                "from tests.flows import _deployment, driven; _deployment(driven, 'driven-deployment').apply()",
+                "from tests.support.flows import _deployment, driven; _deployment(driven, 'driven-deployment').apply()",
             ],
             env=server.env(),
             cwd=ROOT,

@@ -19,7 +19,7 @@ from flowsubmit.engine.runset import job_tag
 from flowsubmit.local.localserver import LocalServer
 from flowsubmit.queue.journal import replay
 from tests.conftest import Daemon, result_of
-from tests.crashkit import BackgroundDriver
+from tests.support.crashkit import BackgroundDriver
 from tests.test_crash import _job, assert_exactly_once, drop
 
 

@@ -24,7 +24,7 @@ from flowsubmit.local.localserver import free_port, prefect_env
 from flowsubmit.logs import render_console, resolve_format
 from flowsubmit.ops.retention import prune_periodically
 from tests.conftest import ROOT, Daemon, enqueue, result_of
-from tests.flows import ETL
+from tests.support.flows import ETL
 
 
 @pytest.fixture(autouse=True)

@@ -25,9 +25,9 @@ import pytest
 
 from flowsubmit.local.localserver import LocalServer
 from tests.conftest import ROOT, Daemon
-from tests.driver import drive, wait_for_runs
-from tests.flows import VAULT
-from tests.users import (
+from tests.support.driver import drive, wait_for_runs
+from tests.support.flows import VAULT
+from tests.support.users import (
     COMMAND_TIMEOUT_S,
     User,
     add_user,

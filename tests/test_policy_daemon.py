@@ -17,8 +17,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
 from flowsubmit.local.localserver import LocalServer
 from tests.conftest import Daemon, result_of
-from tests.driver import drive, wait_for_runs
-from tests.flows import DRIVEN, ETL, VAULT
+from tests.support.driver import drive, wait_for_runs
+from tests.support.flows import DRIVEN, ETL, VAULT
 
 #: Two producers, created by the test when absent (the tests run as root).
 #: Named after this process, so that two test workers never share (or remove) each other's users.

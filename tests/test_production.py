@@ -33,10 +33,10 @@ from flowsubmit.gateway.client import _translate_errors
 from flowsubmit.local.localserver import LocalServer
 from flowsubmit.local.topology import REDIS, Topology, claim_redis_db, release_redis_db
 from tests.conftest import Daemon, enqueue, result_of
-from tests.crashkit import BackgroundDriver, client_of, server_runs
-from tests.driver import drive
-from tests.flows import DRIVEN, ETL
-from tests.proxy import Proxy, running
+from tests.support.crashkit import BackgroundDriver, client_of, server_runs
+from tests.support.driver import drive
+from tests.support.flows import DRIVEN, ETL
+from tests.support.proxy import Proxy, running
 from tests.test_crash import (
     assert_exactly_once,
     drop,

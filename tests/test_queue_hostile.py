@@ -22,8 +22,8 @@ from flowsubmit.local.localserver import LocalServer
 from flowsubmit.ops.heartbeat import Heartbeat, scan
 from flowsubmit.queue.folders import FOLDERS, safe_name
 from tests.conftest import ROOT, Daemon, result_of
-from tests.driver import wait_for_runs
-from tests.flows import VAULT
+from tests.support.driver import wait_for_runs
+from tests.support.flows import VAULT
 
 #: A job file grown after its claim: far more than ``max_job_bytes`` (1 MiB by default).
 GROWN_BYTES = 300 * 1024 * 1024
