@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from flowsubmit.local.localserver import LocalServer
-from tests.conftest import Daemon, result_of, spawn_daemon
+from tests.support.daemons import Daemon, result_of, spawn_daemon
 from tests.support.driver import drive, wait_for_runs
 from tests.support.flows import ETL, VAULT
 

@@ -22,7 +22,7 @@ import pytest
 
 from flowsubmit.local.localserver import LocalServer, free_port
 from flowsubmit.queue.folders import FOLDERS, Queue
-from tests.conftest import ROOT
+from tests.support import ROOT
 from tests.support.flows import DRIVEN
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]

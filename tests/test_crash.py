@@ -27,8 +27,9 @@ from flowsubmit.errors import ClaimLost
 from flowsubmit.local.localserver import LocalServer
 from flowsubmit.queue.folders import JobLock, Queue
 from flowsubmit.queue.journal import Journal, replay
-from tests.conftest import ROOT, Daemon, result_of
+from tests.support import ROOT
 from tests.support.crashkit import BackgroundDriver, server_runs
+from tests.support.daemons import Daemon, result_of
 from tests.support.flows import DRIVEN
 
 RUNS = 30

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from tests.conftest import Daemon, enqueue, result_of
+from tests.support.daemons import Daemon, enqueue, result_of
 from tests.support.flows import ETL
 
 

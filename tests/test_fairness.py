@@ -18,8 +18,8 @@ from typing import Any
 from flowsubmit.engine.runset import job_tag
 from flowsubmit.local.localserver import LocalServer
 from flowsubmit.queue.journal import replay
-from tests.conftest import Daemon, result_of
 from tests.support.crashkit import BackgroundDriver
+from tests.support.daemons import Daemon, result_of
 from tests.test_crash import _job, assert_exactly_once, drop
 
 

@@ -23,7 +23,8 @@ from flowsubmit.cli import main
 from flowsubmit.local.localserver import free_port, prefect_env
 from flowsubmit.logs import render_console, resolve_format
 from flowsubmit.ops.retention import prune_periodically
-from tests.conftest import ROOT, Daemon, enqueue, result_of
+from tests.support import ROOT
+from tests.support.daemons import Daemon, enqueue, result_of
 from tests.support.flows import ETL
 
 

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from flowsubmit.local.localserver import LocalServer
-from tests.conftest import ROOT, Daemon
+from tests.support import ROOT
+from tests.support.daemons import Daemon
 from tests.support.driver import drive, wait_for_runs
 from tests.support.flows import VAULT
 from tests.support.users import (

@@ -16,7 +16,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
 from flowsubmit.local.localserver import LocalServer
-from tests.conftest import Daemon, result_of
+from tests.support.daemons import Daemon, result_of
 from tests.support.driver import drive, wait_for_runs
 from tests.support.flows import DRIVEN, ETL, VAULT
 

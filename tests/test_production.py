@@ -32,8 +32,8 @@ from flowsubmit.errors import TransientGatewayError
 from flowsubmit.gateway.client import _translate_errors
 from flowsubmit.local.localserver import LocalServer
 from flowsubmit.local.topology import REDIS, Topology, claim_redis_db, release_redis_db
-from tests.conftest import Daemon, enqueue, result_of
 from tests.support.crashkit import BackgroundDriver, client_of, server_runs
+from tests.support.daemons import Daemon, enqueue, result_of
 from tests.support.driver import drive
 from tests.support.flows import DRIVEN, ETL
 from tests.support.proxy import Proxy, running

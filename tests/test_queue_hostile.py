@@ -21,7 +21,8 @@ from flowsubmit.cli import main
 from flowsubmit.local.localserver import LocalServer
 from flowsubmit.ops.heartbeat import Heartbeat, scan
 from flowsubmit.queue.folders import FOLDERS, safe_name
-from tests.conftest import ROOT, Daemon, result_of
+from tests.support import ROOT
+from tests.support.daemons import Daemon, result_of
 from tests.support.driver import wait_for_runs
 from tests.support.flows import VAULT
 
