@@ -25,7 +25,7 @@ import pytest
 
 from flowsubmit.local.localserver import LocalServer
 from tests.support import ROOT
-from tests.support.daemons import Daemon
+from tests.support.daemons import Daemon, settings_env
 from tests.support.driver import drive, wait_for_runs
 from tests.support.flows import VAULT
 from tests.support.users import (
@@ -147,9 +147,7 @@ def daemon(site: Site, tmp_path: Path) -> Iterator[Daemon]:
     log_path = tmp_path / "daemon.log"
     env = {
         **site.daemon.env,
-        "FLOWSUBMIT_POLL_INTERVAL_S": "1",
-        "FLOWSUBMIT_RESCAN_INTERVAL_S": "0.5",
-        "FLOWSUBMIT_SETTLE_S": "0",
+        **settings_env({"poll_interval_s": 1, "rescan_interval_s": 0.5, "settle_s": 0}),
     }
     with open(log_path, "wb") as out:
         process = subprocess.Popen(

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ __all__ = [
     "enqueue",
     "ready_daemons",
     "result_of",
+    "settings_env",
     "spawn_daemon",
 ]
 
@@ -74,11 +75,33 @@ class Daemon:
         return self.process.returncode
 
 
+def settings_env(settings: Mapping[str, object]) -> dict[str, str]:
+    """The ``FLOWSUBMIT_<NAME>`` variables that give a daemon ``settings``, each spelled as pydantic-settings reads it.
+
+    Lists, dicts and booleans are JSON: pydantic-settings decodes a list or model field
+    from JSON, and ``str(["a"])`` is not JSON. Strings, paths and numbers are their plain
+    text: a string field would keep JSON's quotes, and the hidden ``test_crash_at`` is read
+    raw. ``None`` has no spelling (the settings read no null from the environment): leave
+    the setting out instead.
+    """
+    return {
+        f"FLOWSUBMIT_{name.upper()}": _env_value(name, value) for name, value in settings.items()
+    }
+
+
+def _env_value(name: str, value: object) -> str:
+    if isinstance(value, bool | list | tuple | dict):
+        return json.dumps(value)
+    if isinstance(value, str | Path | int | float):
+        return str(value)
+    raise TypeError(f"setting {name}: {value!r} has no FLOWSUBMIT_* spelling")
+
+
 def spawn_daemon(
-    queue: Path, log_path: Path, env: dict[str, str], settings: dict[str, Any]
+    queue: Path, log_path: Path, env: dict[str, str], settings: Mapping[str, object]
 ) -> Daemon:
     """Start ``flowsubmit run`` on ``queue`` with ``env`` plus ``FLOWSUBMIT_<NAME>`` settings; do not wait."""
-    env = {**env, **{f"FLOWSUBMIT_{k.upper()}": str(v) for k, v in settings.items()}}
+    env = {**env, **settings_env(settings)}
     with open(log_path, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "flowsubmit.cli", "run", "--queue", str(queue)],
