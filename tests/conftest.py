@@ -14,7 +14,7 @@ import pytest
 
 from flowsubmit.local.localserver import LocalServer, free_port, prefect_env, served_flows
 from flowsubmit.local.topology import Topology
-from tests.support.daemons import Daemon, ready_daemons, spawn_daemon
+from tests.support.daemons import Daemon, daemons_in, ready_daemons
 
 _HOME = Path(tempfile.mkdtemp(prefix="flowsubmit-tests-"))
 _PORT = free_port()
@@ -60,19 +60,8 @@ def topology_served(topology: Topology) -> Iterator[Topology]:
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Factory: start ``flowsubmit run`` with ``env`` (fast poll and rescan), not waiting; killed afterwards."""
-    daemons: list[Daemon] = []
-
-    def start(env: dict[str, str], queue: Path | None = None, **settings: object) -> Daemon:
-        log_path = tmp_path / f"daemon-{len(daemons)}.log"
-        fast = {"poll_interval_s": 1, "rescan_interval_s": 0.5, **settings}
-        daemons.append(spawn_daemon(queue or tmp_path / "queue", log_path, env, fast))
-        return daemons[-1]
-
-    yield start
-    for daemon in daemons:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait()
+    with daemons_in(tmp_path) as start:
+        yield start
 
 
 @pytest.fixture
@@ -80,6 +69,15 @@ def start_daemon(served: LocalServer, spawn: Callable[..., Daemon]) -> Callable[
     """Factory: ``flowsubmit run`` against the session server, on ``tmp_path/queue`` by default, once ready."""
 
     return ready_daemons(spawn, served.env())
+
+
+@pytest.fixture(scope="module")
+def start_module_daemon(
+    served: LocalServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Daemon]]:
+    """Factory: ``start_daemon`` for daemons a module's tests share, killed after the module's last test."""
+    with daemons_in(tmp_path_factory.mktemp("daemons")) as spawn:
+        yield ready_daemons(spawn, served.env())
 
 
 @pytest.fixture

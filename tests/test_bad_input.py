@@ -7,14 +7,14 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flowsubmit.local.localserver import LocalServer
-from tests.support.daemons import Daemon, result_of, spawn_daemon
+from tests.support.daemons import Daemon, result_of
 from tests.support.driver import drive, wait_for_runs
 from tests.support.flows import ETL, VAULT
 
@@ -26,25 +26,10 @@ ID_RULE = (
 ONLY_REGULAR = "not a regular file (a FIFO, device or directory); only regular files are accepted"
 
 
-def _spawn(
-    served: LocalServer, queue: Path, log_path: Path, env: dict[str, str], **settings: object
-) -> Daemon:
-    """Start ``flowsubmit run`` on ``queue`` with extra environment and settings; wait until ready."""
-    fast = {"poll_interval_s": 1, "rescan_interval_s": 0.5, **settings}
-    daemon = spawn_daemon(queue, log_path, served.env(**env), fast)
-    daemon.wait_for_event("service.ready")
-    return daemon
-
-
 @pytest.fixture(scope="module")
-def daemon(served: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(start_module_daemon: Callable[..., Daemon]) -> Daemon:
     """One daemon for the file-level cases of this module (settle_s=1)."""
-    tmp = tmp_path_factory.mktemp("bad-input")
-    d = _spawn(served, tmp / "queue", tmp / "daemon.log", {}, settle_s=1)
-    yield d
-    if d.process.poll() is None:
-        d.process.kill()
-        d.process.wait()
+    return start_module_daemon(settle_s=1)
 
 
 def _error_files(queue: Path) -> dict[str, dict[str, Any]]:

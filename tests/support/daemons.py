@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,18 @@ from flowsubmit.queue.folders import Queue
 from tests.support import ROOT
 
 __all__ = [
+    "FAST",
     "Daemon",
+    "daemons_in",
     "enqueue",
     "ready_daemons",
     "result_of",
     "settings_env",
     "spawn_daemon",
 ]
+
+#: The settings every test daemon starts with unless a test names its own: quick polls and rescans.
+FAST: dict[str, object] = {"poll_interval_s": 1, "rescan_interval_s": 0.5}
 
 
 @dataclass
@@ -112,6 +118,28 @@ def spawn_daemon(
             cwd=ROOT,
         )
     return Daemon(queue, process, log_path)
+
+
+@contextmanager
+def daemons_in(home: Path) -> Iterator[Callable[..., Daemon]]:
+    """Factory: start ``flowsubmit run`` with ``env`` and ``FAST`` settings, logging into ``home``, not waiting.
+
+    A daemon's queue is ``home/queue`` unless given; those still running at the end are killed.
+    """
+    daemons: list[Daemon] = []
+
+    def start(env: dict[str, str], queue: Path | None = None, **settings: object) -> Daemon:
+        log_path = home / f"daemon-{len(daemons)}.log"
+        daemons.append(spawn_daemon(queue or home / "queue", log_path, env, {**FAST, **settings}))
+        return daemons[-1]
+
+    try:
+        yield start
+    finally:
+        for daemon in daemons:
+            if daemon.process.poll() is None:
+                daemon.process.kill()
+                daemon.process.wait()
 
 
 def ready_daemons(spawn: Callable[..., Daemon], env: dict[str, str]) -> Callable[..., Daemon]:
