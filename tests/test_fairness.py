@@ -1,4 +1,4 @@
-"""Fair, prioritised submission on the real server (issue 13): small jobs never wait behind big ones.
+"""Fair, prioritised submission on the real server: small jobs never wait behind big ones.
 
 Runs belong to the never-served ``driven`` deployment: big jobs' runs stay Scheduled
 and are left on the session server (nothing ever starts them; deleting them costs a

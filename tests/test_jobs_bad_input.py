@@ -28,7 +28,7 @@ ID_RULE = (
 DEPLOYMENT_HINT = "`flow-name/deployment-name`; `prefect deployment ls` lists the deployments"
 
 
-# (name, bytes, field, reason, hint): every parser-level bad input of issue 6.
+# (name, bytes, field, reason, hint): every kind of bad input the parser refuses, with its exact rejection.
 CASES: list[tuple[str, bytes, str | None, str, str | None]] = [
     ("not-json", b"hello", None, "not valid JSON: Expecting value at line 1 column 1", None),
     ("empty", b"", None, "the file is empty", None),
@@ -284,7 +284,7 @@ CASES: list[tuple[str, bytes, str | None, str, str | None]] = [
 def test_each_bad_input_gets_its_exact_rejection(
     data: bytes, field: str | None, reason: str, hint: str | None
 ) -> None:
-    """Every parser-level bad input of issue 6 raises JobRejected with this exact field, reason and hint."""
+    """Every parser-level bad input raises JobRejected with this exact field, reason and hint."""
     with pytest.raises(JobRejected) as info:
         parse_job(data, file="job.json")
     assert info.value.as_dict() == {

@@ -346,7 +346,7 @@ async def test_pattern_watch_one_critical_run_among_many() -> None:
     ]
 
 
-# -- the two specific promises ---------------------------------------------------------
+# -- submit() and wait() fail clearly: an unknown deployment, Prefect gone past the tolerance ----
 
 
 async def test_unknown_deployment_raises_a_clear_error_from_submit() -> None:

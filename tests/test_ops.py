@@ -1,4 +1,4 @@
-"""What operators see (issue 10): refusal without a Prefect API, /metrics, /healthz, `health`, `status`, `prune`."""
+"""What operators see: refusal without a Prefect API, /metrics, /healthz, `health`, `status`, `prune`."""
 
 from __future__ import annotations
 

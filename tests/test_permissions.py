@@ -1,4 +1,4 @@
-"""The documented permission model with real users (#19): the setup block of docs/operations.md, run as written, keeps producers apart.
+"""The documented permission model with real users: the setup block of docs/operations.md, run as written, keeps producers apart.
 
 The module creates a daemon user, two producers (alice and mallory) and their group
 by running the setup block itself (names and path substituted), so the docs and

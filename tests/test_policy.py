@@ -74,7 +74,7 @@ def test_deployment_outside_the_global_patterns_is_refused() -> None:
 
 
 def test_a_producer_rule_narrows_its_user_only() -> None:
-    """A [[producers]] rule for etl-cron narrows etl-cron, with the issue's exact message; alice keeps the global policy."""
+    """A [[producers]] rule for etl-cron narrows etl-cron, with the exact message docs/jobs.md shows; alice keeps the global policy."""
     policy = Policy(producers=_rules({"user": "etl-cron", "allowed_deployments": ["etl/*"]}))
     job = jobs.job(deployment="billing/export", into=Job)
     assert _refusal(policy, job) == (
