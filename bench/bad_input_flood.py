@@ -95,7 +95,7 @@ def main() -> None:
         server = LocalServer(home=work / "prefect")
         server.start()
         try:
-            with served_flows(server, "tests.flows"):
+            with served_flows(server, "tests.support.flows"):
                 for total, good in ((50, 50), (5000, 50)):
                     print(scenario(server, work, total, good), flush=True)
         finally:

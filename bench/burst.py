@@ -5,7 +5,7 @@ Prints a table; asserts nothing.
 
 Prefect's server drops the events of a subscriber that has 256 waiting
 (``SUBSCRIPTION_BACKLOG``, ``prefect/server/events/stream.py``). One ``flowsubmit run``
-daemon, behind the counting loopback proxy of the tests (``tests/proxy.py``), gets one
+daemon, behind the counting loopback proxy of the tests (``tests/support/proxy.py``), gets one
 matrix job of ``runs`` runs of a never-served deployment; once all are created a
 driver process moves every run straight to its final state (every 10th Failed),
 ``DRIVER_CONCURRENCY`` calls in flight, as fast as the server takes them. Two rows:
@@ -45,7 +45,7 @@ DRIVER_CONCURRENCY = 16
 
 
 async def _row(label: str, runs: int, stall: bool, driver_env: dict[str, str]) -> dict[str, Any]:
-    from tests.proxy import Proxy
+    from tests.support.proxy import Proxy
 
     from flowsubmit.engine.runset import job_tag
 
@@ -113,7 +113,7 @@ def _print(rows: list[dict[str, Any]]) -> None:
 
 
 async def _drive(tag: str, runs: int) -> None:
-    from tests.driver import drive
+    from tests.support.driver import drive
 
     ids = sorted(str(r.id) for r in await scale._runs_of(tag))
     failed = set(ids[9::10])

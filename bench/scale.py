@@ -11,7 +11,7 @@ PostgreSQL, Redis, two API replicas, an auth string): the daemon talks to replic
 the driver to replica B, so every final event reaches the daemon through Redis.
 
 Every request of the raw baseline and of the daemon goes through a counting
-loopback proxy (``tests/proxy.py``), so both pay the same hop. Each of the two
+loopback proxy (``tests/support/proxy.py``), so both pay the same hop. Each of the two
 phases gets a server (or topology) of its own, started fresh the same way: on one
 server the daemon would meet the baseline's runs turning Late (Prefect's late-runs
 service rewrites every Scheduled run nobody picked up 15 s after its start time,
@@ -208,7 +208,7 @@ async def _raw_bulk(deployment_id: str, runs: int) -> tuple[float, int]:
 
 
 async def _runs_of(tag: str) -> list[Any]:
-    from tests.crashkit import runs_tagged
+    from tests.support.crashkit import runs_tagged
 
     return await runs_tagged(tag)
 
@@ -225,7 +225,7 @@ def _upstream_port() -> int:
 async def raw_phase(runs: int) -> tuple[float, int]:
     """(runs/s, items refused) of the raw bulk route, through the proxy."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from tests.proxy import Proxy
+    from tests.support.proxy import Proxy
 
     from flowsubmit.gateway.client import Gateway
 
@@ -244,7 +244,7 @@ async def raw_phase(runs: int) -> tuple[float, int]:
 
 async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
     """The daemon's figures, added to ``row``; then the table is printed."""
-    from tests.proxy import Proxy
+    from tests.support.proxy import Proxy
 
     from flowsubmit.engine.runset import job_tag
 
@@ -346,7 +346,7 @@ def _print(row: dict[str, Any]) -> None:
 
 
 async def _drive(tag: str, runs: int) -> None:
-    from tests.driver import drive
+    from tests.support.driver import drive
 
     ids = sorted(str(r.id) for r in await _runs_of(tag))
     failed = ids[9::10]

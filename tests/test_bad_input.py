@@ -7,44 +7,32 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flowsubmit.local.localserver import LocalServer
-from tests.conftest import Daemon, result_of, spawn_daemon
-from tests.driver import drive, wait_for_runs
-from tests.flows import ETL, VAULT
+from tests.support import jobs
+from tests.support.daemons import Daemon, result_of
+from tests.support.driver import drive, wait_for_runs
+from tests.support.flows import ETL, VAULT
 
 DEPLOYMENT_HINT = "`prefect deployment ls` lists the deployments"
 ID_RULE = (
     "an id is 1 to 128 characters: letters A-Z a-z, digits, '.', '_' and '-', "
     "starting with a letter or a digit"
 )
+#: The run of the jobs here unless a test names others: the ETL flow on table 1.
+ONE_RUN = [{"parameters": {"table": 1}}]
 ONLY_REGULAR = "not a regular file (a FIFO, device or directory); only regular files are accepted"
 
 
-def _spawn(
-    served: LocalServer, queue: Path, log_path: Path, env: dict[str, str], **settings: object
-) -> Daemon:
-    """Start ``flowsubmit run`` on ``queue`` with extra environment and settings; wait until ready."""
-    fast = {"poll_interval_s": 1, "rescan_interval_s": 0.5, **settings}
-    daemon = spawn_daemon(queue, log_path, served.env(**env), fast)
-    daemon.wait_for_event("service.ready")
-    return daemon
-
-
 @pytest.fixture(scope="module")
-def daemon(served: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(start_module_daemon: Callable[..., Daemon]) -> Daemon:
     """One daemon for the file-level cases of this module (settle_s=1)."""
-    tmp = tmp_path_factory.mktemp("bad-input")
-    d = _spawn(served, tmp / "queue", tmp / "daemon.log", {}, settle_s=1)
-    yield d
-    if d.process.poll() is None:
-        d.process.kill()
-        d.process.wait()
+    return start_module_daemon(settle_s=1)
 
 
 def _error_files(queue: Path) -> dict[str, dict[str, Any]]:
@@ -60,19 +48,13 @@ def _rejection(
     return {"file": file, "reason": reason, "field": field, "hint": hint}
 
 
-def _job(**fields: Any) -> bytes:
-    return json.dumps(
-        {"deployment": ETL, "runs": [{"parameters": {"table": 1}}], **fields}
-    ).encode()
-
-
 def test_every_bad_file_is_rejected_with_its_error_and_good_ones_still_run(
     daemon: Daemon, tmp_path: Path
 ) -> None:
     """Each kind of bad file lands in rejected/ (bytes kept, safe name, exact NAME.error.json, one log line); good ones, even oddly named, run."""
     incoming = daemon.queue / "incoming"
     outside = tmp_path / "outside.json"
-    outside.write_bytes(_job(id="outside"))
+    outside.write_bytes(jobs.job(deployment=ETL, runs=ONE_RUN, id="outside", into=bytes))
     files: dict[str, bytes] = {
         "t-not-json.json": b"run the nightly tables please",
         "t-empty.json": b"",
@@ -83,9 +65,9 @@ def test_every_bad_file_is_rejected_with_its_error_and_good_ones_still_run(
         "t-dup.json": b'{"deployment": "a/b", "deployment": "c/d", "runs": [{}]}',
         "t-typo.json": json.dumps({"deployment": ETL, "runz": [{}]}).encode(),
         "t-nodeploy.json": b'{"runs": [{}]}',
-        "t-type.json": _job(max_concurrency="10"),
+        "t-type.json": jobs.job(deployment=ETL, runs=ONE_RUN, max_concurrency="10", into=bytes),
         "t-noruns.json": json.dumps({"deployment": ETL, "runs": []}).encode(),
-        "t-negative.json": _job(retries=-2),
+        "t-negative.json": jobs.job(deployment=ETL, runs=ONE_RUN, retries=-2, into=bytes),
         "t-huge.json": b'{"deployment": "a/b", "runs": [{}], "pad": "'
         + b"x" * (1024 * 1024)
         + b'"}',
@@ -93,12 +75,20 @@ def test_every_bad_file_is_rejected_with_its_error_and_good_ones_still_run(
         "t-bomb.json": json.dumps(
             {"deployment": ETL, "matrix": {f"k{i}": list(range(100)) for i in range(6)}}
         ).encode(),
-        "t-id-path.json": _job(id="../../etc/cron.d/evil"),
-        "t-id-long.json": _job(id="x" * 200),
+        "t-id-path.json": jobs.job(
+            deployment=ETL, runs=ONE_RUN, id="../../etc/cron.d/evil", into=bytes
+        ),
+        "t-id-long.json": jobs.job(deployment=ETL, runs=ONE_RUN, id="x" * 200, into=bytes),
         "t-nowhere.json": json.dumps({"deployment": "no-such-flow/nope", "runs": [{}]}).encode(),
-        "t-badparam.json": _job(runs=[{"parameters": {"table": "seven"}}]),
-        "t-extraparam.json": _job(runs=[{"parameters": {"table": 1, "colour": "red"}}]),
-        "t-workqueue.json": _job(work_queue_name="nobody-listens"),
+        "t-badparam.json": jobs.job(
+            deployment=ETL, runs=[{"parameters": {"table": "seven"}}], into=bytes
+        ),
+        "t-extraparam.json": jobs.job(
+            deployment=ETL, runs=[{"parameters": {"table": 1, "colour": "red"}}], into=bytes
+        ),
+        "t-workqueue.json": jobs.job(
+            deployment=ETL, runs=ONE_RUN, work_queue_name="nobody-listens", into=bytes
+        ),
         "my bad job.json": b"{",
         "-rf --no-preserve-root.json": b"{",
         "café ☕.json": b"{",
@@ -111,8 +101,12 @@ def test_every_bad_file_is_rejected_with_its_error_and_good_ones_still_run(
     (incoming / "t-dir.json").mkdir()
     os.link(outside, incoming / "t-hardlink.json")
     (incoming / os.fsdecode(b"t-\xff.json")).write_bytes(b"{")
-    (incoming / "good with spaces é.json").write_bytes(_job(id="good-spaces"))
-    (incoming / "good-bom.json").write_bytes(b"\xef\xbb\xbf" + _job(id="good-bom"))
+    (incoming / "good with spaces é.json").write_bytes(
+        jobs.job(deployment=ETL, runs=ONE_RUN, id="good-spaces", into=bytes)
+    )
+    (incoming / "good-bom.json").write_bytes(
+        b"\xef\xbb\xbf" + jobs.job(deployment=ETL, runs=ONE_RUN, id="good-bom", into=bytes)
+    )
 
     for job_id in ("good-spaces", "good-bom"):
         folder, _ = daemon.wait_for(lambda j=job_id: result_of(daemon.queue, j), what=job_id)
@@ -233,7 +227,8 @@ def test_every_bad_file_is_rejected_with_its_error_and_good_ones_still_run(
         safe = next(k for k, v in errors.items() if v["file"] == name)
         assert (rejected / safe).read_bytes() == data
     # Entries that are not regular files are never opened nor moved, only logged once each.
-    assert outside.read_bytes() == _job(id="outside")  # the link target is untouched
+    # The link target is untouched.
+    assert outside.read_bytes() == jobs.job(deployment=ETL, runs=ONE_RUN, id="outside", into=bytes)
     specials = ["t-dir.json", "t-fifo.json", "t-symlink.json"]
     assert sorted(os.listdir(daemon.queue / "incoming")) == specials
     assert sorted(line["file"] for line in daemon.events("job.ignored")) == specials
@@ -244,7 +239,7 @@ def test_every_bad_file_is_rejected_with_its_error_and_good_ones_still_run(
 
 def test_a_file_that_keeps_growing_is_never_rejected(daemon: Daemon) -> None:
     """A producer writing slowly straight into incoming/ is waited for, never rejected, and its job runs once complete."""
-    data = _job(id="grown-slowly")
+    data = jobs.job(deployment=ETL, runs=ONE_RUN, id="grown-slowly", into=bytes)
     path = daemon.queue / "incoming" / "growing.json"
     with open(path, "wb") as fh:
         for i in range(0, len(data), 2):
@@ -330,8 +325,14 @@ def test_five_thousand_files_at_once_are_all_judged(
         "junk": (b"junk", "not valid JSON: Expecting value at line 1 column 1"),
         "empty": (b"", "the file is empty"),
         "typo": (json.dumps({"deployment": ETL, "runz": [{}]}).encode(), "unknown key"),
-        "neg": (_job(retries=-1), "must be at least 0, not -1"),
-        "id": (_job(id="a/b"), 'the job id contains a path separator "/"'),
+        "neg": (
+            jobs.job(deployment=ETL, runs=ONE_RUN, retries=-1, into=bytes),
+            "must be at least 0, not -1",
+        ),
+        "id": (
+            jobs.job(deployment=ETL, runs=ONE_RUN, id="a/b", into=bytes),
+            'the job id contains a path separator "/"',
+        ),
         "deep": (b"[" * 50, "JSON nesting is more than 32 levels deep (the limit)"),
     }
     staged = queue / "tmp"
@@ -340,7 +341,12 @@ def test_five_thousand_files_at_once_are_all_judged(
         if i % 500 == 0:
             name, data = (
                 f"{i:04d}-good.json",
-                _job(id=f"flood-good-{i:04d}", runs=[{"parameters": {"table": i, "seconds": 0}}]),
+                jobs.job(
+                    deployment=ETL,
+                    runs=[{"parameters": {"table": i, "seconds": 0}}],
+                    id=f"flood-good-{i:04d}",
+                    into=bytes,
+                ),
             )
         else:
             kind = list(kinds)[i % len(kinds)]

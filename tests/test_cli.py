@@ -187,7 +187,7 @@ def test_docs_cli_lists_every_subcommand_and_option() -> None:
 
     from flowsubmit.cli.parser import build_parser as _parser
     from flowsubmit.settings import Settings
-    from tests.conftest import ROOT
+    from tests.support import ROOT
 
     text = (ROOT / "docs" / "cli.md").read_text()
     sections = dict((part.split("`", 1)[0], part) for part in text.split("### `flowsubmit ")[1:])

@@ -9,9 +9,10 @@ import sys
 from collections.abc import Callable
 
 from flowsubmit.local.localserver import LocalServer
-from tests.conftest import ROOT, Daemon
-from tests.driver import drive, wait_for_runs
-from tests.flows import DRIVEN
+from tests.support import ROOT
+from tests.support.daemons import Daemon
+from tests.support.driver import drive, wait_for_runs
+from tests.support.flows import DRIVEN
 
 
 def _enqueue_and_wait(

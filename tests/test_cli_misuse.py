@@ -1,6 +1,6 @@
 """The misuse table: every wrong way to call ``flowsubmit`` gets one clear line, a documented exit code, and never a traceback.
 
-The cases run as real processes (forks of one warmed-up runner, ``tests/clirunner.py``;
+The cases run as real processes (forks of one warmed-up runner, ``tests/support/clirunner.py``;
 ``setpriv`` for the ones run as an unprivileged user), in batches, so the table stays
 fast. Only the ``--check`` cases need the Prefect server.
 """
@@ -22,8 +22,8 @@ import pytest
 
 from flowsubmit.local.localserver import LocalServer, free_port
 from flowsubmit.queue.folders import FOLDERS, Queue
-from tests.conftest import ROOT
-from tests.flows import DRIVEN
+from tests.support import ROOT
+from tests.support.flows import DRIVEN
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 GOOD = {"deployment": "etl/etl-deployment", "runs": [{}]}
@@ -108,7 +108,7 @@ def _run(cases: list[Case], sandbox: Path, env: dict[str, str]) -> list[dict[str
     specs, outcomes = sandbox / ".cases.json", sandbox / ".outcomes.json"
     specs.write_text(json.dumps([case.spec(sandbox, env) for case in cases]))
     subprocess.run(
-        [sys.executable, "-m", "tests.clirunner", str(specs), str(outcomes)],
+        [sys.executable, "-m", "tests.support.clirunner", str(specs), str(outcomes)],
         env=env,
         cwd=ROOT,
         check=True,

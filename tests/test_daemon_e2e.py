@@ -9,8 +9,8 @@ from collections.abc import Callable
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from tests.conftest import Daemon, enqueue, result_of
-from tests.flows import ETL
+from tests.support.daemons import Daemon, enqueue, result_of
+from tests.support.flows import ETL
 
 
 async def _server_states(run_ids: list[str]) -> dict[str, tuple[str, dict[str, object]]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flowsubmit.jobs.model import job_schema
 from flowsubmit.settings import Settings, example_toml
-from tests.logscan import logged_events
+from tests.support.logscan import logged_events
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flowsubmit.local.localserver import LocalServer
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 DOCS = ("README.md", "docs/library.md")
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)

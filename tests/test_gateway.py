@@ -18,8 +18,8 @@ from flowsubmit.engine.runset import idempotency_key
 from flowsubmit.errors import PermanentGatewayError, TransientGatewayError
 from flowsubmit.gateway.client import Gateway
 from flowsubmit.local.localserver import LocalServer, free_port
-from tests.flows import DRIVEN
-from tests.proxy import Proxy, missing_route
+from tests.support.flows import DRIVEN
+from tests.support.proxy import Proxy, missing_route
 
 pytestmark = pytest.mark.usefixtures("served")
 

@@ -9,9 +9,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
 from flowsubmit.cli import main as cli
-from tests.conftest import Daemon, enqueue, result_of
-from tests.driver import drive, wait_for_runs
-from tests.flows import DRIVEN, ETL, SLEEPER
+from tests.support.daemons import Daemon, enqueue, result_of
+from tests.support.driver import drive, wait_for_runs
+from tests.support.flows import DRIVEN, ETL, SLEEPER
 
 
 async def _states_tagged(tag: str) -> list[str]:

@@ -26,9 +26,9 @@ from flowsubmit import (
 )
 from flowsubmit.engine.runset import submission_key
 from flowsubmit.local.localserver import LocalServer, free_port
-from tests.driver import drive, wait_for_runs
-from tests.flows import DRIVEN, ETL
-from tests.proxy import Proxy
+from tests.support.driver import drive, wait_for_runs
+from tests.support.flows import DRIVEN, ETL
+from tests.support.proxy import Proxy
 
 pytestmark = pytest.mark.server
 
@@ -346,7 +346,7 @@ async def test_pattern_watch_one_critical_run_among_many() -> None:
     ]
 
 
-# -- the two specific promises ---------------------------------------------------------
+# -- submit() and wait() fail clearly: an unknown deployment, Prefect gone past the tolerance ----
 
 
 async def test_unknown_deployment_raises_a_clear_error_from_submit() -> None:

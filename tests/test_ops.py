@@ -1,4 +1,4 @@
-"""What operators see (issue 10): refusal without a Prefect API, /metrics, /healthz, `health`, `status`, `prune`."""
+"""What operators see: refusal without a Prefect API, /metrics, /healthz, `health`, `status`, `prune`."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from flowsubmit.cli import main
 from flowsubmit.local.localserver import free_port, prefect_env
 from flowsubmit.logs import render_console, resolve_format
 from flowsubmit.ops.retention import prune_periodically
-from tests.conftest import ROOT, Daemon, enqueue, result_of
-from tests.flows import ETL
+from tests.support import ROOT
+from tests.support.daemons import Daemon, enqueue, result_of
+from tests.support.flows import ETL
 
 
 @pytest.fixture(autouse=True)

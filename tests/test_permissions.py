@@ -1,4 +1,4 @@
-"""The documented permission model with real users (#19): the setup block of docs/operations.md, run as written, keeps producers apart.
+"""The documented permission model with real users: the setup block of docs/operations.md, run as written, keeps producers apart.
 
 The module creates a daemon user, two producers (alice and mallory) and their group
 by running the setup block itself (names and path substituted), so the docs and
@@ -24,10 +24,11 @@ from typing import Any
 import pytest
 
 from flowsubmit.local.localserver import LocalServer
-from tests.conftest import ROOT, Daemon
-from tests.driver import drive, wait_for_runs
-from tests.flows import VAULT
-from tests.users import (
+from tests.support import ROOT
+from tests.support.daemons import Daemon, settings_env
+from tests.support.driver import drive, wait_for_runs
+from tests.support.flows import VAULT
+from tests.support.users import (
     COMMAND_TIMEOUT_S,
     User,
     add_user,
@@ -146,9 +147,7 @@ def daemon(site: Site, tmp_path: Path) -> Iterator[Daemon]:
     log_path = tmp_path / "daemon.log"
     env = {
         **site.daemon.env,
-        "FLOWSUBMIT_POLL_INTERVAL_S": "1",
-        "FLOWSUBMIT_RESCAN_INTERVAL_S": "0.5",
-        "FLOWSUBMIT_SETTLE_S": "0",
+        **settings_env({"poll_interval_s": 1, "rescan_interval_s": 0.5, "settle_s": 0}),
     }
     with open(log_path, "wb") as out:
         process = subprocess.Popen(

@@ -23,13 +23,12 @@ from flowsubmit.jobs.policy import (
     reserved_tag_problems,
 )
 from flowsubmit.settings import Settings
+from tests.support import jobs
 
+#: The deployment the jobs here name unless a test says otherwise.
+NIGHTLY = "etl/nightly"
 ETL_CRON = Producer(1001, "etl-cron", 1001)
 ALICE = Producer(1002, "alice", 1002)
-
-
-def _job(**fields: Any) -> Job:
-    return Job.model_validate({"deployment": "etl/nightly", "runs": [{}], **fields})
 
 
 def _refusal(policy: Policy, job: Job, producer: Producer = ETL_CRON) -> str:
@@ -45,25 +44,29 @@ def _rules(*rules: dict[str, Any]) -> tuple[ProducerRule, ...]:
 def test_default_policy_allows_any_deployment_and_warns() -> None:
     """The default lets any deployment through, and says so (the start-up warning's condition)."""
     policy = Policy()
-    policy.check(_job(deployment="billing/export"), ETL_CRON)
+    policy.check(jobs.job(deployment="billing/export", into=Job), ETL_CRON)
     assert policy.launches_anything
     assert not Policy(allowed_deployments=("etl/*",)).launches_anything
 
 
 def test_default_policy_refuses_any_job_variable_naming_key_and_setting() -> None:
     """By default a job setting any job variable is refused, naming the key and the setting."""
-    message = _refusal(Policy(), _job(job_variables={"image": "evil:latest"}))
+    message = _refusal(
+        Policy(), jobs.job(deployment=NIGHTLY, job_variables={"image": "evil:latest"}, into=Job)
+    )
     assert message == (
         "field 'job_variables.image': \"image\" is not allowed (allowed_job_variables: none)"
     )
-    Policy(allowed_job_variables=("image",)).check(_job(job_variables={"image": "x"}), ETL_CRON)
+    Policy(allowed_job_variables=("image",)).check(
+        jobs.job(deployment=NIGHTLY, job_variables={"image": "x"}, into=Job), ETL_CRON
+    )
 
 
 def test_deployment_outside_the_global_patterns_is_refused() -> None:
     """A deployment no global pattern matches is refused with the patterns in the hint."""
     policy = Policy(allowed_deployments=("etl/*", "ops/backup"))
-    policy.check(_job(deployment="ops/backup"), ETL_CRON)
-    message = _refusal(policy, _job(deployment="billing/export"))
+    policy.check(jobs.job(deployment="ops/backup", into=Job), ETL_CRON)
+    message = _refusal(policy, jobs.job(deployment="billing/export", into=Job))
     assert message == (
         "field 'deployment': \"billing/export\" is not allowed "
         "(allowed_deployments: etl/*, ops/backup)"
@@ -71,15 +74,15 @@ def test_deployment_outside_the_global_patterns_is_refused() -> None:
 
 
 def test_a_producer_rule_narrows_its_user_only() -> None:
-    """A [[producers]] rule for etl-cron narrows etl-cron, with the issue's exact message; alice keeps the global policy."""
+    """A [[producers]] rule for etl-cron narrows etl-cron, with the exact message docs/jobs.md shows; alice keeps the global policy."""
     policy = Policy(producers=_rules({"user": "etl-cron", "allowed_deployments": ["etl/*"]}))
-    job = _job(deployment="billing/export")
+    job = jobs.job(deployment="billing/export", into=Job)
     assert _refusal(policy, job) == (
         "field 'deployment': \"billing/export\" is not allowed for user etl-cron "
         "(allowed_deployments: etl/*)"
     )
     policy.check(job, ALICE)
-    policy.check(_job(deployment="etl/nightly"), ETL_CRON)
+    policy.check(jobs.job(deployment="etl/nightly", into=Job), ETL_CRON)
 
 
 def test_a_rule_never_widens_the_global_policy() -> None:
@@ -90,12 +93,12 @@ def test_a_rule_never_widens_the_global_policy() -> None:
             {"uid": 1001, "allowed_deployments": ["*"], "allowed_job_variables": ["image"]}
         ),
     )
-    assert _refusal(policy, _job(deployment="billing/export")).endswith(
+    assert _refusal(policy, jobs.job(deployment="billing/export", into=Job)).endswith(
         "is not allowed (allowed_deployments: etl/*)"
     )
-    assert _refusal(policy, _job(job_variables={"image": "x"})).endswith(
-        "(allowed_job_variables: none)"
-    )
+    assert _refusal(
+        policy, jobs.job(deployment=NIGHTLY, job_variables={"image": "x"}, into=Job)
+    ).endswith("(allowed_job_variables: none)")
 
 
 def test_every_matching_rule_applies() -> None:
@@ -109,30 +112,37 @@ def test_every_matching_rule_applies() -> None:
             {"group": group, "allowed_job_variables": ["env"]},
         ),
     )
-    policy.check(_job(job_variables={"env": {}}), me)
-    assert _refusal(policy, _job(job_variables={"image": "x"}), me) == (
+    policy.check(jobs.job(deployment=NIGHTLY, job_variables={"env": {}}, into=Job), me)
+    assert _refusal(
+        policy, jobs.job(deployment=NIGHTLY, job_variables={"image": "x"}, into=Job), me
+    ) == (
         f"field 'job_variables.image': \"image\" is not allowed for group {group} "
         "(allowed_job_variables: env)"
     )
-    policy.check(_job(job_variables={"image": "x"}), Producer(4243, None, None))
+    policy.check(
+        jobs.job(deployment=NIGHTLY, job_variables={"image": "x"}, into=Job),
+        Producer(4243, None, None),
+    )
 
 
 def test_every_stage_is_checked_as_it_will_run() -> None:
     """Each stage's own deployment and job variables are checked under its field; a job-level deployment all stages override is never run."""
     policy = Policy(allowed_deployments=("etl/*",), allowed_job_variables=("env",))
     stages = [{"runs": [{}]}, {"deployment": "billing/export", "runs": [{}]}]
-    assert _refusal(policy, _job(stages=stages, runs=[])).startswith(
-        "field 'stages.1.deployment': \"billing/export\" is not allowed"
-    )
+    assert _refusal(
+        policy, jobs.job(deployment=NIGHTLY, runs=[], stages=stages, into=Job)
+    ).startswith("field 'stages.1.deployment': \"billing/export\" is not allowed")
     inherit = [{"runs": [{}]}, {"runs": [{}], "job_variables": {"image": "x"}}]
-    assert _refusal(policy, _job(stages=inherit, runs=[])).startswith(
-        "field 'stages.1.job_variables.image': \"image\" is not allowed"
-    )
+    assert _refusal(
+        policy, jobs.job(deployment=NIGHTLY, runs=[], stages=inherit, into=Job)
+    ).startswith("field 'stages.1.job_variables.image': \"image\" is not allowed")
     overridden = [{"deployment": "etl/a", "runs": [{}]}]
-    policy.check(_job(deployment="billing/export", stages=overridden, runs=[]), ETL_CRON)
+    policy.check(
+        jobs.job(deployment="billing/export", runs=[], stages=overridden, into=Job), ETL_CRON
+    )
     inherited = [{"runs": [{}]}]
     assert _refusal(
-        policy, _job(deployment="billing/export", stages=inherited, runs=[])
+        policy, jobs.job(deployment="billing/export", runs=[], stages=inherited, into=Job)
     ).startswith("field 'deployment':")
 
 
@@ -152,12 +162,17 @@ def test_reserved_tags_are_refused_wherever_they_are_set(
     fields: dict[str, Any], field: str
 ) -> None:
     """A ``flowsubmit-*`` tag is refused at job, run, stage and stage-run level, even by a permissive policy."""
-    job = _job(**fields)
+    job = jobs.job(deployment=NIGHTLY, **fields, into=Job)
     (problem,) = reserved_tag_problems(job)
     assert problem.field == field
     assert problem.hint == "tags starting with 'flowsubmit-' are set by flowsubmit itself"
     assert _refusal(Policy(), job).startswith(f"field {field!r}: ")
-    assert reserved_tag_problems(_job(tags=["flowsubmit", "my-flowsubmit-tag"])) == []
+    assert (
+        reserved_tag_problems(
+            jobs.job(deployment=NIGHTLY, tags=["flowsubmit", "my-flowsubmit-tag"], into=Job)
+        )
+        == []
+    )
 
 
 def test_problems_lists_every_refusal_in_order() -> None:
@@ -166,8 +181,11 @@ def test_problems_lists_every_refusal_in_order() -> None:
         allowed_deployments=("etl/*",),
         producers=_rules({"user": "etl-cron", "allowed_deployments": ["etl/nightly"]}),
     )
-    job = _job(
-        deployment="etl/other", tags=["flowsubmit-x"], job_variables={"image": "x", "env": {}}
+    job = jobs.job(
+        deployment="etl/other",
+        tags=["flowsubmit-x"],
+        job_variables={"image": "x", "env": {}},
+        into=Job,
     )
     assert [p.field for p in policy.problems(job, ETL_CRON)] == [
         "tags.0",
@@ -175,7 +193,7 @@ def test_problems_lists_every_refusal_in_order() -> None:
         "job_variables.image",
         "job_variables.env",
     ]
-    assert policy.problems(_job(), ALICE) == []
+    assert policy.problems(jobs.job(deployment=NIGHTLY, into=Job), ALICE) == []
 
 
 def test_producer_of_a_file_is_its_owner(tmp_path: Path) -> None:

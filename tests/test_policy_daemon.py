@@ -15,10 +15,9 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
-from flowsubmit.local.localserver import LocalServer
-from tests.conftest import Daemon, result_of
-from tests.driver import drive, wait_for_runs
-from tests.flows import DRIVEN, ETL, VAULT
+from tests.support.daemons import Daemon, result_of
+from tests.support.driver import drive, wait_for_runs
+from tests.support.flows import DRIVEN, ETL, VAULT
 
 #: Two producers, created by the test when absent (the tests run as root).
 #: Named after this process, so that two test workers never share (or remove) each other's users.
@@ -87,23 +86,11 @@ def _finish(daemon: Daemon, job_id: str, runs: int) -> tuple[str, dict[str, Any]
     return daemon.wait_for(lambda: result_of(daemon.queue, job_id), what=f"result of {job_id}")  # type: ignore[no-any-return]
 
 
-def _spawn(
-    spawn: Callable[..., Daemon], served: LocalServer, tmp_path: Path, **settings: object
-) -> Daemon:
-    env = {f"FLOWSUBMIT_{k.upper()}": json.dumps(v) for k, v in settings.items()}
-    daemon = spawn(served.env(**env), tmp_path / "queue", settle_s=0)
-    daemon.wait_for_event("service.ready")
-    return daemon
-
-
 def test_default_policy_warns_refuses_job_variables_and_reserved_tags_and_records_the_producer(
-    served: LocalServer,
-    spawn: Callable[..., Daemon],
-    tmp_path: Path,
-    users: dict[str, pwd.struct_passwd],
+    start_daemon: Callable[..., Daemon], users: dict[str, pwd.struct_passwd]
 ) -> None:
     """With the defaults the daemon warns at start-up, rejects any job variable and a reserved tag (no run), and records the producer in job.claimed, the result and a run tag on the server."""
-    daemon = _spawn(spawn, served, tmp_path)
+    daemon = start_daemon(settle_s=0)
     etl = users[ETL_USER]
     (warning,) = daemon.events("service.any_deployment_allowed")
     assert (warning["level"], warning["allowed_deployments"]) == ("warning", ["*"])
@@ -148,8 +135,7 @@ def test_default_policy_warns_refuses_job_variables_and_reserved_tags_and_record
 
 
 def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
-    served: LocalServer,
-    spawn: Callable[..., Daemon],
+    start_daemon: Callable[..., Daemon],
     tmp_path: Path,
     users: dict[str, pwd.struct_passwd],
 ) -> None:
@@ -161,10 +147,8 @@ def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
     orphan.parent.mkdir(parents=True)
     orphan.write_text(json.dumps({**vault, "id": "pol-orphan"}))
     os.chown(orphan, etl.pw_uid, etl.pw_gid)
-    daemon = _spawn(
-        spawn,
-        served,
-        tmp_path,
+    daemon = start_daemon(
+        settle_s=0,
         allowed_deployments=["driven/*", "vault/*"],
         allowed_job_variables=["env"],
         producers=[{"user": ETL_USER, "allowed_deployments": ["driven/*"]}],
@@ -215,17 +199,12 @@ def test_producer_rules_narrow_one_user_and_allowed_job_variables_pass(
 
 
 def test_per_producer_limits_keep_slots_and_runs_for_the_others(
-    served: LocalServer,
-    spawn: Callable[..., Daemon],
-    tmp_path: Path,
-    users: dict[str, pwd.struct_passwd],
+    start_daemon: Callable[..., Daemon], users: dict[str, pwd.struct_passwd]
 ) -> None:
     """mallory's four never-ending priority-100 jobs take two of the four slots and three runs in flight; ana's job is claimed beside them and ends at her default timeout."""
     mallory, ana = users[ETL_USER], users[OTHER_USER]
-    daemon = _spawn(
-        spawn,
-        served,
-        tmp_path,
+    daemon = start_daemon(
+        settle_s=0,
         max_concurrent_jobs=4,
         producer_max_running_jobs=2,
         producer_max_runs_in_flight=3,
@@ -250,14 +229,11 @@ def test_per_producer_limits_keep_slots_and_runs_for_the_others(
 
 
 def test_a_job_rewritten_after_its_claim_runs_as_judged_across_a_kill_9(
-    served: LocalServer,
-    spawn: Callable[..., Daemon],
-    tmp_path: Path,
-    users: dict[str, pwd.struct_passwd],
+    start_daemon: Callable[..., Daemon], users: dict[str, pwd.struct_passwd]
 ) -> None:
     """mallory keeps her allowed two-stage job open, rewrites stage 1 to a forbidden deployment under ana's name after the claim, and the daemon is killed: the next daemon runs the stages it judged, nothing else."""
     mallory = users[ETL_USER]
-    daemon = _spawn(spawn, served, tmp_path, allowed_deployments=["driven/*"])
+    daemon = start_daemon(settle_s=0, allowed_deployments=["driven/*"])
     job = {"id": "rewrite", "deployment": DRIVEN, "stages": [{"runs": [{}]}, {"runs": [{}]}]}
     judged = json.dumps(job).encode()
     staged = daemon.queue / "tmp" / "rewrite.part"
@@ -274,7 +250,7 @@ def test_a_job_rewritten_after_its_claim_runs_as_judged_across_a_kill_9(
     daemon.process.kill()
     daemon.process.wait()
 
-    again = _spawn(spawn, served, tmp_path, allowed_deployments=["driven/*"])
+    again = start_daemon(settle_s=0, allowed_deployments=["driven/*"])
     asyncio.run(drive([first]))
     (second,) = set(asyncio.run(wait_for_runs(f"flowsubmit-job:{name}", 2))) - {first}
     asyncio.run(drive([second]))

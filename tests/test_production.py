@@ -32,11 +32,12 @@ from flowsubmit.errors import TransientGatewayError
 from flowsubmit.gateway.client import _translate_errors
 from flowsubmit.local.localserver import LocalServer
 from flowsubmit.local.topology import REDIS, Topology, claim_redis_db, release_redis_db
-from tests.conftest import Daemon, enqueue, result_of
-from tests.crashkit import BackgroundDriver, client_of, server_runs
-from tests.driver import drive
-from tests.flows import DRIVEN, ETL
-from tests.proxy import Proxy, running
+from tests.support import jobs
+from tests.support.crashkit import BackgroundDriver, client_of, server_runs
+from tests.support.daemons import Daemon, enqueue, result_of
+from tests.support.driver import drive
+from tests.support.flows import DRIVEN, ETL
+from tests.support.proxy import Proxy, running
 from tests.test_crash import (
     assert_exactly_once,
     drop,
@@ -121,11 +122,7 @@ def test_two_daemons_on_one_queue_run_each_of_30_jobs_once(
 
 
 def _driven_job(runs: int) -> dict[str, Any]:
-    return {
-        "id": f"prod-{uuid.uuid4().hex[:8]}",
-        "deployment": DRIVEN,
-        "runs": [{"parameters": {"table": t}} for t in range(runs)],
-    }
+    return jobs.job(id=f"prod-{uuid.uuid4().hex[:8]}", deployment=DRIVEN, runs=runs)
 
 
 def _drive(server: LocalServer, run_ids: list[str], final: str = "Completed") -> None:

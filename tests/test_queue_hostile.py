@@ -1,4 +1,4 @@
-"""A hostile queue (issue 19, findings 8, 9, 10 and 12): grown files, special entries, secrets echoed back, forged heartbeats."""
+"""A hostile queue gets nothing it should not: grown files are never read whole, special entries never opened, echoed secrets are masked, forged heartbeats ignored."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from flowsubmit.cli import main
 from flowsubmit.local.localserver import LocalServer
 from flowsubmit.ops.heartbeat import Heartbeat, scan
 from flowsubmit.queue.folders import FOLDERS, safe_name
-from tests.conftest import ROOT, Daemon, result_of
-from tests.driver import wait_for_runs
-from tests.flows import VAULT
+from tests.support import ROOT
+from tests.support.daemons import Daemon, result_of
+from tests.support.driver import wait_for_runs
+from tests.support.flows import VAULT
 
 #: A job file grown after its claim: far more than ``max_job_bytes`` (1 MiB by default).
 GROWN_BYTES = 300 * 1024 * 1024
@@ -83,7 +84,7 @@ def _error(name: str, reason: str) -> bytes:
     return json.dumps(body).encode()
 
 
-# -- finding 8: max_job_bytes on every read ----------------------------------------------------
+# -- max_job_bytes holds on every read ----------------------------------------------------------
 
 
 def test_status_answers_in_bounded_memory_when_a_claimed_job_file_grew(tmp_path: Path) -> None:
@@ -119,7 +120,7 @@ def test_cancel_answers_in_bounded_memory_when_a_waiting_file_grew(tmp_path: Pat
     assert peak_kib < PEAK_LIMIT_KIB, f"cancel peaked at {peak_kib // 1024} MiB"
 
 
-# -- finding 9: special entries ------------------------------------------------------------------
+# -- entries that are not regular files are skipped, never opened ------------------------------
 
 
 def test_status_skips_a_fifo_and_a_directory_named_like_error_files(tmp_path: Path) -> None:
@@ -188,7 +189,7 @@ def test_cancel_does_not_hang_on_a_fifo_in_incoming(tmp_path: Path) -> None:
     )
 
 
-# -- finding 10: masking gaps ---------------------------------------------------------------------
+# -- a secret echoed back is masked wherever it would be written -------------------------------
 
 
 def test_a_rejection_masks_secret_assignments_in_its_reason_and_hint() -> None:
@@ -282,7 +283,7 @@ def test_journals_error_files_and_log_lines_keep_no_echoed_secret(
     assert [s for s in ("abc123", "hunter2") if any(s in text for text in written)] == []
 
 
-# -- finding 12: heartbeats are trusted by more than their name ----------------------------------
+# -- a heartbeat is trusted by its owner, its kind and its content, not by its name -------------
 
 
 def _beat(pid: object, **fields: Any) -> bytes:

@@ -29,8 +29,8 @@ from flowsubmit.jobs.model import parse_job
 from flowsubmit.local.localserver import LocalServer, free_port
 from flowsubmit.queue.journal import Journal
 from flowsubmit.service.executor import Executor
-from tests.driver import drive, wait_for_runs
-from tests.flows import DRIVEN
+from tests.support.driver import drive, wait_for_runs
+from tests.support.flows import DRIVEN
 
 pytestmark = pytest.mark.usefixtures("served")
 

@@ -11,11 +11,11 @@ import pytest
 
 from flowsubmit.engine.runset import job_tag
 from flowsubmit.local.localserver import LocalServer
-from tests.conftest import Daemon, enqueue, result_of
-from tests.crashkit import runs_tagged
-from tests.driver import drive
-from tests.flows import DRIVEN
-from tests.proxy import Proxy, RateLimit, running
+from tests.support.crashkit import runs_tagged
+from tests.support.daemons import Daemon, enqueue, result_of
+from tests.support.driver import drive
+from tests.support.flows import DRIVEN
+from tests.support.proxy import Proxy, RateLimit, running
 
 #: Safety net for awaiting outcomes; not a timing claim (those live in bench/).
 PATIENCE_S = 300.0

@@ -1,4 +1,4 @@
-"""The create scheduler's pure logic (issue 13): turn order by priority and fairness, and batches per free slot."""
+"""The create scheduler's pure logic: turn order by priority and fairness, and batches per free slot."""
 
 from __future__ import annotations
 

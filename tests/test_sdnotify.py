@@ -11,7 +11,7 @@ import pytest
 
 from flowsubmit.local.localserver import LocalServer
 from flowsubmit.ops.sdnotify import Notifier
-from tests.conftest import spawn_daemon
+from tests.support.daemons import spawn_daemon
 
 
 @pytest.fixture

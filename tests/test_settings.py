@@ -8,6 +8,7 @@ import pytest
 
 from flowsubmit.errors import SettingsError
 from flowsubmit.settings import Settings
+from tests.support.daemons import settings_env
 
 
 def test_flags_win_over_env_which_win_over_the_file(
@@ -67,3 +68,23 @@ def test_a_bad_value_names_its_source(
     with pytest.raises(SettingsError) as caught:
         Settings.load(config, **flags)
     assert str(caught.value) == message.format(config=config)
+
+
+def test_the_test_daemons_settings_reach_them_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``settings_env`` (how tests pass settings to a daemon) spells lists, rules, booleans, numbers, strings and paths so that the environment source reads each back as given; None has no spelling."""
+    given = {
+        "allowed_deployments": ["driven/*", "vault/*"],
+        "producers": [{"user": "etl", "allowed_deployments": ["driven/*"]}],
+        "force_polling": True,
+        "max_concurrent_jobs": 4,
+        "poll_interval_s": 0.5,
+        "run_tag": "secrets-test",
+        "queue": Path("/srv/queue"),
+    }
+    expected = Settings(**given).model_dump()
+    for name, value in settings_env(given).items():
+        monkeypatch.setenv(name, value)
+
+    assert Settings().model_dump() == expected
+    with pytest.raises(TypeError, match="metrics_port: None has no FLOWSUBMIT_\\* spelling"):
+        settings_env({"metrics_port": None})

@@ -20,9 +20,9 @@ from flowsubmit._types import RunRequest, RunSnapshot
 from flowsubmit.engine.tracker import Tracker, TrackerMode
 from flowsubmit.gateway.client import Gateway
 from flowsubmit.local.localserver import LocalServer
-from tests.driver import drive
-from tests.flows import DRIVEN, TIMEOUT, driven
-from tests.proxy import Proxy
+from tests.support.driver import drive
+from tests.support.flows import DRIVEN, TIMEOUT, driven
+from tests.support.proxy import Proxy
 
 #: Safety net for awaiting outcomes; not a timing claim (those live in bench/).
 PATIENCE_S = 60.0

@@ -19,7 +19,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from flowsubmit.local.localserver import LocalServer
-from tests.driver import drive
+from tests.support.driver import drive
 
 
 class BackgroundDriver:

@@ -1,4 +1,4 @@
-"""Test flows, served with ``flow.serve`` in a subprocess by the session fixture: ``python -m tests.flows``."""
+"""Test flows, served with ``flow.serve`` in a subprocess by the session fixture: ``python -m tests.support.flows``."""
 
 from __future__ import annotations
 

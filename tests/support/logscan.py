@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "flowsubmit"
+PACKAGE = Path(__file__).resolve().parents[2] / "daemon" / "flowsubmit"
 LEVELS = {"debug", "info", "warning", "error", "critical", "exception"}
 
 

@@ -6,7 +6,7 @@ standard input, the interpreter's last flush. Only the import (about a second of
 per ``flowsubmit`` start) is shared. A case with ``exec`` runs a real ``flowsubmit``
 process instead (for ``setpriv``), from the same child.
 
-Used by ``tests/test_cli_misuse.py``: ``python -m tests.clirunner CASES.json OUT.json``.
+Used by ``tests/test_cli_misuse.py``: ``python -m tests.support.clirunner CASES.json OUT.json``.
 """
 
 from __future__ import annotations
