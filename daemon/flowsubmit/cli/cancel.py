@@ -8,6 +8,7 @@ from flowsubmit.cli.actions import cancel, open_queue, wait_for_end
 from flowsubmit.cli.command import Command
 from flowsubmit.cli.errors import EXIT_OK
 from flowsubmit.cli.options import load_settings
+from flowsubmit.errors import JobRejected
 
 __all__ = ["CANCEL"]
 
@@ -25,8 +26,8 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     print(cancel(queue, args.job_id, settings.max_job_bytes), flush=True)
     if not args.wait:
         return EXIT_OK
-    folder, document = wait_for_end(queue, args.job_id)
-    print(document["summary"]["line"] if "summary" in document else f"ended in {folder}/")
+    folder, ended = wait_for_end(queue, args.job_id)
+    print(f"ended in {folder}/" if isinstance(ended, JobRejected) else ended.summary.line)
     return EXIT_OK
 
 

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 from functools import partial
-from typing import Any
 
 from flowsubmit._types import JobStatus
 from flowsubmit.cli.actions import ask_prefect, drop, open_queue, refuse_known_id, wait_for_end
@@ -14,6 +13,7 @@ from flowsubmit.cli.command import Command
 from flowsubmit.cli.errors import EXIT_OK, EXIT_USAGE, CliError
 from flowsubmit.cli.files import check_file, policy_problems, print_problems
 from flowsubmit.cli.options import load_settings
+from flowsubmit.engine.results import JobResult
 from flowsubmit.errors import JobRejected
 from flowsubmit.jobs.model import PRIORITY_MAX, PRIORITY_MIN
 from flowsubmit.jobs.policy import current_producer
@@ -118,21 +118,16 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
     return _report_end(name, *wait_for_end(queue, name, dropped))
 
 
-def _report_end(job_id: str, folder: str, document: dict[str, Any]) -> int:
+def _report_end(job_id: str, folder: str, ended: JobResult | JobRejected) -> int:
     """Print how a waited-for job ended; 0 only if every run completed."""
-    if folder == "rejected":
-        raise JobRejected(
-            str(document.get("reason")),
-            file=str(document.get("file")),
-            field=document.get("field"),
-            hint=document.get("hint"),
-        )
-    print(document["summary"]["line"])
-    if document["status"] == JobStatus.SUCCEEDED.value:
+    if isinstance(ended, JobRejected):
+        raise ended
+    print(ended.summary.line)
+    if ended.status is JobStatus.SUCCEEDED:
         return EXIT_OK
-    error = f": {document['error']}" if document.get("error") else ""
+    error = f": {ended.error}" if ended.error else ""
     raise CliError(
-        f"job {job_id}", f"{document['status']}{error} ({folder}/{job_id}.result.json)", code=1
+        f"job {job_id}", f"{ended.status.value}{error} ({folder}/{job_id}.result.json)", code=1
     )
 
 
