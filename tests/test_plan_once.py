@@ -19,7 +19,7 @@ from flowsubmit.queue.folders import Queue
 from flowsubmit.queue.journal import replay
 from flowsubmit.service.daemon import Service
 from flowsubmit.settings import Settings
-from tests.flows import ETL
+from tests.support.flows import ETL
 
 
 @pytest.fixture
