@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import codecs
 import functools
 import heapq
 import itertools
-import json
-import math
-import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +16,7 @@ from pydantic_core import ErrorDetails
 from flowsubmit._wording import did_you_mean, sentence, short, show
 from flowsubmit.errors import JobRejected
 from flowsubmit.jobs.plan import Plan
+from flowsubmit.jobs.strict_json import MAX_NESTING, json_type, load_json
 
 __all__ = [
     "DEPLOYMENT_HINT",
@@ -38,14 +35,8 @@ __all__ = [
     "parse_job",
 ]
 
-#: JSON nesting deeper than this is refused before parsing (a parser bomb costs nothing).
-MAX_NESTING = 32
-
 #: The range of a job's ``priority`` (higher first; 0 by default).
 PRIORITY_MIN, PRIORITY_MAX = -100, 100
-
-#: Integers longer than this are refused (Python's own int-from-text limit is 4300 digits).
-MAX_DIGITS = 4300
 
 #: A file's problems are reported up to this many, the first in file order; one more counts the rest.
 MAX_PROBLEMS = 20
@@ -85,14 +76,6 @@ _NAME_RULE = "a flow or deployment name holds letters, digits, '_', '-', '.' and
 # path, where '#', '?', '%', '&' and '\\' would change which deployment is read.
 _NAME_CATEGORIES = ("L", "M", "N")
 _NAME_PUNCTUATION = frozenset("_-. ")
-_OTHER_BOMS = (
-    (codecs.BOM_UTF32_LE, "UTF-32"),
-    (codecs.BOM_UTF32_BE, "UTF-32"),
-    (codecs.BOM_UTF16_LE, "UTF-16"),
-    (codecs.BOM_UTF16_BE, "UTF-16"),
-)
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB]")
-_BRACKET_OR_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
 
 
 class _FieldProblem(ValueError):
@@ -417,9 +400,9 @@ def check_job(
         one that counts the rest. A file that is not JSON has one.
     """
     try:
-        document = _load_json(data)
+        document = load_json(data)
         if not isinstance(document, dict):
-            raise JobRejected(f"a job must be a JSON object, not a JSON {_json_type(document)}")
+            raise JobRejected(f"a job must be a JSON object, not a JSON {json_type(document)}")
     except JobRejected as exc:
         return None, [exc.with_file(file)]
     known, unknown, count = _split_unknown(document, Job, (), ())
@@ -580,160 +563,6 @@ class _Positions:
         if index is None:
             index = self._indexes[id(mapping)] = {key: i for i, key in enumerate(mapping)}
         return index.get(key, len(index))
-
-
-def _load_json(data: bytes) -> Any:
-    text = _decode(data)
-    if not text.strip():
-        raise JobRejected("the file is empty" if not data else "the file holds only whitespace")
-    too_deep = JobRejected(f"JSON nesting is more than {MAX_NESTING} levels deep (the limit)")
-    try:
-        document = json.loads(
-            text,
-            object_pairs_hook=_no_duplicate_keys,
-            parse_constant=_no_constants,
-            parse_int=_integer,
-            parse_float=_finite_float,
-        )
-    except RecursionError:
-        raise too_deep from None  # the parser's own guard, far past the limit
-    except json.JSONDecodeError as exc:
-        if _nesting_before(text, exc.pos) > MAX_NESTING:
-            raise too_deep from None  # say what went wrong first: the nesting, not what followed
-        what = (
-            "unexpected data after the end of the JSON value"
-            if exc.msg == "Extra data"
-            else exc.msg
-        )
-        raise JobRejected(
-            f"not valid JSON: {what} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    if _deeper_than(document, MAX_NESTING):
-        raise too_deep
-    if _SURROGATE_ESCAPE.search(text):
-        _refuse_lone_surrogates(document, ())
-    return document
-
-
-def _decode(data: bytes) -> str:
-    for bom, encoding in _OTHER_BOMS:
-        if data.startswith(bom):
-            raise JobRejected(
-                f"the file is {encoding} (it starts with a {encoding} byte order mark)",
-                hint="save it as UTF-8",
-            )
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise JobRejected(
-            f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
-            hint="save it as UTF-8",
-        ) from None
-
-
-def _nesting_before(text: str, end: int) -> int:
-    """The deepest nesting of brackets in ``text[:end]``, strings skipped; stops past ``MAX_NESTING``.
-
-    Token by token in Python, for the same reason as ``_deeper_than``: a file that is
-    not JSON is measured without holding the interpreter lock for the whole file.
-    """
-    depth = deepest = 0
-    for match in _BRACKET_OR_STRING.finditer(text, 0, end):
-        token = match.group()
-        if token in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-            if deepest > MAX_NESTING:
-                break
-        elif token in "]}":
-            depth -= 1
-    return deepest
-
-
-def _deeper_than(document: Any, limit: int) -> bool:
-    """True when objects and arrays nest deeper than ``limit``; found in one pass, without recursion.
-
-    A walk in Python rather than one pass of a regular expression over the text: the
-    daemon judges files in threads, and one long C call would hold the interpreter
-    lock, and the event loop with it, for the whole file.
-    """
-    stack: list[tuple[Any, int]] = [(document, 1)]
-    while stack:
-        value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value
-        if not isinstance(value, dict | list):
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise JobRejected("appears twice in the same JSON object", field=short(key))
-        seen[key] = value
-    return seen
-
-
-def _no_constants(name: str) -> Any:
-    raise JobRejected(
-        f"{name} is not valid JSON", hint="JSON has no NaN or Infinity: use null or a number"
-    )
-
-
-def _integer(text: str) -> int:
-    if len(text) > MAX_DIGITS:
-        raise JobRejected(
-            f"a number with {len(text)} digits is too long (the limit is {MAX_DIGITS} digits)"
-        )
-    return int(text)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise JobRejected(f"the number {short(text, 40)} is too large to be represented")
-    return value
-
-
-def _refuse_lone_surrogates(value: Any, path: tuple[str, ...]) -> None:
-    """Refuse strings holding half of a UTF-16 pair (``"\\ud800"``): they cannot be written out as UTF-8."""
-    if isinstance(value, str):
-        _check_text(value, path)
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _refuse_lone_surrogates(item, (*path, str(i)))
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(key, (*path, "<key>"))
-            _refuse_lone_surrogates(item, (*path, key))
-
-
-def _check_text(text: str, path: tuple[str, ...]) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        field = short(".".join(path).encode("utf-8", "backslashreplace").decode()) or None
-        raise JobRejected(
-            "holds a lone UTF-16 surrogate escape (such as \\ud800), which is not text",
-            field=field,
-        ) from None
-
-
-def _json_type(value: Any) -> str:
-    names = {
-        dict: "object",
-        list: "array",
-        str: "string",
-        int: "number",
-        float: "number",
-        bool: "boolean",
-        type(None): "null",
-    }
-    return names.get(type(value), type(value).__name__)
 
 
 def _rejection_from(error: Any) -> JobRejected:
