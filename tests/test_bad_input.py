@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from flowsubmit.local.localserver import LocalServer
-from tests.support import jobs
 from tests.support.daemons import Daemon, result_of
 from tests.support.driver import drive, wait_for_runs
 from tests.support.flows import ETL, VAULT
+from tests.support.jobs import make_job
 
 DEPLOYMENT_HINT = "`prefect deployment ls` lists the deployments"
 ID_RULE = (
@@ -54,7 +54,7 @@ def test_every_bad_file_is_rejected_with_its_error_and_good_ones_still_run(
     """Each kind of bad file lands in rejected/ (bytes kept, safe name, exact NAME.error.json, one log line); good ones, even oddly named, run."""
     incoming = daemon.queue / "incoming"
     outside = tmp_path / "outside.json"
-    outside.write_bytes(jobs.job(deployment=ETL, runs=ONE_RUN, id="outside", into=bytes))
+    outside.write_bytes(make_job(deployment=ETL, runs=ONE_RUN, id="outside", into=bytes))
     files: dict[str, bytes] = {
         "t-not-json.json": b"run the nightly tables please",
         "t-empty.json": b"",
@@ -65,9 +65,9 @@ def test_every_bad_file_is_rejected_with_its_error_and_good_ones_still_run(
         "t-dup.json": b'{"deployment": "a/b", "deployment": "c/d", "runs": [{}]}',
         "t-typo.json": json.dumps({"deployment": ETL, "runz": [{}]}).encode(),
         "t-nodeploy.json": b'{"runs": [{}]}',
-        "t-type.json": jobs.job(deployment=ETL, runs=ONE_RUN, max_concurrency="10", into=bytes),
+        "t-type.json": make_job(deployment=ETL, runs=ONE_RUN, max_concurrency="10", into=bytes),
         "t-noruns.json": json.dumps({"deployment": ETL, "runs": []}).encode(),
-        "t-negative.json": jobs.job(deployment=ETL, runs=ONE_RUN, retries=-2, into=bytes),
+        "t-negative.json": make_job(deployment=ETL, runs=ONE_RUN, retries=-2, into=bytes),
         "t-huge.json": b'{"deployment": "a/b", "runs": [{}], "pad": "'
         + b"x" * (1024 * 1024)
         + b'"}',
@@ -75,18 +75,18 @@ def test_every_bad_file_is_rejected_with_its_error_and_good_ones_still_run(
         "t-bomb.json": json.dumps(
             {"deployment": ETL, "matrix": {f"k{i}": list(range(100)) for i in range(6)}}
         ).encode(),
-        "t-id-path.json": jobs.job(
+        "t-id-path.json": make_job(
             deployment=ETL, runs=ONE_RUN, id="../../etc/cron.d/evil", into=bytes
         ),
-        "t-id-long.json": jobs.job(deployment=ETL, runs=ONE_RUN, id="x" * 200, into=bytes),
+        "t-id-long.json": make_job(deployment=ETL, runs=ONE_RUN, id="x" * 200, into=bytes),
         "t-nowhere.json": json.dumps({"deployment": "no-such-flow/nope", "runs": [{}]}).encode(),
-        "t-badparam.json": jobs.job(
+        "t-badparam.json": make_job(
             deployment=ETL, runs=[{"parameters": {"table": "seven"}}], into=bytes
         ),
-        "t-extraparam.json": jobs.job(
+        "t-extraparam.json": make_job(
             deployment=ETL, runs=[{"parameters": {"table": 1, "colour": "red"}}], into=bytes
         ),
-        "t-workqueue.json": jobs.job(
+        "t-workqueue.json": make_job(
             deployment=ETL, runs=ONE_RUN, work_queue_name="nobody-listens", into=bytes
         ),
         "my bad job.json": b"{",
@@ -102,10 +102,10 @@ def test_every_bad_file_is_rejected_with_its_error_and_good_ones_still_run(
     os.link(outside, incoming / "t-hardlink.json")
     (incoming / os.fsdecode(b"t-\xff.json")).write_bytes(b"{")
     (incoming / "good with spaces é.json").write_bytes(
-        jobs.job(deployment=ETL, runs=ONE_RUN, id="good-spaces", into=bytes)
+        make_job(deployment=ETL, runs=ONE_RUN, id="good-spaces", into=bytes)
     )
     (incoming / "good-bom.json").write_bytes(
-        b"\xef\xbb\xbf" + jobs.job(deployment=ETL, runs=ONE_RUN, id="good-bom", into=bytes)
+        b"\xef\xbb\xbf" + make_job(deployment=ETL, runs=ONE_RUN, id="good-bom", into=bytes)
     )
 
     for job_id in ("good-spaces", "good-bom"):
@@ -228,7 +228,7 @@ def test_every_bad_file_is_rejected_with_its_error_and_good_ones_still_run(
         assert (rejected / safe).read_bytes() == data
     # Entries that are not regular files are never opened nor moved, only logged once each.
     # The link target is untouched.
-    assert outside.read_bytes() == jobs.job(deployment=ETL, runs=ONE_RUN, id="outside", into=bytes)
+    assert outside.read_bytes() == make_job(deployment=ETL, runs=ONE_RUN, id="outside", into=bytes)
     specials = ["t-dir.json", "t-fifo.json", "t-symlink.json"]
     assert sorted(os.listdir(daemon.queue / "incoming")) == specials
     assert sorted(line["file"] for line in daemon.events("job.ignored")) == specials
@@ -239,7 +239,7 @@ def test_every_bad_file_is_rejected_with_its_error_and_good_ones_still_run(
 
 def test_a_file_that_keeps_growing_is_never_rejected(daemon: Daemon) -> None:
     """A producer writing slowly straight into incoming/ is waited for, never rejected, and its job runs once complete."""
-    data = jobs.job(deployment=ETL, runs=ONE_RUN, id="grown-slowly", into=bytes)
+    data = make_job(deployment=ETL, runs=ONE_RUN, id="grown-slowly", into=bytes)
     path = daemon.queue / "incoming" / "growing.json"
     with open(path, "wb") as fh:
         for i in range(0, len(data), 2):
@@ -326,11 +326,11 @@ def test_five_thousand_files_at_once_are_all_judged(
         "empty": (b"", "the file is empty"),
         "typo": (json.dumps({"deployment": ETL, "runz": [{}]}).encode(), "unknown key"),
         "neg": (
-            jobs.job(deployment=ETL, runs=ONE_RUN, retries=-1, into=bytes),
+            make_job(deployment=ETL, runs=ONE_RUN, retries=-1, into=bytes),
             "must be at least 0, not -1",
         ),
         "id": (
-            jobs.job(deployment=ETL, runs=ONE_RUN, id="a/b", into=bytes),
+            make_job(deployment=ETL, runs=ONE_RUN, id="a/b", into=bytes),
             'the job id contains a path separator "/"',
         ),
         "deep": (b"[" * 50, "JSON nesting is more than 32 levels deep (the limit)"),
@@ -341,7 +341,7 @@ def test_five_thousand_files_at_once_are_all_judged(
         if i % 500 == 0:
             name, data = (
                 f"{i:04d}-good.json",
-                jobs.job(
+                make_job(
                     deployment=ETL,
                     runs=[{"parameters": {"table": i, "seconds": 0}}],
                     id=f"flood-good-{i:04d}",

@@ -27,10 +27,11 @@ from flowsubmit.errors import ClaimLost
 from flowsubmit.local.localserver import LocalServer
 from flowsubmit.queue.folders import JobLock, Queue
 from flowsubmit.queue.journal import Journal, replay
-from tests.support import ROOT, jobs
+from tests.support import ROOT
 from tests.support.crashkit import BackgroundDriver, server_runs
 from tests.support.daemons import Daemon, result_of
 from tests.support.flows import DRIVEN
+from tests.support.jobs import make_job
 
 RUNS = 30
 
@@ -98,7 +99,7 @@ def kill_9_then_restart(
     job_id = f"crash-{point.replace(':', '-')}-{uuid.uuid4().hex[:8]}"
     with BackgroundDriver(job_tag(job_id), server=server):
         first = start_daemon(test_crash_at=point, submit_batch_size=10)
-        drop(first.queue, jobs.job(id=job_id, deployment=DRIVEN, runs=RUNS))
+        drop(first.queue, make_job(id=job_id, deployment=DRIVEN, runs=RUNS))
         assert first.process.wait(90) == -signal.SIGKILL
         journal = replay(first.queue / "processing" / f"{job_id}.journal")
         if point == "created:15":
@@ -131,7 +132,7 @@ def test_sigterm_mid_job_exits_0_and_a_restart_finishes_without_duplicates(
     job_id = f"sigterm-{uuid.uuid4().hex[:8]}"
     with BackgroundDriver(job_tag(job_id)):
         first = start_daemon(drain_timeout_s=5)
-        drop(first.queue, jobs.job(id=job_id, deployment=DRIVEN, runs=RUNS))
+        drop(first.queue, make_job(id=job_id, deployment=DRIVEN, runs=RUNS))
         first.wait_for_event("run.finished", count=5)
         assert first.stop() == 0
         processing = first.queue / "processing"
@@ -161,9 +162,9 @@ def test_dropping_a_finished_job_id_again_creates_no_run(
     job_id = f"again-{uuid.uuid4().hex[:8]}"
     with BackgroundDriver(job_tag(job_id)):
         daemon = start_daemon()
-        drop(daemon.queue, jobs.job(id=job_id, deployment=DRIVEN, runs=2))
+        drop(daemon.queue, make_job(id=job_id, deployment=DRIVEN, runs=2))
         daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="result")
-        drop(daemon.queue, jobs.job(id=job_id, deployment=DRIVEN, runs=2))
+        drop(daemon.queue, make_job(id=job_id, deployment=DRIVEN, runs=2))
         error_file = daemon.queue / "rejected" / f"{job_id}.json.error.json"
         daemon.wait_for(error_file.exists, what="rejection")
         assert daemon.stop() == 0
@@ -201,7 +202,7 @@ def two_daemons_run_each_job_once(
     with BackgroundDriver(tag, server=server):
         daemons = [start_daemon(queue, **settings), start_daemon(queue, **settings)]
         for job_id in ids:
-            drop(queue, jobs.job(id=job_id, deployment=DRIVEN, runs=1, tags=[tag]))
+            drop(queue, make_job(id=job_id, deployment=DRIVEN, runs=1, tags=[tag]))
         daemons[0].wait_for(
             lambda: all(result_of(queue, job_id) for job_id in ids),
             timeout_s=120,
@@ -258,7 +259,7 @@ def test_outage_beyond_tolerance_fails_the_job_with_a_clear_reason(
     job_id = f"outage-{uuid.uuid4().hex[:8]}"
     daemon = spawn(other_server.env(), prefect_outage_tolerance_s=3)
     daemon.wait_for_event("service.ready")
-    drop(daemon.queue, jobs.job(id=job_id, deployment=DRIVEN, runs=3))
+    drop(daemon.queue, make_job(id=job_id, deployment=DRIVEN, runs=3))
     submitted = daemon.wait_for_event("run.submitted", count=3)
     other_server.stop()
 
@@ -286,7 +287,7 @@ def test_prefect_down_at_start_then_up_20_s_later_runs_the_queued_job(
     job_id = f"late-{uuid.uuid4().hex[:8]}"
     daemon = spawn(other_server.env())
     started = time.monotonic()
-    drop(daemon.queue, jobs.job(id=job_id, deployment=DRIVEN, runs=3))
+    drop(daemon.queue, make_job(id=job_id, deployment=DRIVEN, runs=3))
     daemon.wait_for_event("service.waiting_for_prefect", count=2)
     assert os.listdir(daemon.queue / "incoming") == [f"{job_id}.json"]
     assert os.listdir(daemon.queue / "processing") == []

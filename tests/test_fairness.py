@@ -17,10 +17,10 @@ from pathlib import Path
 from flowsubmit.engine.runset import job_tag
 from flowsubmit.local.localserver import LocalServer
 from flowsubmit.queue.journal import replay
-from tests.support import jobs
 from tests.support.crashkit import BackgroundDriver
 from tests.support.daemons import Daemon, result_of
 from tests.support.flows import DRIVEN
+from tests.support.jobs import make_job
 from tests.test_crash import assert_exactly_once, drop
 
 
@@ -37,9 +37,9 @@ def test_a_small_job_is_created_while_a_big_one_is_still_submitting(
     big, small = f"fair-big-{suffix}", f"fair-small-{suffix}"
     daemon = start_daemon()
     try:
-        drop(daemon.queue, jobs.job(id=big, deployment=DRIVEN, runs=2000))
+        drop(daemon.queue, make_job(id=big, deployment=DRIVEN, runs=2000))
         daemon.wait_for(lambda: big in _submitted(daemon), what="the big job's first run")
-        drop(daemon.queue, jobs.job(id=small, deployment=DRIVEN, runs=1))
+        drop(daemon.queue, make_job(id=small, deployment=DRIVEN, runs=1))
         daemon.wait_for(lambda: small in _submitted(daemon), what="the small job's run")
         order = _submitted(daemon)
         big_before_small = order[: order.index(small)].count(big)
@@ -54,9 +54,9 @@ def test_a_higher_priority_job_takes_turns_first(start_daemon: Callable[..., Dae
     low, high = f"fair-low-{suffix}", f"fair-high-{suffix}"
     daemon = start_daemon(max_inflight_submissions=1, submit_batch_size=10)
     try:
-        drop(daemon.queue, jobs.job(id=low, deployment=DRIVEN, runs=500))
+        drop(daemon.queue, make_job(id=low, deployment=DRIVEN, runs=500))
         daemon.wait_for(lambda: low in _submitted(daemon), what="the low job's first run")
-        drop(daemon.queue, jobs.job(id=high, deployment=DRIVEN, runs=100, priority=5))
+        drop(daemon.queue, make_job(id=high, deployment=DRIVEN, runs=100, priority=5))
         daemon.wait_for(lambda: _submitted(daemon).count(high) == 100, what="the high job's runs")
         order = _submitted(daemon)
         first, last = order.index(high), len(order) - order[::-1].index(high)
@@ -77,11 +77,11 @@ def test_with_every_slot_busy_the_highest_priority_job_is_claimed_next(
     tag = f"fair-claims-{suffix}"
     blocker, low1, low2, high = (f"{name}-{suffix}" for name in ("block", "low1", "low2", "high"))
     daemon = start_daemon(max_concurrent_jobs=1)
-    drop(daemon.queue, jobs.job(id=blocker, deployment=DRIVEN, runs=1, tags=[tag]))
+    drop(daemon.queue, make_job(id=blocker, deployment=DRIVEN, runs=1, tags=[tag]))
     daemon.wait_for_event("job.claimed")
-    drop(daemon.queue, jobs.job(id=low1, deployment=DRIVEN, runs=1, tags=[tag]))
-    drop(daemon.queue, jobs.job(id=low2, deployment=DRIVEN, runs=1, tags=[tag]))
-    drop(daemon.queue, jobs.job(id=high, deployment=DRIVEN, runs=1, tags=[tag], priority=5))
+    drop(daemon.queue, make_job(id=low1, deployment=DRIVEN, runs=1, tags=[tag]))
+    drop(daemon.queue, make_job(id=low2, deployment=DRIVEN, runs=1, tags=[tag]))
+    drop(daemon.queue, make_job(id=high, deployment=DRIVEN, runs=1, tags=[tag], priority=5))
     with BackgroundDriver(tag):  # the blocker's run ends only now, freeing the slot
         daemon.wait_for(
             lambda: all(result_of(daemon.queue, j) for j in (blocker, low1, low2, high)),
@@ -104,8 +104,8 @@ def test_kill_9_in_an_interleaved_submission_then_both_jobs_finish_exactly_once(
     with BackgroundDriver(job_tag(big)), BackgroundDriver(job_tag(small)):
         # Both wait before the daemon starts, so that its first scan claims both together
         # (files are judged one at a time per producer: a later drop could miss the window).
-        drop(tmp_path / "queue", jobs.job(id=big, deployment=DRIVEN, runs=60))
-        drop(tmp_path / "queue", jobs.job(id=small, deployment=DRIVEN, runs=30))
+        drop(tmp_path / "queue", make_job(id=big, deployment=DRIVEN, runs=60))
+        drop(tmp_path / "queue", make_job(id=small, deployment=DRIVEN, runs=30))
         first = spawn(
             served.env(),
             tmp_path / "queue",

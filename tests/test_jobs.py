@@ -7,13 +7,13 @@ import pytest
 from flowsubmit.engine.runset import idempotency_key
 from flowsubmit.errors import JobRejected
 from flowsubmit.jobs.model import RunSpec, parse_job
-from tests.support import jobs
+from tests.support.jobs import make_job
 
 
 def test_runs_then_matrix_with_defaults_merged_under_every_run() -> None:
     """`parameters` are merged under each run; `runs` come first, then the matrix product in order."""
     job = parse_job(
-        jobs.job(
+        make_job(
             parameters={"mode": "full", "table": 0},
             runs=[{"parameters": {"table": 1}, "tags": ["critical"]}],
             matrix={"table": [2, 3], "region": ["eu"]},
@@ -45,7 +45,7 @@ def test_runs_then_matrix_with_defaults_merged_under_every_run() -> None:
 def test_stages_inherit_the_job_defaults() -> None:
     """Each stage takes the job's deployment, parameters and tags unless it names its own."""
     job = parse_job(
-        jobs.job(
+        make_job(
             parameters={"mode": "full"},
             tags=["t"],
             stages=[
@@ -78,7 +78,7 @@ def test_matrix_explosion_is_refused_before_expanding() -> None:
     """A matrix whose product exceeds the limit is rejected by counting, not by building it."""
     huge = {f"k{i}": list(range(10)) for i in range(12)}  # 10**12 runs
     with pytest.raises(JobRejected) as info:
-        parse_job(jobs.job(matrix=huge, runs=None, into=bytes), file="big.json", max_runs=10_000)
+        parse_job(make_job(matrix=huge, runs=None, into=bytes), file="big.json", max_runs=10_000)
     assert info.value.as_dict() == {
         "file": "big.json",
         "field": "matrix",
@@ -91,10 +91,10 @@ def test_matrix_explosion_is_refused_before_expanding() -> None:
     ("data", "field", "reason"),
     [
         (b'{"deployment": ', None, "not valid JSON: Expecting value at line 1 column 16"),
-        (jobs.job(runz=[{}], runs=None, into=bytes), "runz", "unknown key"),
+        (make_job(runz=[{}], runs=None, into=bytes), "runz", "unknown key"),
         (b'{"runs": [{}]}', "deployment", "is missing: a job names the deployment to run"),
-        (jobs.job(runs=None, into=bytes), "runs", "the job has no runs: give `runs` or `matrix`"),
-        (jobs.job(runs=[{}], retries=-1, into=bytes), "retries", "must be at least 0, not -1"),
+        (make_job(runs=None, into=bytes), "runs", "the job has no runs: give `runs` or `matrix`"),
+        (make_job(runs=[{}], retries=-1, into=bytes), "retries", "must be at least 0, not -1"),
         (b"[1, 2]", None, "a job must be a JSON object, not a JSON array"),
     ],
 )

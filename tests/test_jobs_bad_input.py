@@ -19,7 +19,7 @@ from flowsubmit.jobs.model import MAX_NESTING, Job, parse_job
 from flowsubmit.queue.folders import Candidate, Queue, printable_name, safe_name
 from flowsubmit.service.intake import CallbackHost, Intake
 from flowsubmit.settings import Settings
-from tests.support import jobs
+from tests.support.jobs import make_job
 
 ID_RULE = (
     "an id is 1 to 128 characters: letters A-Z a-z, digits, '.', '_' and '-', "
@@ -52,7 +52,7 @@ CASES: list[tuple[str, bytes, str | None, str, str | None]] = [
     ("null", b"null", None, "a job must be a JSON object, not a JSON null", None),
     (
         "trailing",
-        jobs.job(into=bytes) + b" }garbage",
+        make_job(into=bytes) + b" }garbage",
         None,
         "not valid JSON: unexpected data after the end of the JSON value at line 1 column 52",
         None,
@@ -94,14 +94,14 @@ CASES: list[tuple[str, bytes, str | None, str, str | None]] = [
     ),
     (
         "unknown-key",
-        jobs.job(runz=[{}], runs=None, into=bytes),
+        make_job(runz=[{}], runs=None, into=bytes),
         "runz",
         "unknown key",
         "did you mean 'runs'?",
     ),
     (
         "unknown-nested-key",
-        jobs.job(runs=[{"paramters": {}}], into=bytes),
+        make_job(runs=[{"paramters": {}}], into=bytes),
         "runs.0.paramters",
         "unknown key",
         "did you mean 'parameters'?",
@@ -113,162 +113,162 @@ CASES: list[tuple[str, bytes, str | None, str, str | None]] = [
         "is missing: a job names the deployment to run",
         DEPLOYMENT_HINT,
     ),
-    ("runs-not-list", jobs.job(runs={}, into=bytes), "runs", "must be a list, not an object", None),
+    ("runs-not-list", make_job(runs={}, into=bytes), "runs", "must be a list, not an object", None),
     (
         "retries-string",
-        jobs.job(retries="3", into=bytes),
+        make_job(retries="3", into=bytes),
         "retries",
         'must be a whole number, not "3"',
         None,
     ),
     (
         "retries-bool",
-        jobs.job(retries=True, into=bytes),
+        make_job(retries=True, into=bytes),
         "retries",
         "must be a whole number, not true",
         None,
     ),
     (
         "retries-float",
-        jobs.job(retries=1.5, into=bytes),
+        make_job(retries=1.5, into=bytes),
         "retries",
         "must be a whole number, not 1.5",
         None,
     ),
     ("deployment-null", b'{"deployment": null}', "deployment", "must be a string, not null", None),
-    ("tags-number", jobs.job(tags=[7], into=bytes), "tags.0", "must be a string, not 7", None),
+    ("tags-number", make_job(tags=[7], into=bytes), "tags.0", "must be a string, not 7", None),
     (
         "on-timeout",
-        jobs.job(on_timeout="explode", into=bytes),
+        make_job(on_timeout="explode", into=bytes),
         "on_timeout",
         "must be 'cancel' or 'leave', not \"explode\"",
         None,
     ),
     (
         "no-runs",
-        jobs.job(runs=[], into=bytes),
+        make_job(runs=[], into=bytes),
         "runs",
         "the job has no runs: give `runs` or `matrix`",
         '`"runs": [{}]` is one run with the default parameters',
     ),
     (
         "matrix-empty-list",
-        jobs.job(matrix={"table": []}, runs=None, into=bytes),
+        make_job(matrix={"table": []}, runs=None, into=bytes),
         "matrix.table",
         "is an empty list, so the matrix would have no runs",
         None,
     ),
     (
         "retries-negative",
-        jobs.job(retries=-1, into=bytes),
+        make_job(retries=-1, into=bytes),
         "retries",
         "must be at least 0, not -1",
         None,
     ),
     (
         "retries-absurd",
-        jobs.job(retries=1000, into=bytes),
+        make_job(retries=1000, into=bytes),
         "retries",
         "must be at most 10, not 1000",
         None,
     ),
     (
         "concurrency-zero",
-        jobs.job(max_concurrency=0, into=bytes),
+        make_job(max_concurrency=0, into=bytes),
         "max_concurrency",
         "must be at least 1, not 0",
         None,
     ),
     (
         "timeout-absurd",
-        jobs.job(timeout=1e300, into=bytes),
+        make_job(timeout=1e300, into=bytes),
         "timeout",
         "must be at most 2592000, not 1e+300",
         None,
     ),
     (
         "timeout-negative",
-        jobs.job(timeout=-5, into=bytes),
+        make_job(timeout=-5, into=bytes),
         "timeout",
         "must be more than 0, not -5",
         None,
     ),
     (
         "deep",
-        jobs.job(runs=[{"parameters": {"x": json.loads("[" * 40 + "]" * 40)}}], into=bytes),
+        make_job(runs=[{"parameters": {"x": json.loads("[" * 40 + "]" * 40)}}], into=bytes),
         None,
         f"JSON nesting is more than {MAX_NESTING} levels deep (the limit)",
         None,
     ),
     (
         "matrix-explodes",
-        jobs.job(matrix={f"k{i}": list(range(10)) for i in range(5)}, runs=None, into=bytes),
+        make_job(matrix={f"k{i}": list(range(10)) for i in range(5)}, runs=None, into=bytes),
         "matrix",
         "the job expands to 100000 runs, more than the limit of 10000",
         "split it into several jobs or raise max_runs_per_job",
     ),
     (
         "too-many-runs",
-        jobs.job(runs=[{}] * 10_001, into=bytes),
+        make_job(runs=[{}] * 10_001, into=bytes),
         "runs",
         "the job expands to 10001 runs, more than the limit of 10000",
         "split it into several jobs or raise max_runs_per_job",
     ),
     (
         "id-slash",
-        jobs.job(id="a/b", into=bytes),
+        make_job(id="a/b", into=bytes),
         "id",
         'the job id contains a path separator "/"',
         ID_RULE,
     ),
     (
         "id-backslash",
-        jobs.job(id="a\\b", into=bytes),
+        make_job(id="a\\b", into=bytes),
         "id",
         'the job id contains a path separator "\\\\"',
         ID_RULE,
     ),
-    ("id-dotdot", jobs.job(id="..", into=bytes), "id", 'the job id ".." names a folder', ID_RULE),
+    ("id-dotdot", make_job(id="..", into=bytes), "id", 'the job id ".." names a folder', ID_RULE),
     (
         "id-dot-start",
-        jobs.job(id=".hidden", into=bytes),
+        make_job(id=".hidden", into=bytes),
         "id",
         'the job id starts with "."',
         ID_RULE,
     ),
     (
         "id-control",
-        jobs.job(id="a\nb", into=bytes),
+        make_job(id="a\nb", into=bytes),
         "id",
         'the job id contains a control character "\\n"',
         ID_RULE,
     ),
     (
         "id-long",
-        jobs.job(id="a" * 129, into=bytes),
+        make_job(id="a" * 129, into=bytes),
         "id",
         "the job id is 129 characters long, more than the limit of 128",
         ID_RULE,
     ),
-    ("id-space", jobs.job(id="my job", into=bytes), "id", 'the job id contains " "', ID_RULE),
-    ("id-unicode", jobs.job(id="café", into=bytes), "id", 'the job id contains "\\u00e9"', ID_RULE),
+    ("id-space", make_job(id="my job", into=bytes), "id", 'the job id contains " "', ID_RULE),
+    ("id-unicode", make_job(id="café", into=bytes), "id", 'the job id contains "\\u00e9"', ID_RULE),
     (
         "id-empty",
-        jobs.job(id="", into=bytes),
+        make_job(id="", into=bytes),
         "id",
         "the job id is empty (leave `id` out to get a fresh one)",
         ID_RULE,
     ),
     (
         "deployment-no-slash",
-        jobs.job(deployment="etl", into=bytes),
+        make_job(deployment="etl", into=bytes),
         "deployment",
         "must be a flow name and a deployment name joined by one '/', not \"etl\"",
         DEPLOYMENT_HINT,
     ),
     (
         "deployment-two-slashes",
-        jobs.job(deployment="a/b/c", into=bytes),
+        make_job(deployment="a/b/c", into=bytes),
         "deployment",
         "must be a flow name and a deployment name joined by one '/', not \"a/b/c\"",
         DEPLOYMENT_HINT,
@@ -297,14 +297,14 @@ def test_each_bad_input_gets_its_exact_rejection(
 
 def test_a_utf8_byte_order_mark_is_accepted_and_ignored() -> None:
     """A UTF-8 BOM (added by some Windows editors) parses to the same job as the file without it."""
-    plain = jobs.job(id="with-bom", into=bytes)
+    plain = make_job(id="with-bom", into=bytes)
     assert parse_job(b"\xef\xbb\xbf" + plain) == parse_job(plain)
 
 
 def test_the_user_sees_one_line_naming_file_field_problem_and_hint() -> None:
     """The message printed by `flowsubmit validate` reads as one plain sentence."""
     with pytest.raises(JobRejected) as info:
-        parse_job(jobs.job(id="../etc/passwd", into=bytes), file="nightly.json")
+        parse_job(make_job(id="../etc/passwd", into=bytes), file="nightly.json")
     assert info.value.message == (
         f"nightly.json: field 'id': the job id contains a path separator \"/\" ({ID_RULE})"
     )
@@ -312,7 +312,7 @@ def test_the_user_sees_one_line_naming_file_field_problem_and_hint() -> None:
 
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     """Only real nesting is limited: a string full of brackets is an ordinary value."""
-    job = parse_job(jobs.job(runs=[{"parameters": {"s": "[{" * 1000 + '\\"]'}}], into=bytes))
+    job = parse_job(make_job(runs=[{"parameters": {"s": "[{" * 1000 + '\\"]'}}], into=bytes))
     assert job.runs[0].parameters == {"s": "[{" * 1000 + '\\"]'}
 
 
@@ -326,7 +326,7 @@ def test_a_bracket_bomb_is_refused_before_parsing() -> None:
 def test_nesting_at_the_limit_is_accepted() -> None:
     """A document exactly MAX_NESTING levels deep parses (the job object is level 1)."""
     inner = json.loads("[" * (MAX_NESTING - 4) + "]" * (MAX_NESTING - 4))
-    job = parse_job(jobs.job(runs=[{"parameters": {"x": inner}}], into=bytes))
+    job = parse_job(make_job(runs=[{"parameters": {"x": inner}}], into=bytes))
     assert job.runs[0].parameters == {"x": inner}
 
 

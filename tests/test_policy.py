@@ -23,7 +23,7 @@ from flowsubmit.jobs.policy import (
     reserved_tag_problems,
 )
 from flowsubmit.settings import Settings
-from tests.support import jobs
+from tests.support.jobs import make_job
 
 #: The deployment the jobs here name unless a test says otherwise.
 NIGHTLY = "etl/nightly"
@@ -44,7 +44,7 @@ def _rules(*rules: dict[str, Any]) -> tuple[ProducerRule, ...]:
 def test_default_policy_allows_any_deployment_and_warns() -> None:
     """The default lets any deployment through, and says so (the start-up warning's condition)."""
     policy = Policy()
-    policy.check(jobs.job(deployment="billing/export", into=Job), ETL_CRON)
+    policy.check(make_job(deployment="billing/export", into=Job), ETL_CRON)
     assert policy.launches_anything
     assert not Policy(allowed_deployments=("etl/*",)).launches_anything
 
@@ -52,21 +52,21 @@ def test_default_policy_allows_any_deployment_and_warns() -> None:
 def test_default_policy_refuses_any_job_variable_naming_key_and_setting() -> None:
     """By default a job setting any job variable is refused, naming the key and the setting."""
     message = _refusal(
-        Policy(), jobs.job(deployment=NIGHTLY, job_variables={"image": "evil:latest"}, into=Job)
+        Policy(), make_job(deployment=NIGHTLY, job_variables={"image": "evil:latest"}, into=Job)
     )
     assert message == (
         "field 'job_variables.image': \"image\" is not allowed (allowed_job_variables: none)"
     )
     Policy(allowed_job_variables=("image",)).check(
-        jobs.job(deployment=NIGHTLY, job_variables={"image": "x"}, into=Job), ETL_CRON
+        make_job(deployment=NIGHTLY, job_variables={"image": "x"}, into=Job), ETL_CRON
     )
 
 
 def test_deployment_outside_the_global_patterns_is_refused() -> None:
     """A deployment no global pattern matches is refused with the patterns in the hint."""
     policy = Policy(allowed_deployments=("etl/*", "ops/backup"))
-    policy.check(jobs.job(deployment="ops/backup", into=Job), ETL_CRON)
-    message = _refusal(policy, jobs.job(deployment="billing/export", into=Job))
+    policy.check(make_job(deployment="ops/backup", into=Job), ETL_CRON)
+    message = _refusal(policy, make_job(deployment="billing/export", into=Job))
     assert message == (
         "field 'deployment': \"billing/export\" is not allowed "
         "(allowed_deployments: etl/*, ops/backup)"
@@ -76,13 +76,13 @@ def test_deployment_outside_the_global_patterns_is_refused() -> None:
 def test_a_producer_rule_narrows_its_user_only() -> None:
     """A [[producers]] rule for etl-cron narrows etl-cron, with the exact message docs/jobs.md shows; alice keeps the global policy."""
     policy = Policy(producers=_rules({"user": "etl-cron", "allowed_deployments": ["etl/*"]}))
-    job = jobs.job(deployment="billing/export", into=Job)
+    job = make_job(deployment="billing/export", into=Job)
     assert _refusal(policy, job) == (
         "field 'deployment': \"billing/export\" is not allowed for user etl-cron "
         "(allowed_deployments: etl/*)"
     )
     policy.check(job, ALICE)
-    policy.check(jobs.job(deployment="etl/nightly", into=Job), ETL_CRON)
+    policy.check(make_job(deployment="etl/nightly", into=Job), ETL_CRON)
 
 
 def test_a_rule_never_widens_the_global_policy() -> None:
@@ -93,11 +93,11 @@ def test_a_rule_never_widens_the_global_policy() -> None:
             {"uid": 1001, "allowed_deployments": ["*"], "allowed_job_variables": ["image"]}
         ),
     )
-    assert _refusal(policy, jobs.job(deployment="billing/export", into=Job)).endswith(
+    assert _refusal(policy, make_job(deployment="billing/export", into=Job)).endswith(
         "is not allowed (allowed_deployments: etl/*)"
     )
     assert _refusal(
-        policy, jobs.job(deployment=NIGHTLY, job_variables={"image": "x"}, into=Job)
+        policy, make_job(deployment=NIGHTLY, job_variables={"image": "x"}, into=Job)
     ).endswith("(allowed_job_variables: none)")
 
 
@@ -112,15 +112,15 @@ def test_every_matching_rule_applies() -> None:
             {"group": group, "allowed_job_variables": ["env"]},
         ),
     )
-    policy.check(jobs.job(deployment=NIGHTLY, job_variables={"env": {}}, into=Job), me)
+    policy.check(make_job(deployment=NIGHTLY, job_variables={"env": {}}, into=Job), me)
     assert _refusal(
-        policy, jobs.job(deployment=NIGHTLY, job_variables={"image": "x"}, into=Job), me
+        policy, make_job(deployment=NIGHTLY, job_variables={"image": "x"}, into=Job), me
     ) == (
         f"field 'job_variables.image': \"image\" is not allowed for group {group} "
         "(allowed_job_variables: env)"
     )
     policy.check(
-        jobs.job(deployment=NIGHTLY, job_variables={"image": "x"}, into=Job),
+        make_job(deployment=NIGHTLY, job_variables={"image": "x"}, into=Job),
         Producer(4243, None, None),
     )
 
@@ -130,19 +130,19 @@ def test_every_stage_is_checked_as_it_will_run() -> None:
     policy = Policy(allowed_deployments=("etl/*",), allowed_job_variables=("env",))
     stages = [{"runs": [{}]}, {"deployment": "billing/export", "runs": [{}]}]
     assert _refusal(
-        policy, jobs.job(deployment=NIGHTLY, runs=[], stages=stages, into=Job)
+        policy, make_job(deployment=NIGHTLY, runs=[], stages=stages, into=Job)
     ).startswith("field 'stages.1.deployment': \"billing/export\" is not allowed")
     inherit = [{"runs": [{}]}, {"runs": [{}], "job_variables": {"image": "x"}}]
     assert _refusal(
-        policy, jobs.job(deployment=NIGHTLY, runs=[], stages=inherit, into=Job)
+        policy, make_job(deployment=NIGHTLY, runs=[], stages=inherit, into=Job)
     ).startswith("field 'stages.1.job_variables.image': \"image\" is not allowed")
     overridden = [{"deployment": "etl/a", "runs": [{}]}]
     policy.check(
-        jobs.job(deployment="billing/export", runs=[], stages=overridden, into=Job), ETL_CRON
+        make_job(deployment="billing/export", runs=[], stages=overridden, into=Job), ETL_CRON
     )
     inherited = [{"runs": [{}]}]
     assert _refusal(
-        policy, jobs.job(deployment="billing/export", runs=[], stages=inherited, into=Job)
+        policy, make_job(deployment="billing/export", runs=[], stages=inherited, into=Job)
     ).startswith("field 'deployment':")
 
 
@@ -162,14 +162,14 @@ def test_reserved_tags_are_refused_wherever_they_are_set(
     fields: dict[str, Any], field: str
 ) -> None:
     """A ``flowsubmit-*`` tag is refused at job, run, stage and stage-run level, even by a permissive policy."""
-    job = jobs.job(deployment=NIGHTLY, **fields, into=Job)
+    job = make_job(deployment=NIGHTLY, **fields, into=Job)
     (problem,) = reserved_tag_problems(job)
     assert problem.field == field
     assert problem.hint == "tags starting with 'flowsubmit-' are set by flowsubmit itself"
     assert _refusal(Policy(), job).startswith(f"field {field!r}: ")
     assert (
         reserved_tag_problems(
-            jobs.job(deployment=NIGHTLY, tags=["flowsubmit", "my-flowsubmit-tag"], into=Job)
+            make_job(deployment=NIGHTLY, tags=["flowsubmit", "my-flowsubmit-tag"], into=Job)
         )
         == []
     )
@@ -181,7 +181,7 @@ def test_problems_lists_every_refusal_in_order() -> None:
         allowed_deployments=("etl/*",),
         producers=_rules({"user": "etl-cron", "allowed_deployments": ["etl/nightly"]}),
     )
-    job = jobs.job(
+    job = make_job(
         deployment="etl/other",
         tags=["flowsubmit-x"],
         job_variables={"image": "x", "env": {}},
@@ -193,7 +193,7 @@ def test_problems_lists_every_refusal_in_order() -> None:
         "job_variables.image",
         "job_variables.env",
     ]
-    assert policy.problems(jobs.job(deployment=NIGHTLY, into=Job), ALICE) == []
+    assert policy.problems(make_job(deployment=NIGHTLY, into=Job), ALICE) == []
 
 
 def test_producer_of_a_file_is_its_owner(tmp_path: Path) -> None:

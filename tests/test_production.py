@@ -32,11 +32,11 @@ from flowsubmit.errors import TransientGatewayError
 from flowsubmit.gateway.client import _translate_errors
 from flowsubmit.local.localserver import LocalServer
 from flowsubmit.local.topology import REDIS, Topology, claim_redis_db, release_redis_db
-from tests.support import jobs
 from tests.support.crashkit import BackgroundDriver, client_of, server_runs
 from tests.support.daemons import Daemon, enqueue, result_of
 from tests.support.driver import drive
 from tests.support.flows import DRIVEN, ETL
+from tests.support.jobs import make_job
 from tests.support.proxy import Proxy, running
 from tests.test_crash import (
     assert_exactly_once,
@@ -122,7 +122,7 @@ def test_two_daemons_on_one_queue_run_each_of_30_jobs_once(
 
 
 def _driven_job(runs: int) -> dict[str, Any]:
-    return jobs.job(id=f"prod-{uuid.uuid4().hex[:8]}", deployment=DRIVEN, runs=runs)
+    return make_job(id=f"prod-{uuid.uuid4().hex[:8]}", deployment=DRIVEN, runs=runs)
 
 
 def _drive(server: LocalServer, run_ids: list[str], final: str = "Completed") -> None:

@@ -5,7 +5,7 @@
 - ``daemons``: ``flowsubmit run`` as a subprocess with its parsed log, settings spelled as ``FLOWSUBMIT_*`` variables, enqueue and result look-ups.
 - ``driver``: runs of a never-served deployment moved through their states with the real API, and a wait for a tag's runs.
 - ``flows``: the test flows and their deployment names, served by the session fixture (``python -m tests.support.flows``).
-- ``jobs``: ``job(...)``, the one builder of job documents (as a dict, the bytes of a file, or a ``Job``), defaults filled in.
+- ``jobs``: ``make_job(...)``, the one builder of job documents (as a dict, the bytes of a file, or a ``Job``), defaults filled in.
 - ``logscan``: every event name and key the package logs, read from its source.
 - ``proxy``: a loopback HTTP proxy before a Prefect server that cuts websockets, rate-limits and hides routes.
 - ``users``: real system users, created and removed, and commands run as them.

@@ -1,7 +1,7 @@
 """One builder of the job documents tests hand to the parser, the policy, the queue and the daemon.
 
-Call it through its module, ``from tests.support import jobs`` then ``jobs.job(...)``:
-tests name their own jobs ``job``, and a local ``job`` would hide the builder.
+Named ``make_job``, not ``job``: tests name their own jobs ``job`` (and counts of them ``jobs``),
+and a local of the builder's name would hide it.
 """
 
 from __future__ import annotations
@@ -11,32 +11,32 @@ from typing import Any, overload
 
 from flowsubmit.jobs.model import Job
 
-__all__ = ["DEPLOYMENT", "job"]
+__all__ = ["DEPLOYMENT", "make_job"]
 
 #: The deployment a job names unless told otherwise (tests that never reach a server).
 DEPLOYMENT = "etl/etl-deployment"
 
 
 @overload
-def job(*, into: type[dict[str, Any]] = dict, **fields: Any) -> dict[str, Any]: ...
+def make_job(*, into: type[dict[str, Any]] = dict, **fields: Any) -> dict[str, Any]: ...
 
 
 @overload
-def job(*, into: type[bytes], **fields: Any) -> bytes: ...
+def make_job(*, into: type[bytes], **fields: Any) -> bytes: ...
 
 
 @overload
-def job(*, into: type[Job], **fields: Any) -> Job: ...
+def make_job(*, into: type[Job], **fields: Any) -> Job: ...
 
 
-def job(*, into: type[object] = dict, **fields: Any) -> object:
+def make_job(*, into: type[object] = dict, **fields: Any) -> object:
     """A job with ``fields`` in the order given, and ``deployment`` and ``runs`` where a producer writes them.
 
     ``deployment`` (``DEPLOYMENT`` when not given) comes first, and ``runs`` (one run
     without parameters when not given) right after it. ``runs=N`` is N runs with the
-    parameters ``{"table": 0}`` to ``{"table": N - 1}``; ``runs=None`` leaves the key
-    out (a job of a matrix or of stages, or of no runs at all); any other value is
-    kept as it is, bad ones included. Bad values of any field pass through untouched.
+    parameters ``{"table": 0}`` to ``{"table": N - 1}`` (as the test flows take them);
+    ``runs=None`` leaves the key out (a job of a matrix or of stages, or of no runs).
+    Every other value, of ``runs`` or of any field, is kept as given, bad ones included.
 
     Args:
         into: ``dict`` (the default), ``bytes`` for the file a producer drops
@@ -46,7 +46,7 @@ def job(*, into: type[object] = dict, **fields: Any) -> object:
     Returns:
         The job as a dict, as the bytes of its file, or as a ``Job``.
 
-    Example: ``jobs.job(id="a", runs=2)`` is ``{"deployment": DEPLOYMENT, "id": "a",
+    Example: ``make_job(id="a", runs=2)`` is ``{"deployment": DEPLOYMENT, "id": "a",
     "runs": [{"parameters": {"table": 0}}, {"parameters": {"table": 1}}]}``.
     """
     document = _document(fields)
