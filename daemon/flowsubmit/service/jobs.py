@@ -18,6 +18,7 @@ from flowsubmit.jobs.model import Job
 from flowsubmit.jobs.policy import Policy, Producer
 from flowsubmit.logs import bound_contextvars, get_logger
 from flowsubmit.queue.folders import Claim, Queue
+from flowsubmit.service.announcer import Announcer
 from flowsubmit.service.executor import Executor
 from flowsubmit.settings import Settings
 
@@ -60,6 +61,8 @@ class RunningJobs:
         self._gateway: Gateway | None = None
         self._tracker: Tracker | None = None
         self._tg: asyncio.TaskGroup | None = None
+        #: The jobs' ``flowsubmit.job.*`` events on Prefect's feed.
+        self.events = Announcer(queue.root, enabled=settings.prefect_events)
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -70,6 +73,7 @@ class RunningJobs:
     def open(self, gateway: Gateway, tracker: Tracker, tg: asyncio.TaskGroup) -> None:
         """Start taking jobs: they talk to Prefect through ``gateway`` and ``tracker``, in ``tg``."""
         self._gateway, self._tracker, self._tg = gateway, tracker, tg
+        self.events.open(gateway)
 
     # -- asked by the intake ----------------------------------------------------------------
 
@@ -134,6 +138,7 @@ class RunningJobs:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
+        await self.events.drain(timeout_s=5.0)
 
     # -- one job ------------------------------------------------------------------------------
 
@@ -153,6 +158,7 @@ class RunningJobs:
                 recovered=recovered,
                 producer=producer.as_dict(),
             )
+            self.events.claimed(claim.job_id, job, producer, recovered=recovered)
             executor = Executor(
                 job,
                 claim.job_id,
@@ -219,6 +225,7 @@ class RunningJobs:
         target = self.queue.finish(claim, succeeded, result.as_dict())
         self.counts["succeeded" if succeeded else "failed"] += 1
         metrics.JOBS.labels(result.status.value).inc()
+        self.events.ended(result, target.with_name(f"{claim.job_id}.result.json"))
         fields = {"status": result.status.value, "moved_to": str(target), "error": result.error}
         if succeeded:
             log.info("job.finished", **fields)

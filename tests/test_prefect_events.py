@@ -1,0 +1,158 @@
+"""The job's life on Prefect's event feed: the documented events, and a real automation reacting to one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.events.actions import RunDeployment
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+from flowsubmit.local.localserver import LocalServer
+from tests.support.daemons import Daemon, enqueue, result_of
+from tests.support.driver import drive, wait_for_runs
+from tests.support.flows import ETL
+from tests.support.prefect_events import (
+    create_deployment,
+    runs_of,
+    wait_for_events,
+    within,
+)
+
+pytestmark = pytest.mark.server
+
+
+@pytest.mark.timeout(600)  # run alone on a loaded machine, the session server's start counts here
+def test_a_jobs_events_are_on_the_feed_with_the_documented_payload(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """claimed then completed, on resource flowsubmit.job.<id> with its labels, the deployment related, counts, summary and result path; never a parameter."""
+    daemon = start_daemon()
+    runs = [{"parameters": {"table": 424242}}, {"parameters": {"table": 424243}}]
+    job_id = enqueue(
+        daemon.queue, {"id": "nightly", "deployment": ETL, "runs": runs, "priority": 3}
+    )
+    folder, result = daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="result")
+    assert folder == "done"
+
+    events = wait_for_events(job_id, {"flowsubmit.job.claimed", "flowsubmit.job.completed"})
+    assert [e["event"] for e in events] == ["flowsubmit.job.claimed", "flowsubmit.job.completed"]
+    claimed, completed = events
+    for event in events:
+        resource = event["resource"]
+        assert resource["prefect.resource.id"] == f"flowsubmit.job.{job_id}"
+        assert resource["prefect.resource.name"] == job_id
+        assert resource["flowsubmit.queue"] == str(daemon.queue)
+        assert resource["flowsubmit.priority"] == "3"
+        assert resource["flowsubmit.producer"]
+        (related,) = event["related"]
+        assert related["prefect.resource.role"] == "deployment"
+        assert related["prefect.resource.name"] == ETL
+        assert related["prefect.resource.id"].startswith("prefect.deployment.")
+        assert "42424" not in json.dumps(event)  # parameters never leave the result file
+    assert claimed["payload"] == {"job_id": job_id, "runs": 2, "recovered": False}
+    assert completed["payload"] == {
+        "job_id": job_id,
+        "status": "succeeded",
+        "summary": result["summary"],
+        "result_path": str(daemon.queue / "done" / f"{job_id}.result.json"),
+        "duration_s": result["duration_s"],
+        "error": None,
+    }
+
+
+@pytest.fixture(scope="module")
+def automations_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """A Prefect server of its own with the triggers service on (the session server runs without it)."""
+    server = LocalServer(
+        home=tmp_path_factory.mktemp("automations"),
+        server_env={"PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "true"},
+    )
+    try:
+        server.start(timeout_s=240)
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.mark.timeout(600)
+def test_an_automation_runs_the_downstream_deployment_once_when_the_job_completes(
+    automations_server: LocalServer, spawn: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """An automation on flowsubmit.job.completed of one job id runs `report` with the job id as its parameter, once."""
+    server = automations_server
+    with within(server.api_url):
+        upstream = asyncio.run(create_deployment("nightly", "nightly"))
+        downstream = asyncio.run(create_deployment("report", "report"))
+        automation = AutomationCore(
+            name="report after nightly",
+            trigger=EventTrigger(
+                expect={"flowsubmit.job.completed"},
+                match={"prefect.resource.id": "flowsubmit.job.nightly-tables"},
+                posture=Posture.Reactive,
+                threshold=1,
+            ),
+            actions=[
+                RunDeployment(
+                    source="selected",
+                    deployment_id=downstream,
+                    parameters={"job_id": "{{ event.payload.job_id }}"},
+                )
+            ],
+        )
+        automation_id = asyncio.run(_create_automation(automation))
+
+        daemon = spawn(server.env())
+        daemon.wait_for_event("service.ready")
+        job_id = enqueue(
+            daemon.queue,
+            {"id": "nightly-tables", "deployment": "nightly/nightly", "runs": [{}]},
+            env=server.env(),
+        )
+        (run_id,) = asyncio.run(wait_for_runs(f"flowsubmit-job:{job_id}", 1))
+        asyncio.run(drive([run_id]))
+        folder, _ = daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="result")
+        assert folder == "done"
+
+        (run,) = asyncio.run(_wait_for_runs(downstream))
+        print(json.dumps({k: run[k] for k in ("id", "name", "parameters", "tags")}))
+        assert run["parameters"] == {"job_id": job_id}
+        # The action is done once it says so; then the downstream run is still the only one.
+        asyncio.run(_wait_for_action(automation_id))
+        assert [r["id"] for r in asyncio.run(runs_of(downstream))] == [run["id"]]
+        assert upstream != downstream
+
+
+async def _create_automation(automation: AutomationCore) -> str:
+    async with get_client() as client:
+        return str(await client.create_automation(automation))
+
+
+async def _wait_for_runs(deployment_id: str, timeout_s: float = 90.0) -> list[dict[str, Any]]:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if runs := await runs_of(deployment_id):
+                return runs
+            await asyncio.sleep(0.5)
+
+
+async def _wait_for_action(automation_id: str, timeout_s: float = 60.0) -> None:
+    """Until the automation's action-executed event is on the feed."""
+    body = {
+        "filter": {
+            "event": {"name": ["prefect.automation.action.executed"]},
+            "resource": {"id": [f"prefect.automation.{automation_id}"]},
+        },
+        "limit": 10,
+    }
+    async with get_client() as client, asyncio.timeout(timeout_s):
+        while True:
+            reply = await client.request("POST", "/events/filter", json=body)  # type: ignore[arg-type]
+            if reply.json()["events"]:
+                return
+            await asyncio.sleep(0.5)
