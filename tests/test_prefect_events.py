@@ -20,6 +20,7 @@ from tests.support.flows import ETL
 from tests.support.prefect_events import (
     create_deployment,
     runs_of,
+    wait_for_artifact,
     wait_for_events,
     within,
 )
@@ -28,21 +29,27 @@ pytestmark = pytest.mark.server
 
 
 @pytest.mark.timeout(600)  # run alone on a loaded machine, the session server's start counts here
-def test_a_jobs_events_are_on_the_feed_with_the_documented_payload(
-    start_daemon: Callable[..., Daemon],
+def test_a_jobs_events_artifact_and_ui_links_are_in_prefect(
+    served: LocalServer, spawn: Callable[..., Daemon]
 ) -> None:
-    """claimed then completed, on resource flowsubmit.job.<id> with its labels, the deployment related, counts, summary and result path; never a parameter."""
-    daemon = start_daemon()
-    runs = [{"parameters": {"table": 424242}}, {"parameters": {"table": 424243}}]
+    """claimed then failed on the feed (resource, labels, deployment, payload, never a parameter);
+    the artifact flowsubmit-<id> shows the failing run; each run of the result links to the UI."""
+    ui = "https://prefect.example.com"
+    daemon = spawn(served.env(PREFECT_UI_URL=ui), None, prefect_artifacts=True)
+    daemon.wait_for_event("service.ready")
+    runs = [{"parameters": {"table": 424242}}, {"parameters": {"table": 424243, "fail": True}}]
     job_id = enqueue(
         daemon.queue, {"id": "nightly", "deployment": ETL, "runs": runs, "priority": 3}
     )
     folder, result = daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="result")
-    assert folder == "done"
+    assert folder == "failed"
+    assert [r["ui_url"] for r in result["runs"]] == [
+        f"{ui}/runs/flow-run/{r['flow_run_id']}" for r in result["runs"]
+    ]
 
-    events = wait_for_events(job_id, {"flowsubmit.job.claimed", "flowsubmit.job.completed"})
-    assert [e["event"] for e in events] == ["flowsubmit.job.claimed", "flowsubmit.job.completed"]
-    claimed, completed = events
+    events = wait_for_events(job_id, {"flowsubmit.job.claimed", "flowsubmit.job.failed"})
+    assert [e["event"] for e in events] == ["flowsubmit.job.claimed", "flowsubmit.job.failed"]
+    claimed, failed = events
     for event in events:
         resource = event["resource"]
         assert resource["prefect.resource.id"] == f"flowsubmit.job.{job_id}"
@@ -56,14 +63,25 @@ def test_a_jobs_events_are_on_the_feed_with_the_documented_payload(
         assert related["prefect.resource.id"].startswith("prefect.deployment.")
         assert "42424" not in json.dumps(event)  # parameters never leave the result file
     assert claimed["payload"] == {"job_id": job_id, "runs": 2, "recovered": False}
-    assert completed["payload"] == {
+    assert failed["payload"] == {
         "job_id": job_id,
-        "status": "succeeded",
+        "status": "failed",
         "summary": result["summary"],
-        "result_path": str(daemon.queue / "done" / f"{job_id}.result.json"),
+        "result_path": str(daemon.queue / "failed" / f"{job_id}.result.json"),
         "duration_s": result["duration_s"],
         "error": None,
     }
+
+    (artifact,) = asyncio.run(wait_for_artifact(f"flowsubmit-{job_id}"))
+    failing = result["runs"][1]
+    assert artifact["type"] == "markdown"
+    assert artifact["description"] == result["summary"]["line"]
+    assert result["summary"]["line"] in artifact["data"]
+    assert f"[{failing['flow_run_name']}]({failing['ui_url']})" in artifact["data"]
+    # The failing run's state message (the flow's own words), never its parameters.
+    assert f"| {' '.join(failing['state_message'].split())} |" in artifact["data"]
+    assert "424242" not in artifact["data"]
+    assert "outside" not in daemon.log_path.read_text()  # no "outside a flow run" warning
 
 
 @pytest.fixture(scope="module")

@@ -198,6 +198,13 @@ class Settings(BaseSettings):
             "timed_out) to Prefect's event feed, for automations."
         ),
     )
+    prefect_artifacts: bool = Field(
+        default=False,
+        description=(
+            "Create a Markdown artifact flowsubmit-<job id> in Prefect when a job ends: its "
+            "summary and each run that did not succeed, with its message."
+        ),
+    )
     retention_days: float | None = Field(
         default=None,
         gt=0,

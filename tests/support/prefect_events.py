@@ -13,7 +13,14 @@ from typing import Any
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-__all__ = ["create_deployment", "job_events", "runs_of", "wait_for_events", "within"]
+__all__ = [
+    "create_deployment",
+    "job_events",
+    "runs_of",
+    "wait_for_artifact",
+    "wait_for_events",
+    "within",
+]
 
 
 @contextmanager
@@ -61,3 +68,14 @@ async def runs_of(deployment_id: str) -> list[dict[str, Any]]:
     async with get_client() as client:
         reply = await client.request("POST", "/flow_runs/filter", json=body)  # type: ignore[arg-type]
     return reply.json()  # type: ignore[no-any-return]
+
+
+async def wait_for_artifact(key: str, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """The artifacts of ``key`` once there is one (it is created after the job's result)."""
+    body = {"artifacts": {"key": {"any_": [key]}}}
+    async with get_client() as client, asyncio.timeout(timeout_s):
+        while True:
+            reply = await client.request("POST", "/artifacts/filter", json=body)  # type: ignore[arg-type]
+            if found := reply.json():
+                return found  # type: ignore[no-any-return]
+            await asyncio.sleep(0.5)

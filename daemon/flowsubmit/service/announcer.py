@@ -1,23 +1,28 @@
-"""The ``flowsubmit.job.*`` events of one daemon: when each is sent, what it says, and the
-tasks delivering them (``gateway.job_events`` owns their shape and delivery).
+"""What one daemon tells Prefect about its jobs besides their runs: the ``flowsubmit.job.*``
+events (``gateway.job_events`` owns their shape and delivery) and, opted in, each ended
+job's artifact (``gateway.job_artifact``); when each is sent, and the tasks sending them.
 
-An event is sent in the background, after the fact it tells is durable (the claim, the
-result file and the move): a job never waits for Prefect's event feed, and a lost event
-never changes a job. ``prefect_events = false`` turns them off.
+Each is sent in the background, after the fact it tells is durable (the claim, the
+result file and the move): a job never waits for Prefect, and one lost never changes
+a job. ``prefect_events = false`` turns the events off; ``prefect_artifacts = true``
+turns the artifacts on.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
 from flowsubmit._types import JobStatus
+from flowsubmit.engine.report import job_markdown
 from flowsubmit.engine.results import JobResult
 from flowsubmit.errors import GatewayError
 from flowsubmit.gateway.client import Gateway
+from flowsubmit.gateway.job_artifact import create_job_artifact
 from flowsubmit.gateway.job_events import emit_job_event, job_event, max_related
+from flowsubmit.gateway.ui_links import run_ui_url
 from flowsubmit.jobs.model import Job
 from flowsubmit.jobs.policy import Producer
 
@@ -33,14 +38,15 @@ ENDED = {
 
 
 class Announcer:
-    """Owns each running job's event labels and the tasks delivering its events."""
+    """Owns each running job's event labels and the tasks sending its events and artifact."""
 
-    def __init__(self, queue_root: Path, *, enabled: bool) -> None:
+    def __init__(self, queue_root: Path, *, events: bool, artifacts: bool = False) -> None:
         self._queue = str(queue_root)
-        self._enabled = enabled
+        self._enabled = events
+        self._artifacts = artifacts
         self._gateway: Gateway | None = None
         self._labels: dict[str, dict[str, str]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
 
     def open(self, gateway: Gateway) -> None:
         """Send through ``gateway``'s server from now on (deployment ids are read through it)."""
@@ -70,9 +76,15 @@ class Announcer:
         deployments = [run.deployment for run in result.runs]
         self._send(ENDED[result.status], result.job_id, deployments, payload)
         self._labels.pop(result.job_id, None)
+        if self._artifacts and self._gateway is not None:
+            markdown = job_markdown(result, run_ui_url)
+            self._spawn(
+                create_job_artifact(self._gateway, result.job_id, markdown, result.summary.line),
+                "flowsubmit-artifact",
+            )
 
     async def drain(self, timeout_s: float) -> None:
-        """Wait for the events in delivery, at most ``timeout_s``."""
+        """Wait for the events and artifacts being sent, at most ``timeout_s``."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
 
@@ -82,12 +94,11 @@ class Announcer:
         if not self._enabled or self._gateway is None:
             return
         labels = self._labels.get(job_id, {"flowsubmit.queue": self._queue})
-        task = asyncio.get_running_loop().create_task(
-            self._deliver(
-                name, job_id, labels, [*dict.fromkeys(deployments)][: max_related()], payload
-            ),
-            name=f"flowsubmit-event-{name}",
-        )
+        names = [*dict.fromkeys(deployments)][: max_related()]
+        self._spawn(self._deliver(name, job_id, labels, names, payload), f"flowsubmit-event-{name}")
+
+    def _spawn(self, work: Coroutine[Any, Any, object], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -14,6 +14,7 @@ from flowsubmit.engine.results import JobResult
 from flowsubmit.engine.tracker import Tracker
 from flowsubmit.errors import JobRejected
 from flowsubmit.gateway.client import Gateway
+from flowsubmit.gateway.ui_links import run_ui_url
 from flowsubmit.jobs.model import Job
 from flowsubmit.jobs.policy import Policy, Producer
 from flowsubmit.logs import bound_contextvars, get_logger
@@ -62,7 +63,9 @@ class RunningJobs:
         self._tracker: Tracker | None = None
         self._tg: asyncio.TaskGroup | None = None
         #: The jobs' ``flowsubmit.job.*`` events on Prefect's feed.
-        self.events = Announcer(queue.root, enabled=settings.prefect_events)
+        self.events = Announcer(
+            queue.root, events=settings.prefect_events, artifacts=settings.prefect_artifacts
+        )
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -222,7 +225,7 @@ class RunningJobs:
     def _finish(self, claim: Claim, result: JobResult) -> None:
         """Write the result and move the job to ``done/`` or ``failed/``; count and log it."""
         succeeded = result.status is JobStatus.SUCCEEDED
-        target = self.queue.finish(claim, succeeded, result.as_dict())
+        target = self.queue.finish(claim, succeeded, _with_ui_urls(result.as_dict()))
         self.counts["succeeded" if succeeded else "failed"] += 1
         metrics.JOBS.labels(result.status.value).inc()
         self.events.ended(result, target.with_name(f"{claim.job_id}.result.json"))
@@ -233,3 +236,11 @@ class RunningJobs:
             log.error("job.finished", **fields)  # it could not run at all
         else:
             log.warning("job.finished", **fields)
+
+
+def _with_ui_urls(document: dict[str, Any]) -> dict[str, Any]:
+    """The result document with each created run's ``ui_url`` when ``PREFECT_UI_URL`` is set."""
+    for run in document["runs"]:
+        if run["flow_run_id"] and (url := run_ui_url(run["flow_run_id"])):
+            run["ui_url"] = url
+    return document
