@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,14 @@ from prefect.client.orchestration import get_client
 from prefect.events.actions import RunDeployment
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
+from flowsubmit import flow_submitter
 from flowsubmit.local.localserver import LocalServer
 from tests.support.daemons import Daemon, enqueue, result_of
 from tests.support.driver import drive, wait_for_runs
-from tests.support.flows import ETL
+from tests.support.flows import DRIVEN, ETL
 from tests.support.prefect_events import (
     create_deployment,
+    job_events,
     runs_of,
     wait_for_artifact,
     wait_for_events,
@@ -173,4 +176,34 @@ async def _wait_for_action(automation_id: str, timeout_s: float = 60.0) -> None:
             reply = await client.request("POST", "/events/filter", json=body)  # type: ignore[arg-type]
             if reply.json()["events"]:
                 return
+            await asyncio.sleep(0.5)
+
+
+@pytest.mark.timeout(600)
+async def test_the_library_sends_the_job_event_when_it_opts_in(served: LocalServer) -> None:
+    """flow_submitter(events=True): wait() puts flowsubmit.job.failed for the submission on the feed."""
+    submission_id = f"lib-{uuid.uuid4().hex[:8]}"
+    runs = flow_submitter(DRIVEN, submission_id=submission_id, events=True)
+    first, second = [await runs.submit(table=t) for t in (424242, 424243)]
+    await drive([first])
+    await drive([second], final="Failed")
+    assert await runs.wait() == {first: "Completed", second: "Failed"}
+
+    (event,) = await _wait_for_job_events(submission_id)
+    assert event["event"] == "flowsubmit.job.failed"
+    assert event["resource"] == {
+        "prefect.resource.id": f"flowsubmit.job.{submission_id}",
+        "prefect.resource.name": submission_id,
+        "flowsubmit.source": "library",
+    }
+    assert event["related"][0]["prefect.resource.name"] == DRIVEN
+    assert event["payload"]["summary"]["line"] == "Summary → 1/2 succeeded, 1 failed"
+    assert "42424" not in json.dumps(event)
+
+
+async def _wait_for_job_events(job_id: str, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if events := await job_events(job_id):
+                return events
             await asyncio.sleep(0.5)

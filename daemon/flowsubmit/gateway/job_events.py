@@ -18,7 +18,7 @@ from prefect.settings import PREFECT_EVENTS_MAXIMUM_RELATED_RESOURCES
 
 from flowsubmit.logs import get_logger
 
-__all__ = ["emit_job_event", "job_event", "max_related"]
+__all__ = ["Event", "emit_job_event", "job_event", "max_related"]
 
 log = get_logger("flowsubmit.events")
 
