@@ -11,6 +11,7 @@ turns the artifacts on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from flowsubmit.jobs.model import Job
 from flowsubmit.jobs.policy import Producer
 
 __all__ = ["Announcer"]
+
+#: How long reading one related deployment's id may take.
+RESOLVE_TIMEOUT_S = 10.0
 
 #: The event each job status ends with.
 ENDED = {
@@ -124,8 +128,9 @@ class Announcer:
         assert self._gateway is not None
         found = []
         for name in names:
-            try:
-                found.append(((await self._gateway.resolve_deployment(name)).id, name))
-            except GatewayError:
-                continue
+            # A deployment that cannot be read now (unknown, Prefect away) is left out: the
+            # event still goes, without it.
+            with contextlib.suppress(GatewayError, TimeoutError):
+                async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+                    found.append(((await self._gateway.resolve_deployment(name)).id, name))
         return found
