@@ -23,6 +23,7 @@ __all__ = [
     "LAST_TICK",
     "PREFECT_ERRORS",
     "QUEUE_FILES",
+    "QUEUE_OLDEST_AGE",
     "REGISTRY",
     "RUNS",
     "RUNS_IN_FLIGHT",
@@ -55,6 +56,12 @@ RUNS_IN_FLIGHT = Gauge(
 QUEUE_FILES = Gauge(
     "flowsubmit_queue_files",
     "Job files per queue folder (results, journals and error files not counted).",
+    ["folder"],
+    registry=REGISTRY,
+)
+QUEUE_OLDEST_AGE = Gauge(
+    "flowsubmit_queue_oldest_age_seconds",
+    "Age of the oldest job file waiting in a queue folder (incoming), from its mtime; 0 when empty.",
     ["folder"],
     registry=REGISTRY,
 )

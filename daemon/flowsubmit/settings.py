@@ -191,6 +191,20 @@ class Settings(BaseSettings):
         min_length=1,
         description="Address the metrics port listens on (0.0.0.0 to scrape from other hosts).",
     )
+    prefect_events: bool = Field(
+        default=True,
+        description=(
+            "Send each job's flowsubmit.job.* events (claimed, completed, failed, cancelled, "
+            "timed_out) to Prefect's event feed, for automations."
+        ),
+    )
+    prefect_artifacts: bool = Field(
+        default=False,
+        description=(
+            "Create a Markdown artifact flowsubmit-<job id> in Prefect when a job ends: its "
+            "summary and each run that did not succeed, with its message."
+        ),
+    )
     retention_days: float | None = Field(
         default=None,
         gt=0,

@@ -40,6 +40,7 @@ from flowsubmit.errors import (
     WaitTimeout,
 )
 from flowsubmit.gateway.client import Gateway
+from flowsubmit.gateway.job_events import Event, emit_job_event, job_event
 from flowsubmit.jobs.model import deployment_name_problem
 from flowsubmit.library_log import SubmissionReporter
 
@@ -63,6 +64,7 @@ def flow_submitter(
     work_queue_name: str | None = None,
     submission_id: str | None = None,
     outage_tolerance_s: float = 60.0,
+    events: bool = False,
 ) -> FlowSubmission:
     """Start a submission of runs of ``deployment``; nothing talks to Prefect until the first call.
 
@@ -79,6 +81,9 @@ def flow_submitter(
             the same order, finds the runs created before instead of creating more.
         outage_tolerance_s: how long a call keeps retrying while Prefect is
             unreachable before it raises ``TransientGatewayError`` naming the API URL.
+        events: when ``wait()`` has every run final, send ``flowsubmit.job.completed``
+            (or ``.failed``) for resource ``flowsubmit.job.<submission_id>`` to Prefect's
+            event feed, as the daemon does for a job (docs/operations.md).
 
     Raises:
         ValueError: ``deployment`` is not ``flow-name/deployment-name`` (the daemon's
@@ -100,6 +105,7 @@ def flow_submitter(
         work_queue_name=work_queue_name,
         submission_id=submission_id,
         outage_tolerance_s=outage_tolerance_s,
+        events=events,
     )
 
 
@@ -114,6 +120,7 @@ def run_batch(
     job_variables: Mapping[str, Any] | None = None,
     work_queue_name: str | None = None,
     outage_tolerance_s: float = 60.0,
+    events: bool = False,
 ) -> dict[str, str]:
     """Submit one run per parameter set, wait for them all, and return ``{run_id: state name}`` in order.
 
@@ -135,11 +142,33 @@ def run_batch(
             job_variables=job_variables,
             work_queue_name=work_queue_name,
             outage_tolerance_s=outage_tolerance_s,
+            events=events,
         ) as runs:
             await asyncio.gather(*(runs.submit_with(p) for p in sets))
             return await runs.wait(timeout=timeout, show_summary=show_summary)
 
     return asyncio.run(submit_and_wait())
+
+
+def _ended_event(submission_id: str, runs: RunSet) -> Event:
+    """``flowsubmit.job.completed`` when every run completed, else ``.failed``: the daemon's
+    job event, the submission in the job's place (no queue, no result file)."""
+    summary = runs.summary()
+    succeeded = summary.succeeded == summary.total
+    return job_event(
+        "completed" if succeeded else "failed",
+        submission_id,
+        labels={"flowsubmit.source": "library"},
+        deployments=[(runs.deployment.id, runs.deployment.name)],
+        payload={
+            "job_id": submission_id,
+            "status": "succeeded" if succeeded else "failed",
+            "summary": summary.as_dict(),
+            "result_path": None,
+            "duration_s": None,
+            "error": None,
+        },
+    )
 
 
 @dataclass
@@ -170,6 +199,7 @@ class FlowSubmission:
         work_queue_name: str | None = None,
         submission_id: str | None = None,
         outage_tolerance_s: float = 60.0,
+        events: bool = False,
     ) -> None:
         problem = deployment_name_problem(deployment)
         if problem is not None:
@@ -187,6 +217,7 @@ class FlowSubmission:
         self._tags = tuple(tags)
         self._job_variables = dict(job_variables or {})
         self._work_queue_name = work_queue_name
+        self._events = events
         self._slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self._next_index = 0
         self._holding: set[str] = set()
@@ -384,6 +415,8 @@ class FlowSubmission:
                 await self._close_engine()
         if show_summary and self._runs is not None:
             self._reporter.summary(self._runs.summary())
+        if self._events and self._runs is not None:
+            await emit_job_event(_ended_event(self.submission_id, self._runs))
         return self.results
 
     async def wait_for(self, run_id: str) -> str:

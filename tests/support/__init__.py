@@ -7,6 +7,8 @@
 - ``flows``: the test flows and their deployment names, served by the session fixture (``python -m tests.support.flows``).
 - ``jobs``: ``make_job(...)``, the one builder of job documents (as a dict, the bytes of a file, or a ``Job``), defaults filled in.
 - ``logscan``: every event name and key the package logs, read from its source.
+- ``prefect_events``: Prefect's event feed, artifacts and deployments through the real API, and a client pointed at another server.
+- ``prometheus``: a real Prometheus server on loopback scraping a daemon, and its API.
 - ``proxy``: a loopback HTTP proxy before a Prefect server that cuts websockets, rate-limits and hides routes.
 - ``users``: real system users, created and removed, and commands run as them.
 """

@@ -4,7 +4,8 @@
 - ``status``: the queue's state as ``flowsubmit status`` shows it.
 - ``retention``: pruning of ``done/``, ``failed/`` and ``rejected/``.
 - ``sdnotify``: systemd's ``Type=notify`` protocol.
-- ``http``: ``/metrics`` and ``/healthz``.
+- ``http``: ``/metrics`` (flowsubmit's registry and the default one) and ``/healthz``.
+- ``backlog``: the age of the oldest job file waiting in ``incoming/``.
 
 Imports the foundation, ``jobs``, ``settings``, ``queue`` and ``gateway.connection``.
 """

@@ -7,19 +7,26 @@ import contextlib
 import functools
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
 
+import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
+from flowsubmit._types import JobStatus
 from flowsubmit.errors import SettingsError
 from flowsubmit.gateway.connection import versions
 from flowsubmit.logs import get_logger
 from flowsubmit.metrics import (
     BUILD_INFO,
+    JOBS,
+    PREFECT_ERRORS,
     QUEUE_FILES,
+    QUEUE_OLDEST_AGE,
     REGISTRY,
     RUNS_IN_FLIGHT,
     TRACKER_STREAMING,
 )
+from flowsubmit.ops.backlog import oldest_age_s
 
 __all__ = ["HealthCheck", "serve", "track_gauges"]
 
@@ -32,12 +39,20 @@ def track_gauges(
     streaming: Callable[[], float],
     queue_files: Callable[[str], float],
     folders: Iterable[str],
+    incoming: Path,
 ) -> None:
     """Read the gauges from their owners at every scrape (the daemon calls this once)."""
     RUNS_IN_FLIGHT.set_function(in_flight)
     TRACKER_STREAMING.set_function(streaming)
     for folder in folders:
         QUEUE_FILES.labels(folder).set_function(functools.partial(queue_files, folder))
+    QUEUE_OLDEST_AGE.labels("incoming").set_function(functools.partial(oldest_age_s, incoming))
+    # Every job status and error kind is served from 0: increase() and the alerts see the
+    # first failure only if its series existed before it.
+    for status in [*JobStatus, "rejected"]:
+        JOBS.labels(status)
+    for kind in ("transient", "permanent"):
+        PREFECT_ERRORS.labels(kind)
     BUILD_INFO.labels(*versions()).set(1)
 
 
@@ -89,7 +104,7 @@ def _respond(request: bytes, health: HealthCheck) -> bytes:
     if method not in (b"GET", b"HEAD"):
         return _http(405, "text/plain", b"method not allowed\n")
     if path == b"/metrics":
-        return _http(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY), head=method == b"HEAD")
+        return _http(200, CONTENT_TYPE_LATEST, _exposition(), head=method == b"HEAD")
     if path == b"/healthz":
         reason = health()
         body = {"status": "ok"} if reason is None else {"status": "unhealthy", "reason": reason}
@@ -97,6 +112,17 @@ def _respond(request: bytes, health: HealthCheck) -> bytes:
         data = (json.dumps(body) + "\n").encode()
         return _http(code, "application/json", data, head=method == b"HEAD")
     return _http(404, "text/plain", b"not found: try /metrics or /healthz\n")
+
+
+def _exposition() -> bytes:
+    """flowsubmit's registry, then the process-wide default one.
+
+    The daemon owns its process, so the default registry is its own too: it holds the
+    Prefect client's counters (``prefect_events_observed``,
+    ``prefect_event_websocket_connections``, ...) and ``process_*``/``python_*``. No
+    name is in both.
+    """
+    return generate_latest(REGISTRY) + generate_latest(prometheus_client.REGISTRY)
 
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}

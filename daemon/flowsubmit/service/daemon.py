@@ -235,6 +235,7 @@ class Service:
             streaming=lambda: float(tracker.mode.value == "streaming"),
             queue_files=lambda folder: len(job_files(self.queue.root / folder)),
             folders=[f for f in FOLDERS if f != "tmp"],
+            incoming=self.queue.incoming,
         )
 
     def _spawn_retention(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:

@@ -14,10 +14,12 @@ from flowsubmit.engine.results import JobResult
 from flowsubmit.engine.tracker import Tracker
 from flowsubmit.errors import JobRejected
 from flowsubmit.gateway.client import Gateway
+from flowsubmit.gateway.ui_links import run_ui_url
 from flowsubmit.jobs.model import Job
 from flowsubmit.jobs.policy import Policy, Producer
 from flowsubmit.logs import bound_contextvars, get_logger
 from flowsubmit.queue.folders import Claim, Queue
+from flowsubmit.service.announcer import Announcer
 from flowsubmit.service.executor import Executor
 from flowsubmit.settings import Settings
 
@@ -60,6 +62,10 @@ class RunningJobs:
         self._gateway: Gateway | None = None
         self._tracker: Tracker | None = None
         self._tg: asyncio.TaskGroup | None = None
+        #: The jobs' ``flowsubmit.job.*`` events on Prefect's feed.
+        self.events = Announcer(
+            queue.root, events=settings.prefect_events, artifacts=settings.prefect_artifacts
+        )
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -70,6 +76,7 @@ class RunningJobs:
     def open(self, gateway: Gateway, tracker: Tracker, tg: asyncio.TaskGroup) -> None:
         """Start taking jobs: they talk to Prefect through ``gateway`` and ``tracker``, in ``tg``."""
         self._gateway, self._tracker, self._tg = gateway, tracker, tg
+        self.events.open(gateway)
 
     # -- asked by the intake ----------------------------------------------------------------
 
@@ -134,6 +141,7 @@ class RunningJobs:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
+        await self.events.drain(timeout_s=5.0)
 
     # -- one job ------------------------------------------------------------------------------
 
@@ -153,6 +161,7 @@ class RunningJobs:
                 recovered=recovered,
                 producer=producer.as_dict(),
             )
+            self.events.claimed(claim.job_id, job, producer, recovered=recovered)
             executor = Executor(
                 job,
                 claim.job_id,
@@ -216,9 +225,10 @@ class RunningJobs:
     def _finish(self, claim: Claim, result: JobResult) -> None:
         """Write the result and move the job to ``done/`` or ``failed/``; count and log it."""
         succeeded = result.status is JobStatus.SUCCEEDED
-        target = self.queue.finish(claim, succeeded, result.as_dict())
+        target = self.queue.finish(claim, succeeded, _with_ui_urls(result.as_dict()))
         self.counts["succeeded" if succeeded else "failed"] += 1
         metrics.JOBS.labels(result.status.value).inc()
+        self.events.ended(result, target.with_name(f"{claim.job_id}.result.json"))
         fields = {"status": result.status.value, "moved_to": str(target), "error": result.error}
         if succeeded:
             log.info("job.finished", **fields)
@@ -226,3 +236,11 @@ class RunningJobs:
             log.error("job.finished", **fields)  # it could not run at all
         else:
             log.warning("job.finished", **fields)
+
+
+def _with_ui_urls(document: dict[str, Any]) -> dict[str, Any]:
+    """The result document with each created run's ``ui_url`` when ``PREFECT_UI_URL`` is set."""
+    for run in document["runs"]:
+        if run["flow_run_id"] and (url := run_ui_url(run["flow_run_id"])):
+            run["ui_url"] = url
+    return document

@@ -1,0 +1,19 @@
+"""Links into Prefect's UI, when the operator told where it is (``PREFECT_UI_URL``).
+
+Prefect infers a UI address from the API's when it is not set; flowsubmit writes a
+link only from an address set explicitly, since a proxy often serves the UI elsewhere.
+"""
+
+from __future__ import annotations
+
+from prefect.settings import get_current_settings
+
+__all__ = ["run_ui_url"]
+
+
+def run_ui_url(flow_run_id: str) -> str | None:
+    """The flow run's page in the UI, or None when ``PREFECT_UI_URL`` is not set."""
+    settings = get_current_settings()
+    if "ui_url" not in settings.model_fields_set or not settings.ui_url:
+        return None
+    return f"{settings.ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}"
