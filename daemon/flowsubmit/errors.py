@@ -144,3 +144,8 @@ class SettingsError(FlowsubmitError):
         self.reason = reason
         self.hint = hint
         super().__init__(f"{source}: {reason}")
+
+
+class IncompatibleServer(PermanentGatewayError):
+    """The API at ``PREFECT_API_URL`` is not a Prefect 3 server (a Prefect 2 server, or
+    another API altogether): nothing is claimed or created against it."""
