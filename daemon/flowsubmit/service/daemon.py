@@ -74,6 +74,7 @@ class Service:
         os.umask(0o027)
         sys.setswitchinterval(SWITCH_INTERVAL_S)  # the loop waits less for judging threads
         self.queue.ensure()
+        self.queue.check_locks()
         if self.queue.others_can_write():
             log.warning("service.queue_writable_by_others", queue=str(self.queue.root))
         if self.policy.launches_anything:
