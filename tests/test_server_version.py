@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from structlog.testing import capture_logs
 
@@ -17,7 +18,7 @@ from flowsubmit._types import RunRequest
 from flowsubmit.engine.runset import idempotency_key
 from flowsubmit.errors import IncompatibleServer
 from flowsubmit.gateway.client import Gateway
-from flowsubmit.gateway.server import CLIENT_RULE, judge
+from flowsubmit.gateway.server import BULK_SINCE, CLIENT_RULE, judge
 from flowsubmit.local.localserver import LocalServer
 from tests.support.daemons import Daemon
 from tests.support.flows import DRIVEN
@@ -139,5 +140,5 @@ def test_the_daemon_logs_the_server_version_when_ready(
     ready = daemon.events("service.ready")[0]
     server = daemon.events("gateway.server")[0]
     assert ready["prefect_server_version"] == server["server_version"] != "unknown"
-    assert server["bulk"] is True
+    assert server["bulk"] is (Version(server["server_version"]) >= BULK_SINCE)
     assert daemon.stop() == 0

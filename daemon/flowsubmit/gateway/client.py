@@ -70,6 +70,7 @@ from flowsubmit.errors import (
     TransientGatewayError,
 )
 from flowsubmit.gateway.connection import configured_api_url, display_url
+from flowsubmit.gateway.older_clients import complete_models
 from flowsubmit.gateway.pacer import CallLimit, CallSize, Pacer
 from flowsubmit.gateway.scheduler import CreateScheduler
 from flowsubmit.gateway.server import CLIENT_RULE, Server, read_server
@@ -286,6 +287,7 @@ class Gateway:
             raise ClosedError("a Gateway cannot be reopened once closed; create a new one")
         hooks = {"request": [self._count], "response": [self._observe]}
         self.api_url = configured_api_url()  # never let get_client() start a temporary server
+        complete_models()
         _quiet_httpx()
         self._client = get_client(httpx_settings={"event_hooks": hooks})
         await self._client.__aenter__()
