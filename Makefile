@@ -40,12 +40,15 @@ $(COMPAT_VENV)/.complete:
 	touch $(COMPAT_VENV).tmp/.complete
 	rm -rf $(COMPAT_VENV) && mv $(COMPAT_VENV).tmp $(COMPAT_VENV)
 
-# The subset (compat/subset.txt) twice: served by the old Prefect with this venv's client,
-# then with the old Prefect as the client too.
+# The subset (compat/subset.txt) three times, one row of the compatibility table each:
+# old server with this venv's client, old server and old client, this venv's server with
+# the old client.
 test-compat: $(STAMP) $(COMPAT_VENV)/.complete
 	$(COMPAT_PATH) FLOWSUBMIT_TEST_SERVER_PYTHON=$(COMPAT_VENV)/bin/python \
 		$(BIN)/python -m pytest -p no:cacheprovider -n 2 --dist loadgroup $(COMPAT_TESTS)
 	$(COMPAT_PATH) $(COMPAT_VENV)/bin/python -m pytest -p no:cacheprovider -n 2 --dist loadgroup $(COMPAT_TESTS)
+	$(COMPAT_PATH) FLOWSUBMIT_TEST_SERVER_PYTHON=$(CURDIR)/$(BIN)/python \
+		$(COMPAT_VENV)/bin/python -m pytest -p no:cacheprovider -n 2 --dist loadgroup $(COMPAT_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon tests bench
