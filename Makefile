@@ -4,7 +4,18 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint mypy format bench bench-scale bench-fairness bench-bombs config all clean
+.PHONY: install demo test test-compat lint mypy format bench bench-scale bench-fairness bench-bombs config all clean
+
+# Compatibility (docs/operations.md, "Supported Prefect versions"): the oldest supported
+# Prefect, in a venv of its own with the dependency versions of its time. The venv is
+# cached outside the checkout, keyed by the constraints file, and built from scratch when
+# absent (into a temporary directory, moved into place only once complete).
+COMPAT_PREFECT := 3.4
+COMPAT_CACHE   ?= $(HOME)/.cache/flowsubmit-compat
+COMPAT_KEY      = $(shell cat compat/constraints-$(COMPAT_PREFECT).txt compat/requirements.txt | sha256sum | cut -c1-12)
+COMPAT_VENV     = $(COMPAT_CACHE)/prefect-$(COMPAT_PREFECT)-$(COMPAT_KEY)
+COMPAT_TESTS    = $(shell grep -v '^\#' compat/subset.txt)
+COMPAT_PATH     = PYTHONPATH=$(CURDIR)/daemon:$(CURDIR)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +30,25 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+$(COMPAT_VENV)/.complete:
+	rm -rf $(COMPAT_VENV).tmp
+	$(PYTHON) -m venv $(COMPAT_VENV).tmp
+	$(COMPAT_VENV).tmp/bin/python -m pip install --quiet --upgrade pip
+	$(COMPAT_VENV).tmp/bin/python -m pip install --quiet \
+		-c compat/constraints-$(COMPAT_PREFECT).txt -r compat/requirements.txt
+	touch $(COMPAT_VENV).tmp/.complete
+	rm -rf $(COMPAT_VENV) && mv $(COMPAT_VENV).tmp $(COMPAT_VENV)
+
+# The subset (compat/subset.txt) three times, one row of the compatibility table each:
+# old server with this venv's client, old server and old client, this venv's server with
+# the old client.
+test-compat: $(STAMP) $(COMPAT_VENV)/.complete
+	$(COMPAT_PATH) FLOWSUBMIT_TEST_SERVER_PYTHON=$(COMPAT_VENV)/bin/python \
+		$(BIN)/python -m pytest -p no:cacheprovider -n 2 --dist loadgroup $(COMPAT_TESTS)
+	$(COMPAT_PATH) $(COMPAT_VENV)/bin/python -m pytest -p no:cacheprovider -n 2 --dist loadgroup $(COMPAT_TESTS)
+	$(COMPAT_PATH) FLOWSUBMIT_TEST_SERVER_PYTHON=$(CURDIR)/$(BIN)/python \
+		$(COMPAT_VENV)/bin/python -m pytest -p no:cacheprovider -n 2 --dist loadgroup $(COMPAT_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon tests bench

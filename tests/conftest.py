@@ -17,6 +17,8 @@ from flowsubmit.local.topology import Topology
 from tests.support.daemons import Daemon, daemons_in, ready_daemons
 
 _HOME = Path(tempfile.mkdtemp(prefix="flowsubmit-tests-"))
+#: ``make test-compat``: the Python of another venv, whose (older) Prefect serves the tests.
+_SERVER_PYTHON = os.environ.get("FLOWSUBMIT_TEST_SERVER_PYTHON")
 _PORT = free_port()
 os.environ.update(prefect_env(_HOME, f"http://127.0.0.1:{_PORT}/api"))
 for _name in [n for n in os.environ if n.startswith("FLOWSUBMIT_")]:
@@ -26,7 +28,7 @@ for _name in [n for n in os.environ if n.startswith("FLOWSUBMIT_")]:
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[LocalServer]:
     """A real Prefect server for the whole session, stopped by PID at the end."""
-    server = LocalServer(home=_HOME, port=_PORT)
+    server = LocalServer(home=_HOME, port=_PORT, python=_SERVER_PYTHON)
     try:
         # In the try: a start that times out must not leave the server running; 240 s, as a
         # loaded two-core machine has taken over 90 s to answer.

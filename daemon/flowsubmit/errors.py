@@ -144,3 +144,13 @@ class SettingsError(FlowsubmitError):
         self.reason = reason
         self.hint = hint
         super().__init__(f"{source}: {reason}")
+
+
+class IncompatibleServer(PermanentGatewayError):
+    """The API at ``PREFECT_API_URL`` is not a Prefect 3 server (a Prefect 2 server, or
+    another API altogether): nothing is claimed or created against it."""
+
+
+class LocksUnavailable(FlowsubmitError):
+    """The queue's filesystem cannot lock files across its clients, so claims would not be
+    exclusive: the daemon claims nothing and stops, naming the filesystem."""

@@ -35,6 +35,7 @@ from flowsubmit.errors import (
     AuthenticationError,
     ClosedError,
     GatewayError,
+    IncompatibleServer,
     PermanentGatewayError,
     TransientGatewayError,
     WaitTimeout,
@@ -521,7 +522,7 @@ class FlowSubmission:
             gateway = await stack.enter_async_context(
                 Gateway(outage_tolerance_s=self.outage_tolerance_s)
             )
-            await _refuse_wrong_credentials(gateway)
+            await _refuse_wrong_server(gateway)
             if self._runs is None:
                 deployment = await gateway.resolve_deployment(self.deployment)
                 self._runs = RunSet(
@@ -571,15 +572,17 @@ class FlowSubmission:
         return self._runs.unfinished() if self._runs else []
 
 
-async def _refuse_wrong_credentials(gateway: Gateway) -> None:
-    """Raise ``AuthenticationError`` at once when Prefect refuses the credentials.
+async def _refuse_wrong_server(gateway: Gateway) -> None:
+    """Raise at once when Prefect refuses the credentials (``AuthenticationError``) or is no
+    Prefect 3 server (``IncompatibleServer``); read its version (``Gateway.know_server``).
 
     Only a refusal: Prefect not answering is left to the calls that follow, which wait
     for it within ``outage_tolerance_s`` (as they would for refused credentials later on).
     """
     try:
+        await gateway.know_server()
         await gateway.check_credentials()
-    except AuthenticationError:
+    except (AuthenticationError, IncompatibleServer):
         raise
     except GatewayError:
         pass

@@ -5,6 +5,8 @@
 - ``scheduler`` and ``pacer``: how many create calls are in flight and how large.
 - ``connection``: which server the process talks to, and its versions.
 - ``job_events``: the ``flowsubmit.job.*`` events' shape and their delivery.
+- ``server``: what the server is (``/admin/version``): refused, or which routes to use.
+- ``older_clients``: what an older Prefect client needs before it can be used.
 - ``run_logger``: the logger of the Prefect run the library is called from, if any.
 
 Imports the foundation only; the rooms above see Prefect through ``Gateway``.

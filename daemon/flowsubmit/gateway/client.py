@@ -70,8 +70,10 @@ from flowsubmit.errors import (
     TransientGatewayError,
 )
 from flowsubmit.gateway.connection import configured_api_url, display_url
+from flowsubmit.gateway.older_clients import complete_models
 from flowsubmit.gateway.pacer import CallLimit, CallSize, Pacer
 from flowsubmit.gateway.scheduler import CreateScheduler
+from flowsubmit.gateway.server import CLIENT_RULE, Server, read_server
 from flowsubmit.logs import get_logger
 from flowsubmit.redaction import mentions_secret
 
@@ -262,7 +264,11 @@ class Gateway:
         self.pacer = Pacer()
         self._client: PrefectClient | None = None
         self._closed = False
+        #: The server, as its version says (``know_server``); None until first read.
+        self.server: Server | None = None
+        self._knowing = asyncio.Lock()
         self._bulk = True
+        self._bulk_missing = False  # the bulk route answered 404/405 (a proxy may not pass it)
         #: Orders the pending creates of every job into batches (fair between jobs, by priority).
         self._scheduler = CreateScheduler(
             self._create_batch,
@@ -281,6 +287,7 @@ class Gateway:
             raise ClosedError("a Gateway cannot be reopened once closed; create a new one")
         hooks = {"request": [self._count], "response": [self._observe]}
         self.api_url = configured_api_url()  # never let get_client() start a temporary server
+        complete_models()
         _quiet_httpx()
         self._client = get_client(httpx_settings={"event_hooks": hooks})
         await self._client.__aenter__()
@@ -341,6 +348,42 @@ class Gateway:
         """The Prefect server's version (one call, no retries)."""
         with _translate_errors("read server version"):
             return str(await self.client.api_version())
+
+    async def know_server(self) -> Server:
+        """Read the server's version and decide what to ask of it (``gateway.server``): at
+        start and after every reconnect. One call, no retries.
+
+        Raises:
+            IncompatibleServer: not a Prefect 3 server.
+            TransientGatewayError: Prefect did not answer.
+        """
+        with _translate_errors("read server version"):
+            server = await read_server(self.client, display_url(self.api_url or ""))
+        if server != self.server:
+            client_version = self.client.client_version()
+            log.info(
+                "gateway.server",
+                server_version=server.version,
+                client_version=client_version,
+                bulk=server.bulk,
+            )
+            if server.client_newer:
+                log.warning(
+                    "gateway.server_older",
+                    server_version=server.version,
+                    client_version=client_version,
+                    rule=CLIENT_RULE,
+                )
+        self.server = server
+        self._bulk = server.bulk and not self._bulk_missing
+        return server
+
+    async def _known_server(self) -> Server:
+        """The server, read once before the first create when nobody has read it yet."""
+        async with self._knowing:
+            if self.server is None:
+                return await self.know_server()
+            return self.server
 
     async def check_credentials(self) -> None:
         """One cheap authenticated read, no retries (Prefect's health route needs no credentials).
@@ -446,6 +489,7 @@ class Gateway:
     async def _create_some(
         self, deployment: Deployment, requests: list[RunRequest]
     ) -> list[str | Exception]:
+        await self._known_server()
         if self._bulk:
             try:
                 return await self._bulk_create(deployment, requests)
@@ -453,7 +497,7 @@ class Gateway:
                 if not _bulk_route_missing(exc.response):
                     raise
                 if self._bulk:  # calls in flight together may all learn it: log it once
-                    self._bulk = False
+                    self._bulk, self._bulk_missing = False, True
                     log.warning(
                         "gateway.bulk_unavailable",
                         status=exc.response.status_code,
@@ -619,8 +663,8 @@ def _route(request: httpx.Request) -> str:
 
 
 def _bulk_route_missing(response: httpx.Response) -> bool:
-    """A 404 or 405 for the bulk route itself (a server before Prefect 3.6.16, or a proxy that
-    does not pass it), told apart from the route's own 404 for an unknown deployment."""
+    """A 404 or 405 for the bulk route itself (a proxy that does not pass it, or a server that
+    misreports its version), told apart from the route's own 404 for an unknown deployment."""
     if response.status_code == 405:
         return True
     if response.status_code != 404:

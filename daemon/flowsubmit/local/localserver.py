@@ -63,7 +63,9 @@ class LocalServer:
     and database (to test outages). ``server_env`` overrides the server's settings
     (another database, a message broker), ``client_env`` adds to every client's
     (credentials), and ``services=False`` starts the API alone (``--no-services``):
-    that is how ``flowsubmit.local.topology`` builds its replicas.
+    that is how ``flowsubmit.local.topology`` builds its replicas. ``python`` is the
+    interpreter whose Prefect serves (and runs ``served_flows``): another venv's, to
+    test against an older server; this process's by default.
     """
 
     def __init__(
@@ -75,7 +77,9 @@ class LocalServer:
         server_env: Mapping[str, str] | None = None,
         client_env: Mapping[str, str] | None = None,
         services: bool = True,
+        python: str | None = None,
     ) -> None:
+        self.python = python or sys.executable
         self._tmp = None if home else tempfile.TemporaryDirectory(prefix="flowsubmit-prefect-")
         self.home = home or Path(self._tmp.name)  # type: ignore[union-attr]
         self.port = port or free_port()
@@ -106,7 +110,7 @@ class LocalServer:
         args = ["server", "start", "--host", "127.0.0.1", "--port", str(self.port), "--no-ui"]
         if not self.services:
             args.append("--no-services")
-        self.process = start_prefect(args, env, self.log_file)
+        self.process = start_prefect(args, env, self.log_file, python=self.python)
         try:
             self._wait_healthy(timeout_s)
         except BaseException:  # a server too slow to start is stopped, not left running
@@ -164,7 +168,7 @@ def served_flows(
     log_path = log_file or server.home / "served.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", module],
+            [server.python, "-m", module],
             env=server.env(FLOWSUBMIT_READY_FILE=str(ready)),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -183,12 +187,12 @@ def served_flows(
 
 
 def start_prefect(
-    args: list[str], env: Mapping[str, str], log_file: Path
+    args: list[str], env: Mapping[str, str], log_file: Path, *, python: str | None = None
 ) -> subprocess.Popen[bytes]:
     """Start ``prefect ARGS`` in a session of its own (so ``stop_process`` ends its children too)."""
     with open(log_file, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "prefect", *args],
+            [python or sys.executable, "-m", "prefect", *args],
             env=dict(env),
             stdout=log,
             stderr=subprocess.STDOUT,

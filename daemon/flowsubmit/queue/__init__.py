@@ -3,6 +3,7 @@
 - ``folders``: ``incoming/`` → ``processing/`` → ``done/`` | ``failed/`` | ``rejected/``,
   each move one atomic rename (``Queue``, ``Claim``, ``JobLock``).
 - ``journal``: a job's append-only, fsynced journal and its replay.
+- ``locking``: whether the filesystem's locks hold across hosts (refused: ``nolock``, ``ENOLCK``).
 - ``fsutil``: safe reads of files producers own, durable writes, ACL grants.
 - ``watcher``: wakeups when ``incoming/`` changes (inotify via watchfiles, or a rescan).
 - ``crashpoints``: the named points where tests make the daemon die (``kill -9``).

@@ -31,6 +31,7 @@ from flowsubmit.queue.fsutil import (
     unique_name,
 )
 from flowsubmit.queue.journal import Journal, JournalState, replay
+from flowsubmit.queue.locking import NO_LOCKS, check_mount, lock_failure
 
 __all__ = [
     "FOLDERS",
@@ -132,6 +133,7 @@ class JobLock:
 
         Raises:
             ClaimLost: another live process holds it.
+            LocksUnavailable: the filesystem cannot lock (``queue.locking``), which is not "held".
         """
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
         try:
@@ -141,6 +143,12 @@ class JobLock:
         except (BlockingIOError, FileNotFoundError, ClaimLost) as exc:
             os.close(fd)
             raise ClaimLost(f"{path.name} is held by another process") from exc
+        except OSError as exc:
+            os.close(fd)
+            broken = lock_failure(path, exc)
+            if broken is None:
+                raise
+            raise broken from exc
         return cls(path, fd)
 
     @staticmethod
@@ -163,6 +171,10 @@ class JobLock:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
+        except OSError as exc:
+            if exc.errno in NO_LOCKS:
+                return None  # the filesystem cannot say
+            raise
         finally:
             os.close(fd)  # closing drops a lock we took
         return False
@@ -214,6 +226,19 @@ class Queue:
         """Create the folders that are missing."""
         for name in FOLDERS:
             (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o750)
+
+    def check_locks(self) -> None:
+        """Take and drop one lock in ``processing/``, and check the mount's lock options.
+
+        Raises:
+            LocksUnavailable: claims on this filesystem would not be exclusive.
+        """
+        check_mount(self.processing)
+        probe = self.processing / f".probe-{os.getpid()}-{secrets.token_hex(4)}.lock"
+        try:
+            JobLock.acquire(probe).release()
+        finally:
+            probe.unlink(missing_ok=True)
 
     @property
     def owner_uid(self) -> int:

@@ -12,7 +12,6 @@ from contextlib import AsyncExitStack
 
 from flowsubmit import metrics
 from flowsubmit.engine.tracker import Tracker
-from flowsubmit.errors import GatewayError
 from flowsubmit.gateway.client import Gateway
 from flowsubmit.gateway.connection import display_url, versions
 from flowsubmit.logs import get_logger
@@ -75,6 +74,7 @@ class Service:
         os.umask(0o027)
         sys.setswitchinterval(SWITCH_INTERVAL_S)  # the loop waits less for judging threads
         self.queue.ensure()
+        self.queue.check_locks()
         if self.queue.others_can_write():
             log.warning("service.queue_writable_by_others", queue=str(self.queue.root))
         if self.policy.launches_anything:
@@ -140,6 +140,7 @@ class Service:
             if not await self._health.wait_until_up(beat=self._beat):
                 self.notifier.stopping()  # stopped before Prefect ever answered
                 return
+            await self._health.know_server()
             self._tracker = await stack.enter_async_context(
                 Tracker(
                     self._gateway,
@@ -196,16 +197,13 @@ class Service:
     async def _log_ready(self) -> None:
         """``service.ready``: what this daemon serves, and what it talks to."""
         assert self._gateway is not None
-        try:
-            server_version = await self._gateway.server_version()
-        except GatewayError:
-            server_version = "unknown"
+        server = self._gateway.server
         log.info(
             "service.ready",
             queue=str(self.queue.root),
             tracker=self._tracker.mode.value if self._tracker else None,
             prefect_api_url=display_url(self._gateway.api_url or ""),
-            prefect_server_version=server_version,
+            prefect_server_version=server.version if server else "unknown",
             version=versions()[0],
             prefect_version=versions()[1],
         )

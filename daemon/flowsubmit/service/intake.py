@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from flowsubmit.errors import ClaimLost, JobRejected
+from flowsubmit.errors import ClaimLost, JobRejected, LocksUnavailable
 from flowsubmit.jobs.model import Job, parse_job
 from flowsubmit.jobs.policy import Policy, Producer, producer_by_uid, producer_of
 from flowsubmit.logs import get_logger
@@ -404,6 +404,8 @@ class Intake:
             except JobRejected as exc:
                 verdict.error = exc.with_file(printable_name(name))  # rejected once it has settled
                 continue
+            except LocksUnavailable:
+                raise  # not the file's fault: no claim on this filesystem is exclusive
             except Exception as exc:  # one file must never stop the daemon or the other files
                 self._log_broken(verdict.candidate, exc)
                 claim = None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
 from flowsubmit._aio import wait_event
-from flowsubmit.errors import AuthenticationError, GatewayError
+from flowsubmit.errors import AuthenticationError, GatewayError, TransientGatewayError
 from flowsubmit.gateway.client import Gateway
 from flowsubmit.gateway.connection import display_url
 from flowsubmit.logs import get_logger
@@ -102,6 +103,8 @@ class PrefectHealth:
                 checked_at = time.monotonic()
             # A database read besides the health ping: a busy server gets a few seconds.
             if await self._error(timeout_s=max(period_s, 5.0), credentials=credentials) is None:
+                if self.down_since is not None:
+                    await self.know_server()  # it may be another release now
                 self._back()
             elif self.down_since is None:
                 self.down_since = time.monotonic()
@@ -111,6 +114,16 @@ class PrefectHealth:
                 what = "refused the credentials" if self.refused else "unreachable"
                 abort(f"Prefect {what} for more than {self._tolerance_s:g} s")
             await wait_event(self._stop, period_s)
+
+    async def know_server(self) -> None:
+        """Read the server's version (``Gateway.know_server``): once Prefect answers, and again
+        after every outage. Not answering now is left to the next check.
+
+        Raises:
+            IncompatibleServer: not a Prefect 3 server; the daemon stops.
+        """
+        with contextlib.suppress(TransientGatewayError):
+            await self._gateway.know_server()
 
     def _back(self) -> None:
         if self.down_since is not None:
