@@ -157,7 +157,7 @@ def test_two_namespaces_share_a_queue_and_the_survivor_adopts_the_dead_ones_jobs
         queue = Queue(queue_dir)
         ids = [f"{tag}-{i:02d}" for i in range(JOBS)]
         for job_id in ids:
-            document = jobs.job(deployment=DRIVEN, id=job_id, runs=RUNS_PER_JOB, tags=[tag])
+            document = jobs.make_job(deployment=DRIVEN, id=job_id, runs=RUNS_PER_JOB, tags=[tag])
             queue.enqueue(json.dumps(document).encode(), job_id)
         a.wait_for(lambda: len(_claimed(a) | _claimed(b)) == JOBS, what="every job claimed")
         a.wait_for(lambda: a.events("run.submitted"), what="ns-a submitting")
