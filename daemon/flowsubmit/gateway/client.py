@@ -717,9 +717,18 @@ async def _snapshots(subscriber: Any) -> AsyncIterator[RunSnapshot]:
             yield snapshot
 
 
+#: Retries of one call refused for database contention that are routine (``info``); the
+#: next one is a ``warning``: the server is contended for longer than an instant.
+CONTENTION_RETRIES_ROUTINE = 3
+
+
 def _log_retry(state: RetryCallState) -> None:
+    """``gateway.retrying``: a warning, but ``info`` for the first few contention retries."""
     exc = state.outcome.exception() if state.outcome else None
-    log.warning(
+    routine = (
+        isinstance(exc, ContentionError) and state.attempt_number <= CONTENTION_RETRIES_ROUTINE
+    )
+    (log.info if routine else log.warning)(
         "gateway.retrying",
         operation=getattr(exc, "operation", None),
         attempt=state.attempt_number,
