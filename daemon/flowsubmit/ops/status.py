@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from flowsubmit.errors import JobRejected
+from flowsubmit.ops.finished import finished
 from flowsubmit.ops.heartbeat import read as read_heartbeats
 from flowsubmit.queue.folders import FOLDERS, JobLock, Queue, is_job_name, job_files
 from flowsubmit.queue.fsutil import read_regular
@@ -57,6 +58,7 @@ def document(
         "jobs": [_job(queue, path.stem, now, max_job_bytes) for path in queue.running()],
         "queued": _queued(queue),
         "rejections": _rejections(queue, max_job_bytes),
+        "finished": finished(queue, now),
     }
 
 
@@ -155,6 +157,8 @@ def render(doc: dict[str, Any], *, bars: bool) -> RenderableType:
         more = queued["count"] - len(queued["job_ids"])
         tail = f" (+{more} more)" if more > 0 else ""
         parts.append(Text(f"queued ({queued['count']}): {', '.join(queued['job_ids'])}{tail}"))
+    if doc["finished"]:
+        parts.append(_finished_table(doc["finished"]))
     if doc["rejections"]:
         parts.append(Text("last rejections:"))
         for r in doc["rejections"]:
@@ -196,6 +200,25 @@ def _jobs_table(jobs: list[dict[str, Any]], *, bars: bool) -> Table:
             owner += ", cancel requested"
         cells.append(owner)
         table.add_row(*cells)
+    return table
+
+
+def _finished_table(jobs: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, pad_edge=False, title="recently finished", title_justify="left")
+    for name in ("job", "status", "summary", "ended", "result"):
+        table.add_column(name, justify="right" if name == "ended" else "left")
+    for job in jobs:
+        style = "green" if job["status"] == "succeeded" else "red"
+        summary = str(job["summary"] or "").removeprefix("Summary → ")
+        if job["error"]:
+            summary = f"{summary}; {job['error']}" if summary else str(job["error"])
+        table.add_row(
+            job["job_id"],
+            Text(str(job["status"]), style=style),
+            summary,
+            f"{_duration(job['age_s'])} ago",
+            job["result"],
+        )
     return table
 
 
