@@ -725,13 +725,13 @@ CONTENTION_RETRIES_ROUTINE = 3
 def _log_retry(state: RetryCallState) -> None:
     """``gateway.retrying``: a warning, but ``info`` for the first few contention retries."""
     exc = state.outcome.exception() if state.outcome else None
-    routine = (
-        isinstance(exc, ContentionError) and state.attempt_number <= CONTENTION_RETRIES_ROUTINE
-    )
-    (log.info if routine else log.warning)(
-        "gateway.retrying",
-        operation=getattr(exc, "operation", None),
-        attempt=state.attempt_number,
-        wait_s=round(state.upcoming_sleep, 2),
-        error=str(exc),
+    operation, attempt = getattr(exc, "operation", None), state.attempt_number
+    wait_s, error = round(state.upcoming_sleep, 2), str(exc)
+    if isinstance(exc, ContentionError) and attempt <= CONTENTION_RETRIES_ROUTINE:
+        log.info(
+            "gateway.retrying", operation=operation, attempt=attempt, wait_s=wait_s, error=error
+        )
+        return
+    log.warning(
+        "gateway.retrying", operation=operation, attempt=attempt, wait_s=wait_s, error=error
     )
