@@ -4,6 +4,7 @@
   their retry policies and the translation of Prefect's errors into ``errors``.
 - ``scheduler`` and ``pacer``: how many create calls are in flight and how large.
 - ``connection``: which server the process talks to, and its versions.
+- ``diagnosis``: what a failed call says about the URL (unreachable, not a Prefect API, credentials).
 - ``run_logger``: the logger of the Prefect run the library is called from, if any.
 
 Imports the foundation only; the rooms above see Prefect through ``Gateway``.
