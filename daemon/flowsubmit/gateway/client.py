@@ -402,6 +402,7 @@ class Gateway:
             parameter_schema=dict(response.parameter_openapi_schema or {}),
             default_parameters=dict(response.parameters or {}),
             work_pool_name=response.work_pool_name,
+            status=response.status.value if response.status else None,
         )
 
     async def check_work_queue(self, deployment: Deployment, work_queue_name: str) -> None:
