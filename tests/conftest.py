@@ -6,6 +6,7 @@ The environment is set before anything imports Prefect, whose settings are read 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,15 @@ _PORT = free_port()
 os.environ.update(prefect_env(_HOME, f"http://127.0.0.1:{_PORT}/api"))
 for _name in [n for n in os.environ if n.startswith("FLOWSUBMIT_")]:
     del os.environ[_name]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove this process's server home (its database, logs, topology) once every fixture is
+    torn down; a failed session keeps it, with the served flows' log, for a look."""
+    if exitstatus == 0:
+        shutil.rmtree(_HOME, ignore_errors=True)
+    else:
+        print(f"\nkept for a look: {_HOME}")
 
 
 @pytest.fixture(scope="session")

@@ -77,12 +77,18 @@ def test_status_counts_jobs_per_folder(tmp_path: Path, capsys: pytest.CaptureFix
         '{"rec":"created","stage":0,"index":0,"attempt":0,"flow_run_id":"r"}\n'
     )
     assert main(["status", "--queue", str(queue)]) == 0
-    assert [line.rstrip() for line in capsys.readouterr().out.splitlines()] == [
+    lines = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    assert lines[:5] == [
         f"{queue}  incoming: 1  processing: 1  done: 1  failed: 0  rejected: 0",
         "no daemon on this host (no heartbeat file)",
         "job  runs  created  running  succeeded  failed  cancelled  age  owner",
         "c       3        1        1          0       0          0    ?  waiting for recovery",
         "queued (1): a",
+    ]
+    assert [line.split() for line in lines[5:]] == [
+        ["recently", "finished"],
+        ["job", "status", "summary", "ended", "result"],
+        ["b", "?", "0s", "ago", f"{queue}/done/b.result.json"],  # a result without a status
     ]
 
 

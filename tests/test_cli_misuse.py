@@ -83,6 +83,7 @@ def sandbox() -> Iterator[Path]:
     _write(root / "c-typo.toml", 'log_formt = "json"\n')
     _write(root / "c-bad.toml", "max_concurrent_jobs = 0\n")
     _write(root / "c-broken.toml", "log_format = \n")
+    _write(root / "c-list.toml", 'allowed_deployments = "snooze/*"\n')
     _write(root / "qfile", "")
     (root / "adir").mkdir()
     (root / "notq").mkdir()
@@ -135,7 +136,7 @@ def _check(cases: list[Case], outcomes: list[dict[str, Any]]) -> None:
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWSUBMIT_")}
-    return {**env, "PYTHONPATH": str(ROOT), **extra}
+    return {**env, "PYTHONPATH": f"{ROOT / 'daemon'}:{ROOT}", **extra}
 
 
 ARGUMENTS = [
@@ -228,6 +229,34 @@ SETTINGS = [
         2,
         "flowsubmit: FLOWSUBMIT_FORCE_POLLING: must be true or false, not 'maybe'",
         env={"FLOWSUBMIT_FORCE_POLLING": "maybe"},
+    ),
+    Case(
+        "env: a list not written as JSON",
+        ["run", "--queue", "queue"],
+        2,
+        """flowsubmit: FLOWSUBMIT_ALLOWED_DEPLOYMENTS: must be a JSON list of globs, e.g. '["etl/*"]'""",
+        env={"FLOWSUBMIT_ALLOWED_DEPLOYMENTS": "snooze/*"},
+    ),
+    Case(
+        "env: a key list not written as JSON",
+        ["status", "--queue", "queue"],
+        2,
+        """flowsubmit: FLOWSUBMIT_ALLOWED_JOB_VARIABLES: must be a JSON list of keys, e.g. '["image"]'""",
+        env={"FLOWSUBMIT_ALLOWED_JOB_VARIABLES": "env"},
+    ),
+    Case(
+        "env: producer rules not written as JSON",
+        ["validate", "good.json"],
+        2,
+        "flowsubmit: FLOWSUBMIT_PRODUCERS: must be a JSON list of rules,"
+        """ e.g. '[{"user": "alice", "allowed_deployments": ["etl/*"]}]'""",
+        env={"FLOWSUBMIT_PRODUCERS": "oops"},
+    ),
+    Case(
+        "file: a list written as a string",
+        ["status", "--queue", "queue", "--config", "c-list.toml"],
+        2,
+        """flowsubmit: c-list.toml: allowed_deployments: must be a list of globs, e.g. allowed_deployments = ["etl/*"]""",
     ),
     Case(
         "flag wins over env",

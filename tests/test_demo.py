@@ -14,10 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_demo_prints_the_runs_and_the_summary(tmp_path: Path) -> None:
-    """The demo ends with 20 run lines (two failed on purpose), the summary, and a result file; exit 0."""
-    env = prefect_env(tmp_path)  # no PREFECT_API_URL: the demo starts its own server
+    """The demo ends with 20 run lines (two failed on purpose), the summary, and a result file
+    (kept, with ``--keep``); exit 0. Its only warnings are the failing runs' (and their job's)."""
+    # No PREFECT_API_URL: the demo starts its own server; its temporary folders go in tmp_path.
+    env = {**prefect_env(tmp_path), "TMPDIR": str(tmp_path)}
     done = subprocess.run(
-        [sys.executable, "-m", "flowsubmit.cli", "demo"],
+        [sys.executable, "-m", "flowsubmit.cli", "demo", "--keep"],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -38,7 +40,16 @@ def test_demo_prints_the_runs_and_the_summary(tmp_path: Path) -> None:
         "17",
     ]
     assert "Summary → 18/20 succeeded, 2 failed" in lines
-    result_path = Path(lines[-1].removeprefix("result file: "))
+    warnings = [line for line in json_lines if line["level"] in ("warning", "error")]
+    # The two failing runs, and the job they failed; nothing else asks anyone to act.
+    assert sorted((line["event"], line.get("state"), line.get("status")) for line in warnings) == [
+        ("job.finished", None, "failed"),
+        ("run.finished", "Failed", None),
+        ("run.finished", "Failed", None),
+    ], warnings
+    assert lines[-1].startswith(f"queue kept in {tmp_path}/flowsubmit-demo-"), lines[-1]
+    (result_line,) = [line for line in lines if line.startswith("result file: ")]
+    result_path = Path(result_line.removeprefix("result file: "))
     result = json.loads(result_path.read_text())
     assert (result["status"], result["summary"]["succeeded"], result["summary"]["failed"]) == (
         "failed",
@@ -61,9 +72,11 @@ def _processes_with(marker: str) -> list[int]:
 
 def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
     """SIGINT mid-demo exits 130 and leaves no server, served flow or daemon behind."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
     process = subprocess.Popen(
         [sys.executable, "-m", "flowsubmit.cli", "demo"],
-        env=prefect_env(tmp_path),
+        env={**prefect_env(tmp_path), "TMPDIR": str(temp)},
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -84,3 +97,5 @@ def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
     assert process.wait(60) == 130
     assert "interrupted: everything the demo started has been stopped" in process.stderr.read()  # type: ignore[union-attr]
     assert _processes_with(home) == []
+    # The queue (with its job) and Prefect's home removed (Prefect's runner_storage is Prefect's).
+    assert [p.name for p in temp.iterdir() if p.name.startswith("flowsubmit-")] == []

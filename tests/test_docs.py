@@ -80,3 +80,28 @@ def test_readme_starts_with_the_two_commands() -> None:
     """A new user meets `make demo` and `make test` before anything else."""
     head = (ROOT / "README.md").read_text()[:1500]
     assert "make demo" in head and "make test" in head
+
+
+def test_the_build_context_leaves_out_the_venv_but_not_what_the_image_copies() -> None:
+    """.dockerignore keeps .venv and .git out of the build context, and none of the Dockerfile's COPY sources."""
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    copied = {
+        source.rstrip("/")
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+        for source in line.split()[1:-1]
+    }
+    assert {".venv", ".git"} <= ignored
+    assert copied and not copied & ignored
+
+
+def test_the_license_file_is_the_apache_2_text_pyproject_names() -> None:
+    """pyproject says Apache-2.0; LICENSE holds that licence's text."""
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text

@@ -70,3 +70,32 @@ def test_a_plain_script_shows_exactly_the_seed_lines(served: LocalServer, tmp_pa
     assert len(lines) == 4, lines
     assert all(finished.fullmatch(line) for line in lines[:3]), lines
     assert lines[3] == "Summary → 3/3 succeeded, 0 failed"
+
+
+_HEREDOC = re.compile(r"^python - <<'EOF'\n(.*?)^EOF\n", re.S | re.M)
+
+
+def test_readme_heredoc_shows_the_seed_lines_on_stderr_and_nothing_on_stdout(
+    served: LocalServer, tmp_path: Path
+) -> None:
+    """README's ``python - <<'EOF'`` snippet, in a bare process with no logging configured: lines on stderr only."""
+    (code,) = _HEREDOC.findall((ROOT / "README.md").read_text())
+    done = subprocess.run(
+        [sys.executable, "-"],
+        input=code,
+        env=served.env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    deployment = "process-table-etl/process-table-etl-deployment"
+    finished = re.compile(
+        rf"✅ \[{re.escape(deployment)}\] Run [0-9a-f]{{8}} finished with state: Completed"
+    )
+    assert len(lines) == 4, lines
+    assert all(finished.fullmatch(line) for line in lines[:3]), lines
+    assert lines[3] == "Summary → 3/3 succeeded, 0 failed"

@@ -105,7 +105,10 @@ def test_a_stage_starts_only_when_the_one_before_completed(
         lambda: result_of(daemon.queue, bad), what="failing staged job"
     )
     assert folder == "failed"
-    assert [(r["stage"], r["state_name"]) for r in result["runs"]] == [(0, "Failed")]
+    assert [(r["stage"], r["state_name"]) for r in result["runs"]] == [
+        (0, "Failed"),
+        (1, "NotCreated"),
+    ]
     assert result["error"] == "stage 0 did not complete in full; 1 later stage(s) not started"
     assert asyncio.run(_states_tagged(f"flowsubmit-job:{bad}")) == ["FAILED"]
 

@@ -88,3 +88,16 @@ def test_level_filter_drops_lower_levels(capsys: pytest.CaptureFixture[str]) -> 
     assert [json.loads(line)["event"] for line in capsys.readouterr().out.splitlines()] == [
         "tracker.fallback"
     ]
+
+
+def test_console_writes_structures_as_json_not_python_reprs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A dict, list or boolean value reads as JSON on the console: no ``{'uid': 0}``, no ``True``."""
+    logs.configure("console", "info", cache=False)
+    structlog.get_logger().info(
+        "job.claimed", producer={"uid": 0, "user": "root"}, tags=["a", "b"], recovered=True
+    )
+    out = capsys.readouterr().out
+    assert 'producer={"uid":0,"user":"root"} tags=["a","b"] recovered=true' in out
+    assert "'" not in out

@@ -8,12 +8,19 @@ submitted run's id is ``run_id``, never ``flow_run_id``: Prefect's log handler
 reads that one as the run whose logs the record belongs to.
 Inside a Prefect flow or task run the same records go to ``get_run_logger()``, so
 they appear in that run's logs in Prefect.
+
+A script that configured no logging at all (no handler on the ``flowsubmit.submission``
+logger's path) still sees the lines at ``INFO`` and above, the message alone, on
+stderr: ``_UNCONFIGURED`` handles them instead of Python's last-resort handler (which
+shows warnings only). Once the application adds a handler anywhere on that path, its
+levels and handlers alone decide.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 from flowsubmit._types import RunSnapshot
 from flowsubmit.engine.results import RunRecord, Summary
@@ -26,9 +33,42 @@ LOGGER_NAME = "flowsubmit.submission"
 _log = logging.getLogger(LOGGER_NAME)
 
 
+class _StderrAtEmit(logging.StreamHandler):  # type: ignore[type-arg]
+    """The message alone on whatever ``sys.stderr`` is when a line is written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self.setLevel(logging.INFO)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: TextIO) -> None:
+        """Ignored: the stream is always the current ``sys.stderr``."""
+
+
+_UNCONFIGURED = _StderrAtEmit()
+
+
 def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
     """The run logger inside a Prefect flow or task run, else ``flowsubmit.submission``."""
     return current_run_logger() or _log
+
+
+def _log_line(level: int, message: str, fields: dict[str, Any]) -> None:
+    """Log one line; with no logging configured, show it on stderr (see the module's docstring)."""
+    logger = _logger()
+    if logger is _log and not _log.hasHandlers():
+        record = _log.makeRecord(
+            _log.name, level, "(flowsubmit)", 0, message, (), None, extra=fields
+        )
+        if level >= _UNCONFIGURED.level:
+            _UNCONFIGURED.handle(record)
+        return
+    logger.log(level, message, extra=fields)
 
 
 class SubmissionReporter:
@@ -39,7 +79,7 @@ class SubmissionReporter:
         self._deployment = deployment
 
     def _emit(self, level: int, event: str, message: str, **fields: Any) -> None:
-        _logger().log(level, message, extra={"event": event, **self._fields, **fields})
+        _log_line(level, message, {"event": event, **self._fields, **fields})
 
     def submitted(self, record: RunRecord, run_id: str) -> None:
         """Nothing: a creation is not news to the script that asked for it."""

@@ -6,6 +6,7 @@ people); a library user never does, and then the same calls go to stdlib ``loggi
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any, Literal
@@ -47,13 +48,14 @@ def render_console(_: WrappedLogger, __: str, event_dict: EventDict) -> str:
 
     ``message`` (the human sentence) replaces the dotted event name when there is one;
     keys whose value is None, or already written in the message, are left out
-    (no ``hint=None``, no deployment repeated after ``[flow/deployment]``).
+    (no ``hint=None``, no deployment repeated after ``[flow/deployment]``); a structure
+    is written as compact JSON (``producer={"uid":0,"user":"root"}``), never as a Python repr.
     """
     stamp = str(event_dict.get("timestamp", ""))[11:19]
     level = str(event_dict.get("level", "info"))
     text = str(event_dict.get("message") or event_dict.get("event", ""))
     extras = [
-        f"{key}={value}"
+        f"{key}={_console_value(value)}"
         for key, value in event_dict.items()
         if key not in _CONSOLE_HIDDEN
         and key != "exception"
@@ -63,6 +65,13 @@ def render_console(_: WrappedLogger, __: str, event_dict: EventDict) -> str:
     line = f"{stamp} {level:<7} {text}" + (f"  {' '.join(extras)}" if extras else "")
     exception = event_dict.get("exception")
     return f"{line}\n{exception}" if exception else line
+
+
+def _console_value(value: Any) -> str:
+    """A value as the console shows it: text as is, a structure as compact JSON (no Python repr)."""
+    if isinstance(value, dict | list | tuple | bool) or value is None:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return str(value)
 
 
 def resolve_format(fmt: str, stream: Any = None) -> Literal["json", "console"]:

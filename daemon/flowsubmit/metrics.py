@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from flowsubmit._types import RunSnapshot
+from flowsubmit._types import FINAL_STATE_TYPES, JobStatus, RunSnapshot
 from flowsubmit.errors import GatewayError, TransientGatewayError
 
 __all__ = [
@@ -119,3 +119,15 @@ def observe_detection(snap: RunSnapshot) -> None:
     if snap.end_time is not None:
         latency_s = (datetime.now(UTC) - snap.end_time).total_seconds()
         DETECTION_LATENCY.observe(max(latency_s, 0.0))
+
+
+#: Every label value each labelled counter can take: each series exists (at 0) from
+#: start-up, so that ``increase(...)`` over a restart sees the first increment.
+KNOWN_LABELS: tuple[tuple[Counter, tuple[str, ...]], ...] = (
+    (JOBS, (*(s.value for s in JobStatus), "rejected")),
+    (RUNS, tuple(sorted(FINAL_STATE_TYPES))),
+    (PREFECT_ERRORS, ("transient", "permanent")),
+)
+for _counter, _values in KNOWN_LABELS:
+    for _value in _values:
+        _counter.labels(_value)

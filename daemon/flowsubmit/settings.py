@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -15,6 +16,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings import SettingsError as SourceError
 
 from flowsubmit._wording import did_you_mean, sentence
 from flowsubmit.errors import SettingsError
@@ -264,6 +266,8 @@ class Settings(BaseSettings):
             raise _settings_error(exc.errors()[0], given, config_file) from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(str(config_file), f"not valid TOML: {exc}") from None
+        except SourceError as exc:  # a list variable that is not JSON
+            raise _unparsed_variable(str(exc)) from None
 
 
 def _check_readable(config_file: Path) -> None:
@@ -278,6 +282,33 @@ def _check_readable(config_file: Path) -> None:
         raise SettingsError(source, "is a directory, not a TOML file") from None
     except PermissionError:
         raise SettingsError(source, "permission denied") from None
+
+
+#: The settings that are lists, what they list and an example: one sentence for a value
+#: of the wrong shape, whichever source it came from (the environment's is JSON).
+_LISTS = {
+    "allowed_deployments": ("globs", '["etl/*"]'),
+    "allowed_job_variables": ("keys", '["image"]'),
+    "producers": ("rules", '[{"user": "alice", "allowed_deployments": ["etl/*"]}]'),
+}
+
+
+def _list_sentence(key: str, *, json_text: bool) -> str:
+    what, example = _LISTS[key]
+    if json_text:
+        return f"must be a JSON list of {what}, e.g. '{example}'"
+    if key == "producers":
+        return "must be [[producers]] tables (see config/flowsubmit.toml)"
+    return f"must be a list of {what}, e.g. {key} = {example}"
+
+
+def _unparsed_variable(message: str) -> SettingsError:
+    """pydantic-settings' error for a list variable that is not JSON, as a ``SettingsError``."""
+    match = re.search(r'field "(\w+)"', message)
+    key = match.group(1) if match else ""
+    if key not in _LISTS:
+        return SettingsError("FLOWSUBMIT_*", message)
+    return SettingsError(f"FLOWSUBMIT_{key.upper()}", _list_sentence(key, json_text=True))
 
 
 def _settings_error(error: Any, given: dict[str, Any], config_file: Path | None) -> SettingsError:
@@ -295,7 +326,12 @@ def _settings_error(error: Any, given: dict[str, Any], config_file: Path | None)
         )
     if key in given:
         return SettingsError(f"--{key.replace('_', '-')}", sentence(error, repr))
-    if any(name.upper() == variable for name in os.environ):
+    in_env = any(name.upper() == variable for name in os.environ)
+    if key in _LISTS and len(error["loc"]) <= 2 and error["type"] in ("list_type", "string_type"):
+        # The list itself, or one of its items, is not what the setting lists.
+        where = variable if in_env else f"{config_file}: {key}"
+        return SettingsError(where, _list_sentence(key, json_text=in_env))
+    if in_env:
         return SettingsError(variable, sentence(error, repr))
     path = ".".join(str(part) for part in error["loc"])  # [[producers]] errors sit deeper
     return SettingsError(f"{config_file}: {path}", sentence(error))

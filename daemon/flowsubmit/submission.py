@@ -132,7 +132,12 @@ def run_batch(
     Example::
 
         results = run_batch("etl/etl-deployment", [{"table": t} for t in range(20)])
+
+    Raises:
+        RuntimeError: called where an event loop runs (async code, a notebook), before
+            anything is created: there, ``flow_submitter`` is the way.
     """
+    _refuse_inside_a_running_loop()
     sets = [dict(p) for p in parameter_sets]
 
     async def submit_and_wait() -> dict[str, str]:
@@ -169,6 +174,19 @@ def _ended_event(submission_id: str, runs: RunSet) -> Event:
             "duration_s": None,
             "error": None,
         },
+    )
+
+
+def _refuse_inside_a_running_loop() -> None:
+    """``run_batch`` runs its own loop: inside a running one it refuses, saying what to use."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        "run_batch() runs its own event loop and cannot be called where one is running"
+        " (async code, a notebook): use `async with flow_submitter(deployment) as s:`"
+        " with `await s.submit(...)` and `await s.wait()` instead"
     )
 
 

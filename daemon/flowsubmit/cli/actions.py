@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flowsubmit._types import JobStatus
+from flowsubmit._types import Deployment, JobStatus
 from flowsubmit.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, CliError
 from flowsubmit.engine.results import JobResult
 from flowsubmit.errors import (
@@ -21,7 +22,15 @@ from flowsubmit.jobs.model import Job
 from flowsubmit.queue.folders import DEFAULT_MAX_JOB_BYTES, FOLDERS, Queue
 from flowsubmit.settings import Settings
 
-__all__ = ["ask_prefect", "cancel", "drop", "open_queue", "refuse_known_id", "wait_for_end"]
+__all__ = [
+    "ask_prefect",
+    "cancel",
+    "drop",
+    "open_queue",
+    "refuse_known_id",
+    "unserved",
+    "wait_for_end",
+]
 
 #: How long ``enqueue --check`` waits for Prefect's answers before it gives up (exit 1).
 CHECK_TIMEOUT_S = 30.0
@@ -115,8 +124,9 @@ def drop(queue: Queue, data: bytes, job_id: str) -> str:
         ) from exc
 
 
-async def ask_prefect(job: Job) -> None:
-    """Make the daemon's own pre-submit check (``executor.prepare``) now, against Prefect.
+async def ask_prefect(job: Job) -> list[str]:
+    """Make the daemon's own pre-submit check (``executor.prepare``) now, against Prefect;
+    returns warnings: each deployment that no worker or runner has polled lately.
 
     Raises:
         JobRejected: unknown deployment, parameters the flow refuses, unknown work queue (exit 2).
@@ -140,7 +150,7 @@ async def ask_prefect(job: Job) -> None:
                 # Checked apart, with no retries: the reads of `prepare` would wait a
                 # refusal out like an outage, for the whole timeout.
                 await gateway.check_credentials()
-                await prepare(job, gateway)
+                checked = await prepare(job, gateway)
         except AuthenticationError as exc:
             raise CliError(
                 "Prefect",
@@ -150,6 +160,26 @@ async def ask_prefect(job: Job) -> None:
             ) from None
         except (TimeoutError, TransientGatewayError):
             raise unreachable from None
+    return _not_ready({deployment.name: deployment for _, deployment in checked}.values())
+
+
+def _not_ready(deployments: Iterable[Deployment]) -> list[str]:
+    """A warning per deployment Prefect calls ``NOT_READY``: its runs would wait Scheduled."""
+    return [
+        f"deployment {d.name!r} is NOT_READY in Prefect: no worker or runner has polled"
+        f" {f'work pool {d.work_pool_name!r}' if d.work_pool_name else 'it'} lately, so its"
+        " runs will wait Scheduled (then Late) until one does"
+        for d in deployments
+        if d.status == "NOT_READY"
+    ]
+
+
+def unserved(queue: Queue) -> str | None:
+    """Why no daemon on this host serves ``queue`` (its heartbeat files), or None if one does."""
+    from flowsubmit.ops.heartbeat import health
+
+    healthy, why = health(queue.root)
+    return None if healthy else why
 
 
 def wait_for_end(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,23 +48,42 @@ def plan(runs: int) -> str:
     return f"{runs} run{'s' if runs != 1 else ''}: {tables}, {fails}"
 
 
-def run_demo(runs: int = 20, log_format: str = "json", timeout_s: float = 180.0) -> int:
-    """Run the whole demo; stops everything it started, also on Ctrl-C. Returns an exit code."""
+def run_demo(
+    runs: int = 20, log_format: str = "json", timeout_s: float = 180.0, *, keep: bool = False
+) -> int:
+    """Run the whole demo; stops everything it started, also on Ctrl-C. Returns an exit code.
+
+    Its temporary folder (the queue, the job file) is removed at the end, also on Ctrl-C,
+    unless ``keep``; Prefect's home always is.
+    """
     say = _printer()
-    # The queue (with the result file) outlives the demo; Prefect's home does not.
-    queue = Path(tempfile.mkdtemp(prefix="flowsubmit-demo-")) / "queue"
-    with tempfile.TemporaryDirectory(prefix="flowsubmit-demo-prefect-") as home:
-        say(f"starting a local Prefect server (SQLite in {home}) ...")
-        with LocalServer(home=Path(home)) as server:
-            say(f"Prefect API at {server.api_url}; serving the example flow ...")
-            with served_flows(server, "flowsubmit.local.examples"):
-                return _run_daemon_and_job(server, queue, runs, log_format, timeout_s, say)
+    folder = Path(tempfile.mkdtemp(prefix="flowsubmit-demo-"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="flowsubmit-demo-prefect-") as home:
+            say(f"starting a local Prefect server (SQLite in {home}) ...")
+            with LocalServer(home=Path(home)) as server:
+                say(f"Prefect API at {server.api_url}; serving the example flow ...")
+                with served_flows(server, "flowsubmit.local.examples"):
+                    return _run_daemon_and_job(
+                        server, folder / "queue", runs, log_format, timeout_s, say
+                    )
+    finally:
+        if keep:
+            say(f"queue kept in {folder / 'queue'}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            say(f"queue removed ({folder}); flowsubmit demo --keep keeps it")
 
 
 def _run_daemon_and_job(
     server: LocalServer, queue: Path, runs: int, log_format: str, timeout_s: float, say: Any
 ) -> int:
-    env = server.env(FLOWSUBMIT_LOG_FORMAT=log_format, FLOWSUBMIT_POLL_INTERVAL_S="2")
+    env = server.env(
+        FLOWSUBMIT_LOG_FORMAT=log_format,
+        FLOWSUBMIT_POLL_INTERVAL_S="2",
+        # The demo's queue launches its one deployment: no warning that it could launch any.
+        FLOWSUBMIT_ALLOWED_DEPLOYMENTS=json.dumps([DEPLOYMENT]),
+    )
     daemon = subprocess.Popen(
         [sys.executable, "-m", "flowsubmit.cli", "run", "--queue", str(queue)],
         env=env,

@@ -5,10 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from functools import partial
 
 from flowsubmit._types import JobStatus
-from flowsubmit.cli.actions import ask_prefect, drop, open_queue, refuse_known_id, wait_for_end
+from flowsubmit.cli.actions import (
+    ask_prefect,
+    drop,
+    open_queue,
+    refuse_known_id,
+    unserved,
+    wait_for_end,
+)
 from flowsubmit.cli.command import Command
 from flowsubmit.cli.errors import EXIT_OK, EXIT_USAGE, CliError
 from flowsubmit.cli.files import check_file, policy_problems, print_problems
@@ -89,9 +97,11 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
     job, data = checked.job, checked.data
     if args.check:
         try:
-            asyncio.run(ask_prefect(job))
+            warnings = asyncio.run(ask_prefect(job))
         except JobRejected as exc:
             raise exc.with_file(checked.file) from None
+        for warning in warnings:
+            _warn(warning)
     # Give the drop its id now, and print the job's name in the queue (``ID@USER`` for a
     # producer other than the queue's owner): the name the daemon, status and cancel use.
     job_id = job.id or new_job_id()
@@ -115,7 +125,15 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
     print(name, flush=True)
     if not args.wait:
         return EXIT_OK
+    why = unserved(queue)
+    if why is not None:
+        _warn(f"{why}; the job waits in incoming/ until a daemon serves this queue")
     return _report_end(name, *wait_for_end(queue, name, dropped))
+
+
+def _warn(text: str) -> None:
+    """One warning line on stderr; the command goes on."""
+    print(f"flowsubmit: warning: {text}", file=sys.stderr, flush=True)
 
 
 def _report_end(job_id: str, folder: str, ended: JobResult | JobRejected) -> int:

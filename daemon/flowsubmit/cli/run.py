@@ -50,6 +50,11 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-format", choices=["json", "console"], default="json", help="the daemon's log format"
     )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary queue (with the result file) instead of removing it",
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -58,7 +63,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.runs < 1:
         raise CliError("demo --runs", f"must be at least 1, not {args.runs}")
     try:
-        return run_demo(runs=args.runs, log_format=args.log_format)
+        return run_demo(runs=args.runs, log_format=args.log_format, keep=args.keep)
     except KeyboardInterrupt:
         print("interrupted: everything the demo started has been stopped", file=sys.stderr)
         return EXIT_INTERRUPTED

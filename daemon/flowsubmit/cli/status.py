@@ -10,11 +10,18 @@ from flowsubmit.cli.actions import open_queue
 from flowsubmit.cli.command import Command
 from flowsubmit.cli.errors import EXIT_OK, CliError
 from flowsubmit.cli.options import load_settings
+from flowsubmit.queue.folders import Queue
 
 __all__ = ["STATUS"]
 
 
 def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "job_id",
+        metavar="JOB_ID",
+        nargs="?",
+        help="show this one job: where it is, its summary, its failing runs, its result file",
+    )
     parser.add_argument(
         "--watch", action="store_true", help="refresh in place (progress bars on a terminal)"
     )
@@ -34,6 +41,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     settings = load_settings(args)
     queue = open_queue(settings, hint="is it the daemon's --queue?")
+    if args.job_id is not None:
+        return _one_job(queue, args.job_id, as_json=args.json)
     if args.json:
         print(json.dumps(document(queue, max_job_bytes=settings.max_job_bytes), indent=2))
         return EXIT_OK
@@ -60,6 +69,33 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 time.sleep(args.interval)
     except KeyboardInterrupt:
         return EXIT_OK  # the way to leave --watch
+
+
+def _one_job(queue: Queue, job_id: str, *, as_json: bool) -> int:
+    from flowsubmit.ops.finished import one_job
+
+    job = one_job(queue, job_id)
+    if job is None:
+        raise CliError(
+            f"status {job_id}",
+            "no such job in incoming/, processing/, done/, failed/ or rejected/",
+            hint="`flowsubmit status` lists the recently finished jobs",
+        )
+    if as_json:
+        print(json.dumps(job, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    print(f"{job['job_id']}: {job['status']} ({job['where']})")
+    for key in ("summary", "error"):
+        if job.get(key):
+            print(f"  {job[key]}")
+    for run in job.get("failing_runs", []):
+        where = f"stage {run['stage']} run {run['index']}"
+        run_id = str(run["flow_run_id"])[:8] if run["flow_run_id"] else "no run"
+        message = f": {run['state_message']}" if run["state_message"] else ""
+        print(f"  ❌ {where} ({run_id}) {run['state_name']}{message}")
+    if job.get("result"):
+        print(f"  result: {job['result']}")
+    return EXIT_OK
 
 
 STATUS = Command(

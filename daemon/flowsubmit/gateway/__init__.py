@@ -7,6 +7,7 @@
 - ``job_events``: the ``flowsubmit.job.*`` events' shape and their delivery.
 - ``server``: what the server is (``/admin/version``): refused, or which routes to use.
 - ``older_clients``: what an older Prefect client needs before it can be used.
+- ``diagnosis``: what a failed call says about the URL (unreachable, not a Prefect API, credentials).
 - ``run_logger``: the logger of the Prefect run the library is called from, if any.
 
 Imports the foundation only; the rooms above see Prefect through ``Gateway``.

@@ -70,6 +70,7 @@ from flowsubmit.errors import (
     TransientGatewayError,
 )
 from flowsubmit.gateway.connection import configured_api_url, display_url
+from flowsubmit.gateway.diagnosis import NOT_AN_API_HINT, health_problem, is_not_a_prefect_route
 from flowsubmit.gateway.older_clients import complete_models
 from flowsubmit.gateway.pacer import CallLimit, CallSize, Pacer
 from flowsubmit.gateway.scheduler import CreateScheduler
@@ -95,10 +96,12 @@ _TRANSIENT_DB_ERROR = re.compile(
 
 
 @contextlib.contextmanager
-def _translate_errors(operation: str, deployment: str | None = None) -> Iterator[None]:
+def _translate_errors(
+    operation: str, deployment: str | None = None, not_found: str | None = None
+) -> Iterator[None]:
     """``_translate`` the errors of a call to Prefect, counting each (``flowsubmit_prefect_errors_total``)."""
     try:
-        with _translate(operation, deployment):
+        with _translate(operation, deployment, not_found):
             yield
     except GatewayError as exc:
         metrics.count_prefect_error(exc)
@@ -106,20 +109,30 @@ def _translate_errors(operation: str, deployment: str | None = None) -> Iterator
 
 
 @contextlib.contextmanager
-def _translate(operation: str, deployment: str | None = None) -> Iterator[None]:
+def _translate(
+    operation: str, deployment: str | None = None, not_found: str | None = None
+) -> Iterator[None]:
     """Map foreign exceptions to ``errors.py``: transport and 5xx are transient, 401/403 an
-    authentication error (waited out like an outage), other 4xx permanent."""
+    authentication error (waited out like an outage), other 4xx permanent.
+
+    ``not_found`` replaces ``operation`` in the message of a 404 that is Prefect's own
+    (naming the object); a 404 of a route the server does not have says the URL is wrong.
+    """
     try:
         yield
     except ObjectNotFound as exc:
         # Prefect's ObjectNotFound prints as "None"; the detail lives in its cause.
-        detail = (
-            _http_detail(exc.http_exc)
-            if isinstance(exc.http_exc, httpx.HTTPStatusError)
-            else "not found"
-        )
+        http_exc = exc.http_exc if isinstance(exc.http_exc, httpx.HTTPStatusError) else None
+        if http_exc is not None and is_not_a_prefect_route(http_exc.response):
+            url = display_url(str(http_exc.request.url.copy_with(query=None)))
+            raise PermanentGatewayError(
+                f"{operation}: HTTP 404 from {url}: {NOT_AN_API_HINT}",
+                operation=operation,
+                deployment=deployment,
+            ) from exc
+        detail = _http_detail(http_exc) if http_exc is not None else "not found"
         raise PermanentGatewayError(
-            f"{operation}: {detail}", operation=operation, deployment=deployment
+            f"{not_found or operation}: {detail}", operation=operation, deployment=deployment
         ) from exc
     except httpx.HTTPStatusError as exc:
         detail = _http_detail(exc)
@@ -132,9 +145,17 @@ def _translate(operation: str, deployment: str | None = None) -> Iterator[None]:
                 operation=operation,
                 deployment=deployment,
             ) from exc
+        if status == 404 and is_not_a_prefect_route(exc.response):
+            url = display_url(str(exc.request.url.copy_with(query=None)))
+            raise PermanentGatewayError(
+                f"{operation}: HTTP 404 from {url}: {NOT_AN_API_HINT}",
+                operation=operation,
+                deployment=deployment,
+            ) from exc
         cls = TransientGatewayError if status in _TRANSIENT_STATUS else PermanentGatewayError
+        what = not_found if status == 404 and not_found else operation
         raise cls(
-            f"{operation}: {detail}",
+            f"{what}: {detail}",
             operation=operation,
             deployment=deployment,
             retry_after_s=_retry_after(exc.response),
@@ -342,7 +363,7 @@ class Gateway:
     async def health_error(self) -> str | None:
         """One health check, no retries: None when the API answers, else what went wrong."""
         error = await self.client.api_healthcheck()
-        return None if error is None else f"{type(error).__name__}: {error}"
+        return None if error is None else health_problem(error)
 
     async def server_version(self) -> str:
         """The Prefect server's version (one call, no retries)."""
@@ -399,7 +420,14 @@ class Gateway:
         """Return the deployment ``flow/deployment``; unknown names are a permanent error."""
         flow_name, _, deployment_name = name.partition("/")
         async for attempt in self._retrying("read_deployment", name):
-            with attempt, _translate_errors(f"deployment {name!r} not found or unreadable", name):
+            with (
+                attempt,
+                _translate_errors(
+                    f"read deployment {name!r}",
+                    name,
+                    not_found=f"deployment {name!r} not found or unreadable",
+                ),
+            ):
                 # Prefect's read_deployment_by_name puts the names into the path as they
                 # are, so a '#' or '?' would cut the path and read another deployment.
                 reply = await self.client.request(
@@ -417,6 +445,7 @@ class Gateway:
             parameter_schema=dict(response.parameter_openapi_schema or {}),
             default_parameters=dict(response.parameters or {}),
             work_pool_name=response.work_pool_name,
+            status=response.status.value if response.status else None,
         )
 
     async def check_work_queue(self, deployment: Deployment, work_queue_name: str) -> None:
@@ -761,12 +790,21 @@ async def _snapshots(subscriber: Any) -> AsyncIterator[RunSnapshot]:
             yield snapshot
 
 
+#: Retries of one call refused for database contention that are routine (``info``); the
+#: next one is a ``warning``: the server is contended for longer than an instant.
+CONTENTION_RETRIES_ROUTINE = 3
+
+
 def _log_retry(state: RetryCallState) -> None:
+    """``gateway.retrying``: a warning, but ``info`` for the first few contention retries."""
     exc = state.outcome.exception() if state.outcome else None
+    operation, attempt = getattr(exc, "operation", None), state.attempt_number
+    wait_s, error = round(state.upcoming_sleep, 2), str(exc)
+    if isinstance(exc, ContentionError) and attempt <= CONTENTION_RETRIES_ROUTINE:
+        log.info(
+            "gateway.retrying", operation=operation, attempt=attempt, wait_s=wait_s, error=error
+        )
+        return
     log.warning(
-        "gateway.retrying",
-        operation=getattr(exc, "operation", None),
-        attempt=state.attempt_number,
-        wait_s=round(state.upcoming_sleep, 2),
-        error=str(exc),
+        "gateway.retrying", operation=operation, attempt=attempt, wait_s=wait_s, error=error
     )

@@ -12,14 +12,11 @@ from pathlib import Path
 import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
-from flowsubmit._types import JobStatus
 from flowsubmit.errors import SettingsError
 from flowsubmit.gateway.connection import versions
 from flowsubmit.logs import get_logger
 from flowsubmit.metrics import (
     BUILD_INFO,
-    JOBS,
-    PREFECT_ERRORS,
     QUEUE_FILES,
     QUEUE_OLDEST_AGE,
     REGISTRY,
@@ -47,12 +44,6 @@ def track_gauges(
     for folder in folders:
         QUEUE_FILES.labels(folder).set_function(functools.partial(queue_files, folder))
     QUEUE_OLDEST_AGE.labels("incoming").set_function(functools.partial(oldest_age_s, incoming))
-    # Every job status and error kind is served from 0: increase() and the alerts see the
-    # first failure only if its series existed before it.
-    for status in [*JobStatus, "rejected"]:
-        JOBS.labels(status)
-    for kind in ("transient", "permanent"):
-        PREFECT_ERRORS.labels(kind)
     BUILD_INFO.labels(*versions()).set(1)
 
 

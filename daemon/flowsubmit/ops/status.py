@@ -20,18 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Group, RenderableType
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from flowsubmit.errors import JobRejected
+from flowsubmit.ops.finished import finished
 from flowsubmit.ops.heartbeat import read as read_heartbeats
 from flowsubmit.queue.folders import FOLDERS, JobLock, Queue, is_job_name, job_files
 from flowsubmit.queue.fsutil import read_regular
 from flowsubmit.queue.journal import JournalState, replay
 from flowsubmit.settings import Settings
 
-__all__ = ["document", "render"]
+__all__ = ["document", "progress_bar", "render"]
 
 #: Rejections shown, newest first.
 LAST_REJECTIONS = 5
@@ -57,6 +57,7 @@ def document(
         "jobs": [_job(queue, path.stem, now, max_job_bytes) for path in queue.running()],
         "queued": _queued(queue),
         "rejections": _rejections(queue, max_job_bytes),
+        "finished": finished(queue, now),
     }
 
 
@@ -155,6 +156,8 @@ def render(doc: dict[str, Any], *, bars: bool) -> RenderableType:
         more = queued["count"] - len(queued["job_ids"])
         tail = f" (+{more} more)" if more > 0 else ""
         parts.append(Text(f"queued ({queued['count']}): {', '.join(queued['job_ids'])}{tail}"))
+    if doc["finished"]:
+        parts.append(_finished_table(doc["finished"]))
     if doc["rejections"]:
         parts.append(Text("last rejections:"))
         for r in doc["rejections"]:
@@ -177,7 +180,7 @@ def _jobs_table(jobs: list[dict[str, Any]], *, bars: bool) -> Table:
     for name in columns:
         table.add_column(name, justify="left" if name == "job" else "right")
     if bars:
-        table.add_column("progress", width=24)
+        table.add_column("progress", width=BAR_WIDTH)
     table.add_column("owner")
     for job in jobs:
         runs = job["runs"]
@@ -189,14 +192,50 @@ def _jobs_table(jobs: list[dict[str, Any]], *, bars: bool) -> Table:
             _duration(job["age_s"]),
         ]
         if bars:
-            done = sum(runs[k] or 0 for k in ("succeeded", "failed", "cancelled"))
-            cells.append(ProgressBar(total=float(total or 1), completed=float(done), width=24))
+            cells.append(progress_bar(runs, total))
         owner = str(job["owner"]).replace("_", " ")
         if job["cancel_requested"]:
             owner += ", cancel requested"
         cells.append(owner)
         table.add_row(*cells)
     return table
+
+
+def _finished_table(jobs: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, pad_edge=False, title="recently finished", title_justify="left")
+    for name in ("job", "status", "summary", "ended", "result"):
+        table.add_column(name, justify="right" if name == "ended" else "left")
+    for job in jobs:
+        style = "green" if job["status"] == "succeeded" else "red"
+        summary = str(job["summary"] or "").removeprefix("Summary → ")
+        if job["error"]:
+            summary = f"{summary}; {job['error']}" if summary else str(job["error"])
+        table.add_row(
+            job["job_id"],
+            Text(str(job["status"] or "?"), style=style),
+            summary,
+            f"{_duration(job['age_s'])} ago",
+            job["result"],
+        )
+    return table
+
+
+#: The progress bar's width, and each part's colour: succeeded green, failed red, cancelled
+#: yellow, the runs not final yet grey.
+BAR_WIDTH = 24
+_BAR_PARTS = (("succeeded", "green"), ("failed", "red"), ("cancelled", "yellow"))
+
+
+def progress_bar(runs: dict[str, int | None], total: int | None) -> Text:
+    """One job's bar: a part per outcome in its colour, the rest grey (``?`` counts as 0)."""
+    scale = BAR_WIDTH / max(total or 0, sum(runs[k] or 0 for k, _ in _BAR_PARTS), 1)
+    bar, used = Text(), 0
+    for key, colour in _BAR_PARTS:
+        cells = min(round((runs[key] or 0) * scale), BAR_WIDTH - used)
+        bar.append("━" * cells, style=colour)
+        used += cells
+    bar.append("━" * (BAR_WIDTH - used), style="grey37")
+    return bar
 
 
 def _duration(seconds: float | None) -> str:

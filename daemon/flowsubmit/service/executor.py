@@ -140,6 +140,8 @@ class Executor:
         self._run_tag = run_tag
         #: The run-sets of the stages started so far (the result lists their runs).
         self._started: list[RunSet] = []
+        #: Every stage's run-set, once ``run`` was given them.
+        self._prepared: list[tuple[PlannedStage, RunSet]] = []
         self._deadline: asyncio.Timeout | None = None
         self._cancel_requested = False
         self._abort_reason: str | None = None
@@ -229,6 +231,7 @@ class Executor:
         """Run the stages; never raises for failed runs (they are data in the result)."""
         started = datetime.now(UTC)
         status, error = JobStatus.SUCCEEDED, None
+        self._prepared = prepared
         try:
             async with asyncio.timeout(self._timeout_s) as self._deadline:
                 if self._cancel_requested or self._abort_reason is not None:
@@ -241,7 +244,7 @@ class Executor:
             status=status,
             started_at=started,
             ended_at=datetime.now(UTC),
-            records=self._records(),
+            records=[*self._records(), *self._never_started()],
             error=error,
             producer=self._producer.as_dict() if self._producer else None,
         )
@@ -259,6 +262,22 @@ class Executor:
         )
         return JobOutcome(status, result)
 
+    def _never_started(self) -> list[RunRecord]:
+        """The runs of the stages that never started: each ``NotCreated``, its ``error`` saying why.
+
+        The result accounts for every run the job defined, and its summary counts them.
+        """
+        left = self._prepared[len(self._started) :]
+        if not left:
+            return []
+        why = f"not started: stage {len(self._started) - 1} did not complete in full"
+        if not self._started:
+            why = "not started: the job ended before its first stage"
+        records = [record for _, runs in left for record in runs.ordered()]
+        for record in records:
+            record.creation_failed(why)
+        return records
+
     @property
     def _own_tags(self) -> list[str]:
         """The tags flowsubmit puts on every run of this job, before the job's own."""
@@ -270,11 +289,18 @@ class Executor:
         if self._abort_reason is not None:
             return JobStatus.FAILED, self._abort_reason  # Prefect is gone: nothing to cancel
         status = JobStatus.CANCELLED if self._cancel_requested else JobStatus.TIMED_OUT
+        stopping = self._cancel_requested or self.job.on_timeout == "cancel"
         for runs in self._started:
-            if self._cancel_requested or self.job.on_timeout == "cancel":
+            if stopping:
                 await runs.cancel_unfinished(CANCEL_GRACE_S)
             runs.abandon()  # what has not ended is left to Prefect, recorded without a final state
-        return status, None
+        if status is JobStatus.CANCELLED:
+            return status, "cancelled on request (flowsubmit cancel)"
+        fate = "cancelled" if stopping else "left running (on_timeout: leave)"
+        return (
+            status,
+            f"timed out after {self._timeout_s:g} s (timeout); runs not final were {fate}",
+        )
 
     # -- stages -----------------------------------------------------------------------------
 

@@ -1,0 +1,50 @@
+"""A wrong ``PREFECT_API_URL`` is named as such, never as a deployment's fault (the real server)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from flowsubmit import PermanentGatewayError, TransientGatewayError, flow_submitter
+from flowsubmit.local.localserver import LocalServer, free_port
+from tests.support.daemons import Daemon
+from tests.support.flows import DRIVEN
+
+HINT = "the server answers but is not a Prefect API: does PREFECT_API_URL end in /api?"
+
+
+async def test_a_url_without_api_is_named_not_a_prefect_api(served: LocalServer) -> None:
+    """The server's URL without ``/api`` (a deployment that exists): the error says the URL is wrong."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = served.api_url.removesuffix("/api")
+    with temporary_settings(updates={PREFECT_API_URL: root}):
+        wrong = flow_submitter(DRIVEN, outage_tolerance_s=5.0)
+        with pytest.raises(PermanentGatewayError) as info:
+            await wrong.submit(table=1)
+    assert HINT in str(info.value)
+    assert "not found or unreadable" not in str(info.value)
+    assert wrong.run_ids == []
+
+
+async def test_nothing_listening_is_named_unreachable_not_a_missing_deployment() -> None:
+    """Connection refused: the error says Prefect is unreachable and blames no deployment."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
+        nowhere = flow_submitter(DRIVEN, outage_tolerance_s=1.0)
+        with pytest.raises(TransientGatewayError) as info:
+            await nowhere.submit(table=1)
+    assert "unreachable" in str(info.value)
+    assert "not found" not in str(info.value)
+
+
+def test_the_daemon_waiting_for_a_url_without_api_says_why(
+    served: LocalServer, spawn: Callable[..., Daemon]
+) -> None:
+    """``flowsubmit run`` on the server's URL without ``/api``: ``service.waiting_for_prefect`` carries the hint."""
+    root = served.api_url.removesuffix("/api")
+    daemon = spawn(served.env(PREFECT_API_URL=root))
+    (waiting,) = daemon.wait_for_event("service.waiting_for_prefect")[:1]
+    assert waiting["error"] == f"HTTP 404 from {root}/health: {HINT}"
