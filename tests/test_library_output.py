@@ -7,6 +7,7 @@ changes (``gateway.call_limit``), and drives them to their ends: 30 Completed, 2
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from flowsubmit.local.localserver import LocalServer
+from tests.support import ROOT
 from tests.support.flows import DRIVEN
 
 _SCRIPT = """
@@ -41,7 +43,8 @@ def _script(
 ) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
         [sys.executable, "-c", _SCRIPT.format(configure=configure, deployment=DRIVEN)],
-        env=served.env(),
+        # The script imports the test driver: the repository is on its path, its cwd is not.
+        env=_with_root_on_path(served.env()),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -49,6 +52,10 @@ def _script(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def _with_root_on_path(env: dict[str, str]) -> dict[str, str]:
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
 
 
 @pytest.mark.timeout(240)

@@ -164,9 +164,9 @@ def test_prune_skips_entries_that_are_not_regular_files_and_removes_the_rest(
     assert out.splitlines()[-1] == "removed 3 job(s), 5 file(s)"
     skipped = [line.split(None, 2)[2] for line in out.splitlines() if "retention.skipped" in line]
     assert skipped == [
-        "retention.skipped  folder=done name=a-dir.result.json kind=directory dry_run=False",
-        "retention.skipped  folder=done name=b.json kind=directory dry_run=False",
-        "retention.skipped  folder=rejected name=f.json kind=fifo dry_run=False",
+        "retention.skipped  folder=done name=a-dir.result.json kind=directory dry_run=false",
+        "retention.skipped  folder=done name=b.json kind=directory dry_run=false",
+        "retention.skipped  folder=rejected name=f.json kind=fifo dry_run=false",
     ]
     assert sorted(str(p.relative_to(q)) for p in q.rglob("*") if p.parent != q) == [
         "done/a-dir.result.json",

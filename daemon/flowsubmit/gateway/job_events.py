@@ -9,7 +9,9 @@ raised, so an event can neither fail nor hold up a job. Never carries run parame
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from prefect.events.clients import get_events_client
@@ -26,6 +28,21 @@ log = get_logger("flowsubmit.events")
 EMIT_TIMEOUT_S = 30.0
 #: Reconnections the events client tries before giving the event up.
 RECONNECTIONS = 3
+
+#: True while this context delivers a job event (the events client's tasks inherit it).
+_EMITTING: ContextVar[bool] = ContextVar("flowsubmit_emitting_event", default=False)
+
+
+class _SaidOnceByUs(logging.Filter):
+    """Drops the events client's own connection warnings while flowsubmit delivers an event:
+    ``events.emit_failed`` says it once, naming the job, in the daemon's log format (a line of
+    Prefect's own would break the JSON lines). Other users of the client are untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _EMITTING.get()
+
+
+logging.getLogger("prefect.events.clients").addFilter(_SaidOnceByUs())
 
 
 def max_related() -> int:
@@ -75,6 +92,7 @@ def job_event(
 
 async def emit_job_event(event: Event) -> bool:
     """Deliver ``event`` to the Prefect server; True once sent, False (logged) on any failure."""
+    emitting = _EMITTING.set(True)  # the client's tasks, made inside, inherit it
     try:
         async with asyncio.timeout(EMIT_TIMEOUT_S):
             async with get_events_client(reconnection_attempts=RECONNECTIONS) as client:
@@ -87,5 +105,7 @@ async def emit_job_event(event: Event) -> bool:
             error=f"{type(exc).__name__}: {exc}",
         )
         return False
+    finally:
+        _EMITTING.reset(emitting)
     log.debug("events.emitted", event_name=event.event, resource=event.resource.id)
     return True

@@ -63,7 +63,7 @@ class Announcer:
             "flowsubmit.producer": producer.user or str(producer.uid),
             "flowsubmit.priority": str(job.priority),
         }
-        deployments = [stage.deployment for stage in job.resolved_stages()]
+        deployments = [planned.stage.deployment for planned in job.plan.stages]
         payload = {"job_id": job_id, "runs": job.total_runs, "recovered": recovered}
         self._send("claimed", job_id, deployments, payload)
 
