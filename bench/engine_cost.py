@@ -86,6 +86,12 @@ class InstantGateway:
     async def cancel_run(self, flow_run_id: str) -> RunSnapshot | None:
         return None
 
+    async def count_finished(self, tag: str, since: Any, until: Any) -> int:
+        return 0
+
+    async def read_finished(self, tag: str, since: Any, until: Any) -> list[RunSnapshot]:
+        return []
+
     @contextlib.asynccontextmanager
     async def run_events(self, tag: str) -> AsyncIterator[AsyncIterator[RunSnapshot]]:
         yield self._stream()
