@@ -86,7 +86,7 @@ class InstantGateway:
     async def cancel_run(self, flow_run_id: str) -> RunSnapshot | None:
         return None
 
-    async def count_finished(self, tag: str, since: Any, until: Any) -> int:
+    async def count_finished(self, tag: str, since: Any, until: Any) -> int | None:
         return 0
 
     async def read_finished(self, tag: str, since: Any, until: Any) -> list[RunSnapshot]:

@@ -142,7 +142,10 @@ async def test_stream_up_tracks_twenty_runs_with_a_handful_of_requests(
     assert sum(spent.values()) <= 2, spent
     assert counts <= elapsed_s / BEHIND_CHECK_S + 1, (counts, elapsed_s)
     assert mode is TrackerMode.STREAMING
-    assert _tracker_events(logs) == ["tracker.streaming"]
+    # A final event later than EVENT_LAG_S (a loaded machine) makes one stream check read
+    # its window: a read, within the budget above, and nothing recorded twice.
+    lines = [e for e in _tracker_events(logs) if e != "tracker.stream_behind"]
+    assert lines == ["tracker.streaming"]
 
 
 async def test_stream_lost_mid_job_completes_by_polling_and_hands_back(

@@ -64,13 +64,15 @@ _LIVE_MARGIN = timedelta(seconds=0.25)
 BURST_EVENTS = 128
 BURST_WINDOW_S = 1.0
 BURST_RECONCILE_S = 10.0
-#: While streaming with runs pending, every ``BEHIND_CHECK_S`` the tracker counts the runs
-#: of its tag that ended in the window since the last check and compares the count with
-#: the final events it saw for that window; if the server knows more, the stream fell
+#: While streaming with runs pending, the tracker counts the runs of its tag that ended
+#: in the window since its last check (reaching ``_REWIND`` back) and compares the count
+#: with the finals it saw for that window; if the server knows more, the stream fell
 #: behind or lost events, and the window's finals are read at once. The window closes
-#: ``EVENT_LAG_S`` before now: the events of runs that ended later may still be on their way.
+#: ``EVENT_LAG_S`` before now: the events of runs that ended later may still be on their
+#: way. When and how often: ``Tracker._behind_loop``.
 BEHIND_CHECK_S = 2.0
 QUIET_AFTER_S = 30.0
+_REWIND = timedelta(seconds=6.0)
 EVENT_LAG_S = 1.5
 _EVENT_LAG = timedelta(seconds=EVENT_LAG_S)
 
@@ -137,14 +139,17 @@ class Tracker:
         self._window_events = 0
         self._window_start = 0.0
         self._pass_started = 0.0
-        #: When (loop time) the last event arrived.
-        self._last_event = 0.0
+        #: When (loop time) the last event, and the last final event, arrived.
+        self._last_event = self._last_final_event = 0.0
         self._burst_timer: asyncio.TimerHandle | None = None
         self._live_since: datetime | None = None
         #: Where the next stream check's window starts (server end times), and the final
         #: events seen since: run id -> end time, pruned as the window moves on.
         self._checked_until: datetime | None = None
+        self._window_floor: datetime | None = None
         self._seen_ended: dict[str, datetime] = {}
+        #: The last stream check found runs the stream had not delivered.
+        self._missed = False
         self._mode = TrackerMode.STARTING
         self._wake = asyncio.Event()
         self._check = asyncio.Event()
@@ -253,10 +258,8 @@ class Tracker:
 
     def observe(self, snap: RunSnapshot) -> None:
         """Record one observation; final ones resolve the run's future (idempotent)."""
-        if snap.source == "event" and snap.final and self._checked_until is not None:
-            ended = snap.end_time or snap.occurred
-            if ended is not None and ended >= self._checked_until:
-                self._seen_ended[snap.flow_run_id] = ended
+        if snap.final:
+            self._note_final(snap)
         run = self._watches.get(snap.flow_run_id)
         if run is None:
             if snap.source == "event":
@@ -265,6 +268,14 @@ class Tracker:
         self._note(run, snap)
         if snap.final:
             self._resolve(snap.flow_run_id, run, snap)
+
+    def _note_final(self, snap: RunSnapshot) -> None:
+        """Remember a final seen (event or read) for the stream checks' counts."""
+        if snap.source == "event":
+            self._last_final_event = asyncio.get_running_loop().time()
+        ended = snap.end_time or snap.occurred
+        if self._window_floor is not None and ended is not None and ended >= self._window_floor:
+            self._seen_ended[snap.flow_run_id] = ended
 
     def _note(self, run: _Run, snap: RunSnapshot) -> None:
         """Fold ``snap`` into ``run``: coverage, and the start time and name the final may lack."""
@@ -300,7 +311,7 @@ class Tracker:
         """A stream (re)opened: coverage starts again, and everything unfinished is read once."""
         self._live_since = datetime.now(UTC) + _LIVE_MARGIN
         self._end_session()
-        self._checked_until, self._seen_ended = datetime.now(UTC), {}
+        self._open_window(datetime.now(UTC))
         self._set_mode(TrackerMode.STREAMING)
         self.reconcile_soon()  # catch what ended while no stream was open
 
@@ -374,33 +385,61 @@ class Tracker:
     async def _behind_loop(self) -> None:
         """Notice within seconds a stream that stalled or lost final events, and read what it missed.
 
-        Checks every ``BEHIND_CHECK_S`` while events flow (or the last check found some
-        missing); after ``QUIET_AFTER_S`` without an event the period doubles, up to
-        ``reconcile_interval_s``: runs that last hours cost a count a minute, not one
-        every two seconds.
+        Checks every ``BEHIND_CHECK_S`` while there is reason to: final events arrived
+        within ``QUIET_AFTER_S`` (a burst may overflow the server's backlog), the stream
+        fell silent after events flowed (a stall looks like that), or the last check
+        found runs missing. Otherwise, while events flow (a job's creations) or nothing
+        happens (runs that last hours), the period doubles up to ``reconcile_interval_s``.
         """
-        period = BEHIND_CHECK_S
+        period, next_check = BEHIND_CHECK_S, 0.0
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(BEHIND_CHECK_S)
             if self._mode is not TrackerMode.STREAMING or not self._watches:
-                self._checked_until, self._seen_ended = datetime.now(UTC) - _EVENT_LAG, {}
-                period = BEHIND_CHECK_S
+                self._open_window(datetime.now(UTC) - _EVENT_LAG)
+                period, next_check = BEHIND_CHECK_S, 0.0
                 continue
-            missed = await self._check_behind()
-            quiet_s = asyncio.get_running_loop().time() - self._last_event
-            active = missed or quiet_s < QUIET_AFTER_S
-            period = BEHIND_CHECK_S if active else min(2 * period, self.reconcile_interval_s)
+            now = asyncio.get_running_loop().time()
+            if not self._urgent(now) and now < next_check:
+                continue
+            self._missed = await self._check_behind()
+            period = (
+                BEHIND_CHECK_S if self._urgent(now) else min(2 * period, self.reconcile_interval_s)
+            )
+            next_check = now + period
+
+    def _urgent(self, now: float) -> bool:
+        """Whether the stream must be checked at once (see ``_behind_loop``)."""
+        silent_s = now - self._last_event
+        return (
+            self._missed
+            or now - self._last_final_event < QUIET_AFTER_S
+            or BEHIND_CHECK_S <= silent_s < QUIET_AFTER_S
+        )
+
+    def _open_window(self, since: datetime) -> None:
+        """Stream checks start at ``since``: nothing before it is counted."""
+        self._window_floor = self._checked_until = since
+        self._seen_ended = {}
 
     async def _check_behind(self) -> bool:
-        """One check: the server's count of the window's finals against the final events seen; True if some were missed."""
-        since = self._checked_until
+        """One check: the server's count of a window's finals against the finals seen; True if some were missed.
+
+        The window reaches ``REWIND_S`` back from its end (not before the session
+        began): a final whose commit came late, with an earlier ``end_time``, is
+        still counted.
+        """
         until = datetime.now(UTC) - _EVENT_LAG
-        if since is None or until <= since:
+        if self._checked_until is None or self._window_floor is None:
+            return False
+        since = max(self._window_floor, min(self._checked_until, until - _REWIND))
+        if until <= since:
             return False
         missed = False
         try:
             ended = await self._gateway.count_finished(self._tag, since, until)
-            seen = sum(1 for t in self._seen_ended.values() if t < until)
+            if ended is None:
+                return False  # not asked now (a rate limit): the same window next time
+            seen = sum(1 for t in self._seen_ended.values() if since <= t < until)
             missed = ended > seen
             if missed:
                 log.info("tracker.stream_behind", missed=ended - seen, pending=self.pending)
@@ -410,7 +449,7 @@ class Tracker:
             log.warning("tracker.check_failed", error=str(exc))
             return False  # the same window again next time
         self._checked_until = until
-        self._seen_ended = {i: t for i, t in self._seen_ended.items() if t >= until}
+        self._seen_ended = {i: t for i, t in self._seen_ended.items() if t >= until - _REWIND}
         return missed
 
     async def _check_loop(self) -> None:

@@ -550,8 +550,14 @@ class Gateway:
             snapshots.extend(_snapshot_from_run(run) for run in runs)
         return snapshots
 
-    async def count_finished(self, tag: str, since: datetime, until: datetime) -> int:
-        """How many runs carrying ``tag`` reached a final state with ``since <= end_time < until``."""
+    async def count_finished(self, tag: str, since: datetime, until: datetime) -> int | None:
+        """How many runs carrying ``tag`` reached a final state with ``since <= end_time < until``.
+
+        ``None``, without a request, while the API answers 429: the count is a check
+        the tracker repeats, and a rate limit's budget goes to the creates.
+        """
+        if self.pacer.throttled:
+            return None
         count = 0
         async for attempt in self._retrying("count_flow_runs"):
             with attempt, _translate_errors("count flow runs"):
