@@ -87,6 +87,7 @@ async def _row(label: str, runs: int, stall: bool, driver_env: dict[str, str]) -
     row["p50"], row["p95"] = statistics.median(latencies), scale._pct(latencies, 0.95)
     row["max"] = max(latencies)
     row["reads"] = sum(1 for s in proxy.seen if s.path.endswith("/flow_runs/filter"))
+    row["counts"] = sum(1 for s in proxy.seen if s.path.endswith("/flow_runs/count"))
     result = json.loads(next(daemon.queue.glob("*/*.result.json")).read_text())
     row["result"] = (result["summary"]["total"], result["summary"]["succeeded"])
     shutil.rmtree(work, ignore_errors=True)
@@ -96,15 +97,17 @@ async def _row(label: str, runs: int, stall: bool, driver_env: dict[str, str]) -
 def _print(rows: list[dict[str, Any]]) -> None:
     print(
         "| server | runs | websocket | driven in s | by event | by reconciliation "
-        "| recorded twice | lost | duplicated | recorded after end p50 / p95 / max s | reads |"
+        "| recorded twice | lost | duplicated | recorded after end p50 / p95 / max s | reads | counts "
+        "| (reads + counts) per run |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['server']} | {r['runs']} | {'stalled' if r['stalled'] else 'read'} "
             f"| {r['drive_s']:.1f} | {r['sources'].get('event', 0)} | {r['sources'].get('poll', 0)} "
             f"| {r['twice']} | {r['lost']} | {r['duplicated']} "
-            f"| {r['p50']:.2f} / {r['p95']:.2f} / {r['max']:.2f} | {r['reads']} |"
+            f"| {r['p50']:.2f} / {r['p95']:.2f} / {r['max']:.2f} | {r['reads']} | {r['counts']} "
+            f"| {(r['reads'] + r['counts']) / r['runs']:.3f} |"
         )
     for r in rows:
         print(

@@ -1,9 +1,12 @@
 """Scale: one big matrix job on one daemon, measured beside the raw bulk route in the same run.
 
-Run: ``.venv/bin/python bench/scale.py [runs] [--topology] [--submit-only]``
+Run: ``.venv/bin/python bench/scale.py [runs] [--topology] [--submit-only | --engine]``
 (``make bench-scale`` runs 10,000 on both). Prints a table; asserts nothing.
 ``--submit-only`` runs the daemon's submission alone (no raw phase, no idle, no
 driver) and prints its rate: the quick loop for work on the submission path.
+``--engine`` runs no server: ``bench/engine_cost.py`` prints flowsubmit's own CPU per
+run by phase and bytes per pending run (tracemalloc), beside the tree at
+``BENCH_BASELINE`` (another checkout's ``daemon`` directory) measured in the same run.
 
 By default the script starts its own embedded SQLite-backed server; with
 ``--topology`` it starts the production topology (``flowsubmit.local.topology``:
@@ -399,9 +402,31 @@ def main(runs: int, topology: bool, submit_only: bool = False) -> None:
         asyncio.run(daemon_phase(row, driver_env))
 
 
+def engine(runs: int) -> None:
+    """The engine's own cost per run (``bench/engine_cost.py``), beside ``BENCH_BASELINE``'s tree."""
+    from bench.engine_cost import report
+
+    def figures(daemon_dir: str) -> Any:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([daemon_dir, str(ROOT)])}
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "engine_cost.py"), str(runs), "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            check=True,
+            cwd=ROOT,
+        )
+        return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+    baseline = os.environ.get("BENCH_BASELINE")
+    mine = figures(str(ROOT / "daemon"))
+    report(runs, *mine, baseline=figures(baseline) if baseline else None)
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if "--drive" in sys.argv:
+    if "--engine" in sys.argv:
+        engine(int(args[0]) if args else 10_000)
+    elif "--drive" in sys.argv:
         asyncio.run(_drive(args[0], int(args[1])))
     elif "--raw" in sys.argv:
         with _server("--topology" in sys.argv):

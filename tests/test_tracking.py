@@ -17,7 +17,7 @@ from prefect.states import Running
 from structlog.testing import capture_logs
 
 from flowsubmit._types import RunRequest, RunSnapshot
-from flowsubmit.engine.tracker import Tracker, TrackerMode
+from flowsubmit.engine.tracker import BEHIND_CHECK_S, Tracker, TrackerMode
 from flowsubmit.gateway.client import Gateway
 from flowsubmit.local.localserver import LocalServer
 from tests.support.driver import drive
@@ -27,6 +27,7 @@ from tests.support.proxy import Proxy
 #: Safety net for awaiting outcomes; not a timing claim (those live in bench/).
 PATIENCE_S = 60.0
 READ_ROUTE = "POST /flow_runs/filter"
+COUNT_ROUTE = "POST /flow_runs/count"
 
 
 @contextlib.asynccontextmanager
@@ -119,7 +120,7 @@ async def test_stream_up_tracks_twenty_runs_with_a_handful_of_requests(
     with capture_logs() as logs:
         async with tracking(tag, reconcile_interval_s=3600.0) as (gateway, tracker):
             ids = await _create(gateway, 20, tag)
-            before = gateway.requests.copy()
+            before, started = gateway.requests.copy(), asyncio.get_running_loop().time()
             await drive(ids[:2])
             await asyncio.sleep(1.0)  # their final events arrive while nobody watches them
             futures = [tracker.watch(i) for i in ids]
@@ -127,6 +128,7 @@ async def test_stream_up_tracks_twenty_runs_with_a_handful_of_requests(
             await drive(ids[15:], final="Failed")
             snaps = await _finals(futures)
             spent = gateway.requests - before
+            elapsed_s = asyncio.get_running_loop().time() - started
             mode = tracker.mode
 
     assert [(s.state_type, s.final, s.succeeded) for s in snaps] == [
@@ -134,9 +136,16 @@ async def test_stream_up_tracks_twenty_runs_with_a_handful_of_requests(
     ] * 15 + [("FAILED", True, False)] * 5
     assert {s.source for s in snaps} == {"event"}
     assert _recorded(snaps) == await _server_truth(ids)
-    assert sum(spent.values()) <= 2, spent  # a handful, not 20 x polls (the bench measures 0)
+    # A handful of reads, not 20 x polls (the bench measures 0); the stream check's counts
+    # cost one per BEHIND_CHECK_S while events flow, whatever the number of runs.
+    counts = spent.pop(COUNT_ROUTE, 0)
+    assert sum(spent.values()) <= 2, spent
+    assert counts <= elapsed_s / BEHIND_CHECK_S + 1, (counts, elapsed_s)
     assert mode is TrackerMode.STREAMING
-    assert _tracker_events(logs) == ["tracker.streaming"]
+    # A final event later than EVENT_LAG_S (a loaded machine) makes one stream check read
+    # its window: a read, within the budget above, and nothing recorded twice.
+    lines = [e for e in _tracker_events(logs) if e != "tracker.stream_behind"]
+    assert lines == ["tracker.streaming"]
 
 
 async def test_stream_lost_mid_job_completes_by_polling_and_hands_back(
@@ -200,6 +209,33 @@ async def test_stream_lost_mid_job_completes_by_polling_and_hands_back(
         "mode": "streaming",
         "pending": 0,
     }
+
+
+async def test_stalled_stream_is_noticed_by_the_count_and_its_finals_read(
+    served: LocalServer,
+) -> None:
+    """A websocket that stays open but delivers nothing: the finals are read within seconds, not at reconciliation."""
+    tag = _tag()
+    with capture_logs() as logs:
+        async with (
+            Proxy(served.port) as proxy,
+            tracking(tag, proxy.api_url, reconcile_interval_s=3600.0) as (gateway, tracker),
+        ):
+            ids = await _create(gateway, 12, tag)
+            futures = [tracker.watch(i) for i in ids]
+            await drive(ids[:2])
+            streamed = await _finals(futures[:2])
+            proxy.stall_websockets()
+            await drive(ids[2:], final="Failed")
+            stalled = await _finals(futures[2:])
+            mode = tracker.mode
+            proxy.resume_websockets()
+
+    assert [s.source for s in streamed] == ["event"] * 2
+    assert [(s.source, s.state_type) for s in stalled] == [("poll", "FAILED")] * 10
+    assert _recorded(streamed + stalled) == await _server_truth(ids)
+    assert mode is TrackerMode.STREAMING  # the socket never closed: no fallback to polling
+    assert "tracker.stream_behind" in _tracker_events(logs)
 
 
 async def test_timed_out_run_is_recorded_final_and_failed(served: LocalServer) -> None:

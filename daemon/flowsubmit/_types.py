@@ -115,6 +115,14 @@ class GatewayProtocol(Protocol):
         """Read the current state of the given runs, in as few calls as possible."""
         ...
 
+    async def count_finished(self, tag: str, since: datetime, until: datetime) -> int | None:
+        """How many runs carrying ``tag`` reached a final state with ``since <= end_time < until``; None if not asked now."""
+        ...
+
+    async def read_finished(self, tag: str, since: datetime, until: datetime) -> list[RunSnapshot]:
+        """The runs carrying ``tag`` that reached a final state with ``since <= end_time < until``."""
+        ...
+
     async def cancel_run(self, flow_run_id: str) -> RunSnapshot | None:
         """Ask Prefect to cancel a run."""
         ...

@@ -17,7 +17,7 @@ __all__ = ["NOT_CREATED", "JobResult", "RunRecord", "Summary", "finished_message
 NOT_CREATED = "NotCreated"
 
 
-@dataclass
+@dataclass(slots=True)
 class RunRecord:
     """One run of a set: what to create, and the final state of every attempt; the run's only record.
 

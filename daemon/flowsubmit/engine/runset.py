@@ -11,7 +11,7 @@ the library opens and closes lazily and the daemon keeps for its lifetime.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextvars
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -152,6 +152,8 @@ class RunSet:
         self._gateway: GatewayProtocol | None = None
         self._tracker: Tracker | None = None
         self._futures: dict[str, asyncio.Future[RunSnapshot]] = {}
+        #: The context of the first watch, where every final is recorded (and its line logged).
+        self._context: contextvars.Context | None = None
 
     # -- engine --------------------------------------------------------------------------
 
@@ -243,10 +245,17 @@ class RunSet:
         _, tracker = self._engine()
         if run_id in self._finals or run_id in self._futures:
             return
-        future = self._futures[run_id] = tracker.watch(run_id)
-        future.add_done_callback(functools.partial(self._settle, run_id))
+        if self._context is None:
+            self._context = contextvars.copy_context()
+        self._futures[run_id] = tracker.watch(run_id, self._resolved)
         if self._recovered:
             tracker.reconcile_soon()
+
+    def _resolved(self, run_id: str) -> None:
+        """The tracker's listener: record the final in the context of the first watch (its log lines' job and stage)."""
+        future = self._futures.get(run_id)
+        if future is not None and self._context is not None:
+            self._context.run(self._settle, run_id, future)
 
     def _settle(self, run_id: str, future: asyncio.Future[RunSnapshot]) -> None:
         if not future.done() or future.cancelled() or future.exception() is not None:

@@ -30,7 +30,8 @@ import contextlib
 import dataclasses
 import random
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Self
@@ -63,6 +64,17 @@ _LIVE_MARGIN = timedelta(seconds=0.25)
 BURST_EVENTS = 128
 BURST_WINDOW_S = 1.0
 BURST_RECONCILE_S = 10.0
+#: While streaming with runs pending, the tracker counts the runs of its tag that ended
+#: in the window since its last check (reaching ``_REWIND`` back) and compares the count
+#: with the finals it saw for that window; if the server knows more, the stream fell
+#: behind or lost events, and the window's finals are read at once. The window closes
+#: ``EVENT_LAG_S`` before now: the events of runs that ended later may still be on their
+#: way. When and how often: ``Tracker._behind_loop``.
+BEHIND_CHECK_S = 2.0
+QUIET_AFTER_S = 30.0
+_REWIND = timedelta(seconds=6.0)
+EVENT_LAG_S = 1.5
+_EVENT_LAG = timedelta(seconds=EVENT_LAG_S)
 
 
 class TrackerMode(StrEnum):
@@ -73,15 +85,21 @@ class TrackerMode(StrEnum):
     POLLING = "polling"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Run:
-    """What is known of one run: its watchers' future once watched, its final state once seen."""
+    """What is known of one run while it waits: its watchers' future once watched, its final state once seen.
+
+    A few fields and no container, for every pending run: a state seen twice (by an
+    event and a read) needs no memory of state ids, because a run leaves the
+    registry with its first final state, and only a final state resolves it.
+    """
 
     future: asyncio.Future[RunSnapshot] | None = None
+    #: Called with the run's id once its future has its final snapshot (one shared callable).
+    listener: Callable[[str], None] | None = None
     final: RunSnapshot | None = None
     start_time: datetime | None = None
     name: str | None = None
-    seen_states: set[str] = field(default_factory=set)
     #: A live event of this run arrived on the current stream session.
     covered: bool = False
 
@@ -121,8 +139,17 @@ class Tracker:
         self._window_events = 0
         self._window_start = 0.0
         self._pass_started = 0.0
+        #: When (loop time) the last event, and the last final event, arrived.
+        self._last_event = self._last_final_event = 0.0
         self._burst_timer: asyncio.TimerHandle | None = None
         self._live_since: datetime | None = None
+        #: Where the next stream check's window starts (server end times), and the final
+        #: events seen since: run id -> end time, pruned as the window moves on.
+        self._checked_until: datetime | None = None
+        self._window_floor: datetime | None = None
+        self._seen_ended: dict[str, datetime] = {}
+        #: The last stream check found runs the stream had not delivered.
+        self._missed = False
         self._mode = TrackerMode.STARTING
         self._wake = asyncio.Event()
         self._check = asyncio.Event()
@@ -144,6 +171,7 @@ class Tracker:
         if self._use_events:
             self._spawn(self._stream_loop(), "flowsubmit-tracker-stream")
             self._spawn(self._check_loop(), "flowsubmit-tracker-check")
+            self._spawn(self._behind_loop(), "flowsubmit-tracker-behind")
         else:
             self._set_mode(TrackerMode.POLLING, reason="events disabled")
         self._spawn(self._poll_loop(), "flowsubmit-tracker-poll")
@@ -190,8 +218,15 @@ class Tracker:
         """Runs tracked and not final yet."""
         return len(self._watches)
 
-    def watch(self, flow_run_id: str) -> asyncio.Future[RunSnapshot]:
-        """Track a run; the same future is returned for the same id until it resolves."""
+    def watch(
+        self, flow_run_id: str, listener: Callable[[str], None] | None = None
+    ) -> asyncio.Future[RunSnapshot]:
+        """Track a run; the same future is returned for the same id until it resolves.
+
+        ``listener``, if given, is called (soon, as a done-callback) with the run's id
+        once its future has its final snapshot: one callable shared by many runs costs a pending run
+        nothing, where a done-callback each would keep a few objects per run.
+        """
         if self._closed:
             raise ClosedError("the Tracker is closed")
         run = self._watches.get(flow_run_id)
@@ -199,6 +234,7 @@ class Tracker:
             return run.future
         run = self._unclaimed.pop(flow_run_id, None) or _Run()
         future = run.future = asyncio.get_running_loop().create_future()
+        run.listener = listener
         self._watches[flow_run_id] = run
         if run.final is not None:
             self._resolve(flow_run_id, run, run.final)
@@ -222,25 +258,31 @@ class Tracker:
 
     def observe(self, snap: RunSnapshot) -> None:
         """Record one observation; final ones resolve the run's future (idempotent)."""
+        if snap.final:
+            self._note_final(snap)
         run = self._watches.get(snap.flow_run_id)
         if run is None:
             if snap.source == "event":
                 self._keep_unclaimed(snap)
             return
-        if self._note(run, snap) and snap.final:
+        self._note(run, snap)
+        if snap.final:
             self._resolve(snap.flow_run_id, run, snap)
 
-    def _note(self, run: _Run, snap: RunSnapshot) -> bool:
-        """Fold ``snap`` into ``run``; False when this state was seen already."""
+    def _note_final(self, snap: RunSnapshot) -> None:
+        """Remember a final seen (event or read) for the stream checks' counts."""
+        if snap.source == "event":
+            self._last_final_event = asyncio.get_running_loop().time()
+        ended = snap.end_time or snap.occurred
+        if self._window_floor is not None and ended is not None and ended >= self._window_floor:
+            self._seen_ended[snap.flow_run_id] = ended
+
+    def _note(self, run: _Run, snap: RunSnapshot) -> None:
+        """Fold ``snap`` into ``run``: coverage, and the start time and name the final may lack."""
         if snap.source == "event" and self._is_live(snap):
             run.covered = True
-        if snap.state_id is not None:
-            if snap.state_id in run.seen_states:
-                return False
-            run.seen_states.add(snap.state_id)
         run.start_time = run.start_time or snap.start_time
         run.name = snap.flow_run_name or run.name
-        return True
 
     def _keep_unclaimed(self, snap: RunSnapshot) -> None:
         run = self._unclaimed.get(snap.flow_run_id)
@@ -248,7 +290,8 @@ class Tracker:
             run = self._unclaimed[snap.flow_run_id] = _Run()
             if len(self._unclaimed) > UNCLAIMED_MAX:
                 self._unclaimed.popitem(last=False)
-        if self._note(run, snap) and snap.final and run.final is None:
+        self._note(run, snap)
+        if snap.final and run.final is None:
             run.final = snap
 
     def _resolve(self, flow_run_id: str, run: _Run, snap: RunSnapshot) -> None:
@@ -257,6 +300,8 @@ class Tracker:
         self.recorded[snap.source] = self.recorded.get(snap.source, 0) + 1
         if run.future is not None and not run.future.done():
             run.future.set_result(_merged(snap, run))
+            if run.listener is not None:  # called as a done-callback is: soon, on its own
+                run.future.get_loop().call_soon(run.listener, flow_run_id)
 
     def _is_live(self, snap: RunSnapshot) -> bool:
         since = self._live_since
@@ -266,6 +311,7 @@ class Tracker:
         """A stream (re)opened: coverage starts again, and everything unfinished is read once."""
         self._live_since = datetime.now(UTC) + _LIVE_MARGIN
         self._end_session()
+        self._open_window(datetime.now(UTC))
         self._set_mode(TrackerMode.STREAMING)
         self.reconcile_soon()  # catch what ended while no stream was open
 
@@ -308,7 +354,7 @@ class Tracker:
     def _count_event(self) -> None:
         """Bring the next reconciliation forward once a burst may have overflowed the server's backlog."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self._last_event = loop.time()
         if now - self._window_start > BURST_WINDOW_S:
             self._window_start, self._window_events = now, 0
         self._window_events += 1
@@ -335,6 +381,76 @@ class Tracker:
         todo = [i for i in self._pass if i in self._watches]
         done = await self._read(todo)
         self._pass = todo[done:]
+
+    async def _behind_loop(self) -> None:
+        """Notice within seconds a stream that stalled or lost final events, and read what it missed.
+
+        Checks every ``BEHIND_CHECK_S`` while there is reason to: final events arrived
+        within ``QUIET_AFTER_S`` (a burst may overflow the server's backlog), the stream
+        fell silent after events flowed (a stall looks like that), or the last check
+        found runs missing. Otherwise, while events flow (a job's creations) or nothing
+        happens (runs that last hours), the period doubles up to ``reconcile_interval_s``.
+        """
+        period, next_check = BEHIND_CHECK_S, 0.0
+        while True:
+            await asyncio.sleep(BEHIND_CHECK_S)
+            if self._mode is not TrackerMode.STREAMING or not self._watches:
+                self._open_window(datetime.now(UTC) - _EVENT_LAG)
+                period, next_check = BEHIND_CHECK_S, 0.0
+                continue
+            now = asyncio.get_running_loop().time()
+            if not self._urgent(now) and now < next_check:
+                continue
+            self._missed = await self._check_behind()
+            period = (
+                BEHIND_CHECK_S if self._urgent(now) else min(2 * period, self.reconcile_interval_s)
+            )
+            next_check = now + period
+
+    def _urgent(self, now: float) -> bool:
+        """Whether the stream must be checked at once (see ``_behind_loop``)."""
+        silent_s = now - self._last_event
+        return (
+            self._missed
+            or now - self._last_final_event < QUIET_AFTER_S
+            or BEHIND_CHECK_S <= silent_s < QUIET_AFTER_S
+        )
+
+    def _open_window(self, since: datetime) -> None:
+        """Stream checks start at ``since``: nothing before it is counted."""
+        self._window_floor = self._checked_until = since
+        self._seen_ended = {}
+
+    async def _check_behind(self) -> bool:
+        """One check: the server's count of a window's finals against the finals seen; True if some were missed.
+
+        The window reaches ``REWIND_S`` back from its end (not before the session
+        began): a final whose commit came late, with an earlier ``end_time``, is
+        still counted.
+        """
+        until = datetime.now(UTC) - _EVENT_LAG
+        if self._checked_until is None or self._window_floor is None:
+            return False
+        since = max(self._window_floor, min(self._checked_until, until - _REWIND))
+        if until <= since:
+            return False
+        missed = False
+        try:
+            ended = await self._gateway.count_finished(self._tag, since, until)
+            if ended is None:
+                return False  # not asked now (a rate limit): the same window next time
+            seen = sum(1 for t in self._seen_ended.values() if since <= t < until)
+            missed = ended > seen
+            if missed:
+                log.info("tracker.stream_behind", missed=ended - seen, pending=self.pending)
+                for snap in await self._gateway.read_finished(self._tag, since, until):
+                    self.observe(snap)
+        except GatewayError as exc:
+            log.warning("tracker.check_failed", error=str(exc))
+            return False  # the same window again next time
+        self._checked_until = until
+        self._seen_ended = {i: t for i, t in self._seen_ended.items() if t >= until - _REWIND}
+        return missed
 
     async def _check_loop(self) -> None:
         """Read, once and in one batch, the newly watched runs the stream has not covered."""

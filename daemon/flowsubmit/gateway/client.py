@@ -31,6 +31,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
 from typing import Any, Self
 from urllib.parse import quote
 
@@ -40,12 +41,15 @@ from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.actions import DeploymentFlowRunCreate
 from prefect.client.schemas.filters import (
     FlowRunFilter,
+    FlowRunFilterEndTime,
     FlowRunFilterId,
     FlowRunFilterState,
     FlowRunFilterStateType,
+    FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.responses import DeploymentResponse, OrchestrationResult
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
 from prefect.events.schemas.events import Event
@@ -619,6 +623,42 @@ class Gateway:
             snapshots.extend(_snapshot_from_run(run) for run in runs)
         return snapshots
 
+    async def count_finished(self, tag: str, since: datetime, until: datetime) -> int | None:
+        """How many runs carrying ``tag`` reached a final state with ``since <= end_time < until``.
+
+        ``None``, without a request, while the API answers 429: the count is a check
+        the tracker repeats, and a rate limit's budget goes to the creates.
+        """
+        if self.pacer.throttled:
+            return None
+        count = 0
+        async for attempt in self._retrying("count_flow_runs"):
+            with attempt, _translate_errors("count flow runs"):
+                count = await self.client.count_flow_runs(
+                    flow_run_filter=_finished_filter(tag, since, until)
+                )
+        return count
+
+    async def read_finished(self, tag: str, since: datetime, until: datetime) -> list[RunSnapshot]:
+        """The runs carrying ``tag`` that reached a final state with ``since <= end_time < until``.
+
+        ``READ_BATCH`` per call, in id order, until a page comes back short.
+        """
+        snapshots: list[RunSnapshot] = []
+        while True:
+            runs: list[FlowRun] = []
+            async for attempt in self._retrying("read_flow_runs"):
+                with attempt, _translate_errors("read flow runs"):
+                    runs = await self.client.read_flow_runs(
+                        flow_run_filter=_finished_filter(tag, since, until),
+                        sort=FlowRunSort.ID_DESC,
+                        limit=READ_BATCH,
+                        offset=len(snapshots),
+                    )
+            snapshots.extend(_snapshot_from_run(run) for run in runs)
+            if len(runs) < READ_BATCH:
+                return snapshots
+
     async def cancel_run(self, flow_run_id: str) -> RunSnapshot | None:
         """Ask Prefect to cancel a run (its worker or runner stops it); return the state it is in.
 
@@ -729,6 +769,15 @@ def _create_body(request: RunRequest) -> dict[str, Any]:
         name=request.name,
     )
     return create.model_dump(mode="json", exclude_unset=True)
+
+
+def _finished_filter(tag: str, since: datetime, until: datetime) -> FlowRunFilter:
+    """Final runs carrying ``tag`` whose end time is in ``[since, until)`` (Prefect's before_ is inclusive)."""
+    return FlowRunFilter(
+        tags=FlowRunFilterTags(all_=[tag]),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=sorted(FINAL_STATE_TYPES))),
+        end_time=FlowRunFilterEndTime(after_=since, before_=until - timedelta(microseconds=1)),
+    )
 
 
 def _snapshot_from_run(run: FlowRun) -> RunSnapshot:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from flowsubmit import metrics
 from flowsubmit._types import Deployment, GatewayProtocol, JobStatus, RunSnapshot
@@ -23,13 +21,13 @@ from flowsubmit.errors import (
     GatewayError,
     JobRejected,
     PermanentGatewayError,
-    TransientGatewayError,
 )
 from flowsubmit.jobs.model import DEPLOYMENT_HINT, Job, Stage
 from flowsubmit.jobs.plan import PlannedStage
 from flowsubmit.jobs.policy import Producer
 from flowsubmit.logs import bound_contextvars, get_logger
 from flowsubmit.queue.journal import Journal, JournalState, snapshot_record
+from flowsubmit.service.stagerun import StageRun
 
 __all__ = ["Executor", "JobOutcome", "prepare"]
 
@@ -152,9 +150,9 @@ class Executor:
         #: The whole job's deadline: its ``timeout``, or its producer's default.
         self._timeout_s = timeout_s if timeout_s is not None else job.timeout
         #: The producer's runs in flight over all its jobs (``max_runs_in_flight``), if limited.
-        self._producer_slots: contextlib.AbstractAsyncContextManager[Any] = (
-            producer_slots or contextlib.nullcontext()
-        )
+        self._producer_slots = producer_slots
+        #: The stage whose runs are in flight (stages run one after the other).
+        self._stage_run: StageRun | None = None
 
     # -- public ---------------------------------------------------------------------------
 
@@ -209,6 +207,7 @@ class Executor:
             priority=self.job.priority,
             ledger=_JournalLedger(self._journal, self._state),
             recovered=self._recovered,
+            on_final=self._finished,
         )
         for spec in planned.runs:
             runs.add(
@@ -323,31 +322,19 @@ class Executor:
         return JobStatus.SUCCEEDED, None
 
     async def _run_stage(self, stage: Stage, runs: RunSet) -> None:
-        records = runs.ordered()
-        slots = asyncio.Semaphore(stage.max_concurrency or len(records))
-        async with asyncio.TaskGroup() as tg:
-            for record in records:
-                tg.create_task(self._run_one(stage, runs, record, slots))
+        """The retry policy: up to ``stage.retries`` more attempts while a run does not complete."""
+        self._stage_run = StageRun(
+            stage, runs, producer_slots=self._producer_slots, abort=self.abort
+        )
+        try:
+            await self._stage_run.run()
+        finally:
+            self._stage_run = None
 
-    async def _run_one(
-        self, stage: Stage, runs: RunSet, record: RunRecord, slots: asyncio.Semaphore
-    ) -> None:
-        """The retry policy: up to ``stage.retries`` more attempts while the run does not complete."""
-        async with slots, self._producer_slots:
-            for _ in range(stage.retries + 1):
-                try:
-                    run_id = await runs.create(record)
-                except PermanentGatewayError as exc:
-                    record.creation_failed(str(exc))
-                    log.error("run.refused", index=record.index, error=str(exc))
-                    return
-                except TransientGatewayError as exc:
-                    # The gateway retried for prefect_outage_tolerance_s: the job fails as a whole.
-                    record.creation_failed(str(exc))
-                    self.abort(f"Prefect unreachable beyond prefect_outage_tolerance_s: {exc}")
-                    return
-                if (await runs.final(run_id)).succeeded:
-                    return
+    def _finished(self, record: RunRecord, snap: RunSnapshot) -> None:
+        """The run-sets' ``on_final``: the stage running decides what follows a run's end."""
+        if self._stage_run is not None:
+            self._stage_run.finished(record, snap)
 
 
 async def prepare(job: Job, gateway: GatewayProtocol) -> list[tuple[PlannedStage, Deployment]]:
