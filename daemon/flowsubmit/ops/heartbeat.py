@@ -13,8 +13,8 @@ own PID namespace; a daemon in another is alive while its beat is fresh.
 A heartbeat file is trusted by more than its name: whoever may write the queue root
 could forge one (``{"pid": 1}`` would read as a live daemon forever). A file counts
 only when it is a regular file owned by the daemon's user (the owner of
-``processing/``, which the daemon creates), named after the host, PID namespace and pid it states,
-and well-formed field by field; any other is ignored, and never deleted.
+``processing/``, which the daemon creates), named after the host, PID namespace and
+pid it states, and well-formed field by field; any other is ignored, and never deleted.
 """
 
 from __future__ import annotations
