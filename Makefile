@@ -9,7 +9,9 @@ STAMP  := $(VENV)/.installed
 # Compatibility (docs/operations.md, "Supported Prefect versions"): the oldest supported
 # Prefect, in a venv of its own with the dependency versions of its time. The venv is
 # cached outside the checkout, keyed by the constraints file, and built from scratch when
-# absent (into a temporary directory, moved into place only once complete).
+# absent: into a temporary directory of its own beside the target, renamed into place only
+# once complete. Two builds at once each build their own; the first rename wins, and the
+# other keeps the venv it finds and drops its own.
 COMPAT_PREFECT := 3.4
 COMPAT_CACHE   ?= $(HOME)/.cache/flowsubmit-compat
 COMPAT_KEY      = $(shell cat compat/constraints-$(COMPAT_PREFECT).txt compat/requirements.txt | sha256sum | cut -c1-12)
@@ -32,13 +34,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 $(COMPAT_VENV)/.complete:
-	rm -rf $(COMPAT_VENV).tmp
-	$(PYTHON) -m venv $(COMPAT_VENV).tmp
-	$(COMPAT_VENV).tmp/bin/python -m pip install --quiet --upgrade pip
-	$(COMPAT_VENV).tmp/bin/python -m pip install --quiet \
-		-c compat/constraints-$(COMPAT_PREFECT).txt -r compat/requirements.txt
-	touch $(COMPAT_VENV).tmp/.complete
-	rm -rf $(COMPAT_VENV) && mv $(COMPAT_VENV).tmp $(COMPAT_VENV)
+	mkdir -p $(COMPAT_CACHE)
+	set -e; tmp=$$(mktemp -d $(COMPAT_VENV).tmp.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp"; \
+	"$$tmp/bin/python" -m pip install --quiet --upgrade pip; \
+	"$$tmp/bin/python" -m pip install --quiet \
+		-c compat/constraints-$(COMPAT_PREFECT).txt -r compat/requirements.txt; \
+	touch "$$tmp/.complete"; \
+	if mv -T "$$tmp" $(COMPAT_VENV) 2>/dev/null; then exit 0; fi; \
+	if [ -e $(COMPAT_VENV)/.complete ]; then echo "$(COMPAT_VENV): built meanwhile by another build; keeping it"; exit 0; fi; \
+	echo "$(COMPAT_VENV) exists but is incomplete: remove it" >&2; exit 1
 
 # The subset (compat/subset.txt) three times, one row of the compatibility table each:
 # old server with this venv's client, old server and old client, this venv's server with

@@ -1,5 +1,6 @@
-"""Several hosts on one queue: two daemons in separate PID, UTS and mount namespaces (``unshare``),
-each pid 1 under its own hostname, share one queue directory; one is killed mid-job.
+"""Several hosts on one queue: two daemons in separate PID and mount namespaces (``unshare``),
+each pid 1, share one queue directory; one is killed mid-job. Each has a UTS namespace and a
+hostname of its own, or both keep the node's hostname (containers on ``--network host``).
 
 What each namespace shares with the other is what two containers on one node share: the
 kernel (so ``flock`` and ``rename`` are the kernel's own) and the queue volume. A
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +27,7 @@ import pytest
 
 from flowsubmit.engine.runset import job_tag
 from flowsubmit.local.localserver import LocalServer
+from flowsubmit.ops.heartbeat import health as heartbeat_health
 from flowsubmit.queue.folders import Queue
 from tests.support import ROOT, jobs
 from tests.support.crashkit import server_runs
@@ -43,24 +46,28 @@ JOBS = 30
 RUNS_PER_JOB = 2
 
 
-def _host_daemon(home: Path, host: str, queue: Path, env: dict[str, str]) -> Daemon:
-    """``flowsubmit run`` as pid 1 of new PID, UTS and mount namespaces, with hostname ``host``."""
+def _host_daemon(
+    home: Path, name: str, host: str | None, queue: Path, env: dict[str, str]
+) -> Daemon:
+    """``flowsubmit run`` as pid 1 of new PID and mount namespaces: with hostname ``host`` in a
+    UTS namespace of its own, or with the node's hostname when ``host`` is None."""
     settings = {**FAST, "max_concurrent_jobs": JOBS}
-    log_path = home / f"{host}.log"
+    log_path = home / f"{name}.log"
+    uts = [] if host is None else ["--uts"]
     with open(log_path, "wb") as out:
         process = subprocess.Popen(
             [
                 "unshare",
                 "--pid",
                 "--fork",
-                "--uts",
+                *uts,
                 "--mount",
                 "--mount-proc",
                 "--kill-child",
                 "sh",
                 "-c",
-                'hostname "$0" && exec "$@"',
-                host,
+                '[ -z "$0" ] || hostname "$0"; exec "$@"',
+                host or "",
                 sys.executable,
                 "-m",
                 "flowsubmit.cli",
@@ -140,17 +147,27 @@ class _Driver:
             self._done.update(fresh)
 
 
+@pytest.mark.parametrize(
+    "hosts",
+    [("ns-a", "ns-b"), (None, None)],
+    ids=["own-hostnames", "shared-hostname"],
+)
 def test_two_namespaces_share_a_queue_and_the_survivor_adopts_the_dead_ones_jobs(
-    served: LocalServer, tmp_path: Path, record_property: Callable[[str, object], None]
+    hosts: tuple[str | None, str | None],
+    served: LocalServer,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    """30 jobs split between two pid-1 daemons on hosts ``ns-a`` and ``ns-b``; ``ns-a`` is killed
-    with jobs in hand; ``ns-b`` adopts them: every job ends once, every run exists once."""
+    """30 jobs split between two pid-1 daemons ``a`` and ``b``; ``a`` is killed with jobs in
+    hand; ``b`` adopts them: every job ends once, every run exists once. Each keeps a
+    heartbeat of its own, and ``health`` in ``b``'s namespace answers for ``b``, also when
+    both share the node's hostname."""
     queue_dir = tmp_path / "queue"
     Queue(queue_dir).ensure()
     tag = f"hosts-{uuid.uuid4().hex[:8]}"
     env = served.env()
-    a = _host_daemon(tmp_path, "ns-a", queue_dir, env)
-    b = _host_daemon(tmp_path, "ns-b", queue_dir, env)
+    a = _host_daemon(tmp_path, "a", hosts[0], queue_dir, env)
+    b = _host_daemon(tmp_path, "b", hosts[1], queue_dir, env)
     try:
         a.wait_for_event("service.ready")
         b.wait_for_event("service.ready")
@@ -160,21 +177,28 @@ def test_two_namespaces_share_a_queue_and_the_survivor_adopts_the_dead_ones_jobs
             document = jobs.make_job(deployment=DRIVEN, id=job_id, runs=RUNS_PER_JOB, tags=[tag])
             queue.enqueue(json.dumps(document).encode(), job_id)
         a.wait_for(lambda: len(_claimed(a) | _claimed(b)) == JOBS, what="every job claimed")
-        a.wait_for(lambda: a.events("run.submitted"), what="ns-a submitting")
+        a.wait_for(lambda: a.events("run.submitted"), what="a submitting")
         held_by_a = _claimed(a)
-        beats = sorted(p.name for p in queue_dir.glob("heartbeat-*.json"))
-        assert beats == ["heartbeat-ns-a-1.json", "heartbeat-ns-b-1.json"]
+        namespaces = [os.stat(f"/proc/{_pid1(d)}/ns/pid").st_ino for d in (a, b)]
+        names = [host or socket.gethostname() for host in hosts]
+        expected = [f"heartbeat-{n}-{ns}-1.json" for n, ns in zip(names, namespaces, strict=True)]
+        assert sorted(p.name for p in queue_dir.glob("heartbeat-*.json")) == sorted(expected)
         health = _in_namespace(b, "health", "--queue", str(queue_dir))
         assert health.returncode == 0, health.stdout + health.stderr
 
         killed_at = time.monotonic()
         os.kill(_pid1(a), signal.SIGKILL)  # the namespace's pid 1: the whole "container" goes
         a.process.wait(30)
-        b.wait_for(lambda: _claimed(b, recovered=True) >= held_by_a, what="ns-b adopting")
+        b.wait_for(lambda: _claimed(b, recovered=True) >= held_by_a, what="b adopting")
         adoption_s = time.monotonic() - killed_at
         record_property("adoption_s", round(adoption_s, 2))
+        health = _in_namespace(b, "health", "--queue", str(queue_dir))  # a's beat is not b's
+        assert (health.returncode, health.stdout[:22]) == (0, "ok: pid 1 passed its l")
+        if hosts[0] is None:  # the node itself sees the live peer by its fresh beat
+            ok, line = heartbeat_health(queue_dir)
+            assert ok, line
         print(
-            f"\nns-a held {len(held_by_a)} of {JOBS} jobs; ns-b adopted them {adoption_s:.2f} s after the kill"
+            f"\na held {len(held_by_a)} of {JOBS} jobs; b adopted them {adoption_s:.2f} s after the kill"
         )
 
         with _Driver(served, tag):

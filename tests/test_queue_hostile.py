@@ -19,7 +19,7 @@ import structlog
 from flowsubmit._types import RunSnapshot
 from flowsubmit.cli import main
 from flowsubmit.local.localserver import LocalServer
-from flowsubmit.ops.heartbeat import Heartbeat, scan
+from flowsubmit.ops.heartbeat import Heartbeat, pid_namespace, scan
 from flowsubmit.queue.folders import FOLDERS, safe_name
 from tests.support import ROOT
 from tests.support.daemons import Daemon, result_of
@@ -290,6 +290,7 @@ def _beat(pid: object, **fields: Any) -> bytes:
     document = {
         "pid": pid,
         "host": socket.gethostname(),
+        "pid_ns": pid_namespace(),
         "queue": "/q",
         "version": "0",
         "time": time.time(),
@@ -303,12 +304,12 @@ def _beat(pid: object, **fields: Any) -> bytes:
 
 
 def _beat_path(q: Path, pid: int) -> Path:
-    return q / f"heartbeat-{safe_name(socket.gethostname())}-{pid}.json"
+    return q / f"heartbeat-{safe_name(socket.gethostname())}-{pid_namespace()}-{pid}.json"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 def test_health_ignores_forged_and_malformed_heartbeat_files(tmp_path: Path) -> None:
-    """A beat of pid 1 owned by another user, a string pid, a misnamed beat and a FIFO are ignored: health says no daemon and counts them."""
+    """A beat of pid 1 owned by another user, a string pid, beats misnamed by pid or PID namespace and a FIFO are ignored: health says no daemon and counts them."""
     q = _queue(tmp_path / "q")
     forged = _beat_path(q, 1)
     forged.write_bytes(_beat(1))
@@ -317,6 +318,10 @@ def test_health_ignores_forged_and_malformed_heartbeat_files(tmp_path: Path) -> 
     _beat_path(q, 3).write_bytes(_beat("x"))
     _beat_path(q, 4).write_bytes(_beat(4, time="soon"))
     os.mkfifo(_beat_path(q, 5))
+    other_ns = _beat_path(q, 6).with_name(
+        _beat_path(q, 6).name.replace(f"-{pid_namespace()}-", "-7-")
+    )
+    other_ns.write_bytes(_beat(6))  # named for PID namespace 7, says this one
 
     code, out, err, _ = _flowsubmit("health", "--queue", str(q))
     status = json.loads(_flowsubmit("status", "--queue", str(q), "--json")[1])
@@ -324,10 +329,10 @@ def test_health_ignores_forged_and_malformed_heartbeat_files(tmp_path: Path) -> 
     assert (code, out) == (1, "")
     assert err == (
         f"flowsubmit: health: no daemon serves {q} (no heartbeat file from this host) "
-        "(ignored 5 untrusted heartbeat files)\n"
+        "(ignored 6 untrusted heartbeat files)\n"
     )
     assert status["daemons"] == []
-    assert scan(q).untrusted == 5
+    assert scan(q).untrusted == 6
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")

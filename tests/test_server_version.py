@@ -4,6 +4,7 @@ servers refused (a Prefect 2 server, an API that is not Prefect's)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -142,3 +143,34 @@ def test_the_daemon_logs_the_server_version_when_ready(
     assert ready["prefect_server_version"] == server["server_version"] != "unknown"
     assert server["bulk"] is (Version(server["server_version"]) >= BULK_SINCE)
     assert daemon.stop() == 0
+
+
+def test_the_daemon_reads_the_server_version_again_after_an_outage(
+    served: LocalServer, spawn: Callable[..., Daemon]
+) -> None:
+    """Prefect goes away and comes back as an older release (behind the same URL): the
+    daemon reads ``/admin/version`` again when it answers, and drops the bulk route."""
+    phase = {"now": "up", "older": "3.4.25"}
+
+    def rule(method: str, path: str) -> Reply | None:
+        if phase["now"] == "down":
+            return 500, {"Content-Type": "application/json"}, b'{"detail":"down"}'
+        if phase["now"] == "older":
+            return _version_answer(json.dumps(phase["older"]).encode())(method, path)
+        return None
+
+    with running(Proxy(served.port, rule=rule)) as proxy:
+        daemon = spawn(served.env(PREFECT_API_URL=proxy.api_url))
+        daemon.wait_for_event("service.ready")
+        (first,) = daemon.events("gateway.server")
+        if first["server_version"] == phase["older"]:  # the compatibility run's server
+            phase["older"] = "3.4.24"
+        phase["now"] = "down"
+        daemon.wait_for_event("service.prefect_unreachable")
+        phase["now"] = "older"
+        daemon.wait_for_event("service.prefect_reachable")
+        again = daemon.wait_for_event("gateway.server", count=2)[1]
+        assert daemon.stop() == 0
+
+    assert first["bulk"] is (Version(first["server_version"]) >= BULK_SINCE)
+    assert (again["server_version"], again["bulk"]) == (phase["older"], False)

@@ -1,15 +1,20 @@
 """The daemon's heartbeat file in the queue, and the health verdict read from it (``flowsubmit health``, ``/healthz``).
 
-Each daemon keeps ``DIR/heartbeat-HOST-PID.json``, rewritten atomically at most once
-a second from its loop, so a health check needs no port: it works inside a
-container with only the queue volume. A host sees its own daemons only (a container
-is its own host), so a healthy peer elsewhere never hides a dead daemon here.
+Each daemon keeps ``DIR/heartbeat-HOST-PIDNS-PID.json``, rewritten atomically at most
+once a second from its loop, so a health check needs no port: it works inside a
+container with only the queue volume. A daemon is one instance by its host, its PID
+namespace (the inode of ``/proc/self/ns/pid``) and its pid: containers that share a
+hostname (``--network host``) each run their daemon as pid 1, in PID namespaces of
+their own. A host sees its own daemons only, and ``health`` judges the daemons of its
+own PID namespace when there are any (the container it runs in), so a healthy peer
+elsewhere never hides a dead daemon here. A pid is checked by ``kill 0`` only in its
+own PID namespace; a daemon in another is alive while its beat is fresh.
 
 A heartbeat file is trusted by more than its name: whoever may write the queue root
 could forge one (``{"pid": 1}`` would read as a live daemon forever). A file counts
 only when it is a regular file owned by the daemon's user (the owner of
-``processing/``, which the daemon creates), named after the host and pid it states,
-and well-formed field by field; any other is ignored, and never deleted.
+``processing/``, which the daemon creates), named after the host, PID namespace and
+pid it states, and well-formed field by field; any other is ignored, and never deleted.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 from flowsubmit.queue.folders import safe_name
 from flowsubmit.queue.fsutil import UnsafeFile, atomic_write, read_regular
 
-__all__ = ["Beat", "Beats", "Heartbeat", "health", "read", "scan"]
+__all__ = ["Beat", "Beats", "Heartbeat", "health", "pid_namespace", "read", "scan"]
 
 _PREFIX = "heartbeat-"
 #: A beat is rewritten at most this often, unless what it says changed.
@@ -45,6 +50,8 @@ class Beat:
 
     pid: int
     host: str
+    #: The inode of the daemon's PID namespace (``/proc/self/ns/pid``); 0 without ``/proc``.
+    pid_ns: int
     queue: str
     version: str
     #: Unix time of the loop's last pass.
@@ -79,7 +86,8 @@ class Heartbeat:
 
     def __init__(self, root: Path, *, version: str) -> None:
         self.host = socket.gethostname()
-        self.path = _path(root, self.host, os.getpid())
+        self.pid_ns = pid_namespace()
+        self.path = _path(root, self.host, self.pid_ns, os.getpid())
         self._root = root
         self._version = version
         self._written_at = 0.0
@@ -97,6 +105,7 @@ class Heartbeat:
         self.last = Beat(
             pid=os.getpid(),
             host=self.host,
+            pid_ns=self.pid_ns,
             queue=str(self._root),
             version=self._version,
             time=now,
@@ -117,10 +126,14 @@ class Heartbeat:
         return self._beaten_at
 
     def _remove_dead(self) -> None:
-        """Delete the files this host's dead daemons left (a kill -9); a file not trusted is never touched."""
+        """Delete the files this PID namespace's dead daemons left (a kill -9); a file not trusted is never touched.
+
+        Only a pid of this namespace can be known dead: another namespace's stale beat may
+        be a wedged daemon, and stays.
+        """
         for beat in read(self._root, self.host):
-            if beat.pid != os.getpid() and not _alive(beat.pid):
-                _path(self._root, beat.host, beat.pid).unlink(missing_ok=True)
+            if beat.pid_ns == self.pid_ns and beat.pid != os.getpid() and not _alive(beat.pid):
+                _path(self._root, beat.host, beat.pid_ns, beat.pid).unlink(missing_ok=True)
 
     def problem(self) -> str | None:
         """The health answer of this process right now (``/healthz``)."""
@@ -139,7 +152,7 @@ class Beats:
 
     trusted: list[Beat] = field(default_factory=list)
     #: Files named like a heartbeat but not trusted: not the daemon's user's, not a
-    #: regular file, malformed, or not named after the host and pid they state.
+    #: regular file, malformed, or not named after the host, PID namespace and pid they state.
     untrusted: int = 0
 
 
@@ -186,7 +199,7 @@ def _trusted_beat(root: Path, path: Path, owner: int | None) -> Beat | None:
         beat = _parse_beat(json.loads(data))
     except ValueError:
         return None
-    if beat is None or _path(root, beat.host, beat.pid) != path:
+    if beat is None or _path(root, beat.host, beat.pid_ns, beat.pid) != path:
         return None
     return beat
 
@@ -196,11 +209,12 @@ def _parse_beat(document: Any) -> Beat | None:
     if not isinstance(document, dict):
         return None
     get = document.get
-    pid, since = get("pid"), get("prefect_unreachable_since")
+    pid, pid_ns, since = get("pid"), get("pid_ns"), get("prefect_unreachable_since")
     texts = [get(k) for k in ("host", "queue", "version")]
     numbers = [get(k) for k in ("time", "stale_after_s")]
     if (
         not (type(pid) is int and pid > 0)
+        or not (type(pid_ns) is int and pid_ns >= 0)
         or not all(isinstance(t, str) for t in texts)
         or not all(_is_number(n) for n in numbers)
         or not (get("tracker") is None or isinstance(get("tracker"), str))
@@ -211,6 +225,7 @@ def _parse_beat(document: Any) -> Beat | None:
     return Beat(
         pid=pid,
         host=document["host"],
+        pid_ns=pid_ns,
         queue=document["queue"],
         version=document["version"],
         time=float(document["time"]),
@@ -238,7 +253,10 @@ def health(root: Path) -> tuple[bool, str]:
 
 
 def _verdict(root: Path, beats: list[Beat], now: float) -> tuple[bool, str]:
-    alive = [b for b in beats if _alive(b.pid)]
+    own = pid_namespace()
+    if any(b.pid_ns == own for b in beats):
+        beats = [b for b in beats if b.pid_ns == own]
+    alive = [b for b in beats if _beat_alive(b, own, now)]
     if not alive:
         if beats:
             last = max(beats, key=lambda b: b.time)
@@ -254,8 +272,23 @@ def _verdict(root: Path, beats: list[Beat], now: float) -> tuple[bool, str]:
     return False, str(problems[0][1])
 
 
-def _path(root: Path, host: str, pid: int) -> Path:
-    return root / f"{_PREFIX}{safe_name(host)}-{pid}.json"
+def _path(root: Path, host: str, pid_ns: int, pid: int) -> Path:
+    return root / f"{_PREFIX}{safe_name(host)}-{pid_ns}-{pid}.json"
+
+
+def pid_namespace() -> int:
+    """The inode of this process's PID namespace, which tells containers apart; 0 without ``/proc``."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _beat_alive(beat: Beat, own_ns: int, now: float) -> bool:
+    """Whether the daemon of ``beat`` lives: by its pid in this PID namespace, by the beat's freshness in another."""
+    if beat.pid_ns == own_ns:
+        return _alive(beat.pid)
+    return now - beat.time <= beat.stale_after_s
 
 
 def _alive(pid: int) -> bool:
