@@ -494,7 +494,9 @@ class FlowSubmission:
         if not self._unfinished():
             return []
         async with self._using():
-            return await self._run_set().cancel_unfinished(grace_s)
+            return await self._run_set().cancel_unfinished(
+                grace_s, f"cancelled by flowsubmit: submission {self.submission_id} called cancel()"
+            )
 
     # -- engine ---------------------------------------------------------------------------
 

@@ -659,8 +659,12 @@ class Gateway:
             if len(runs) < READ_BATCH:
                 return snapshots
 
-    async def cancel_run(self, flow_run_id: str) -> RunSnapshot | None:
+    async def cancel_run(self, flow_run_id: str, reason: str | None = None) -> RunSnapshot | None:
         """Ask Prefect to cancel a run (its worker or runner stops it); return the state it is in.
+
+        ``reason`` is the Cancelling state's message (why flowsubmit cancelled the run):
+        Prefect shows it in the run's state history (not for a Scheduled run, which
+        Prefect's own rule moves to a Cancelled state of its own, without a message).
 
         Not forced, as ``prefect flow-run cancel`` does it: Prefect's orchestration then
         refuses to cancel a run that has just reached a final state instead of
@@ -670,7 +674,9 @@ class Gateway:
         result: OrchestrationResult[Any] | None = None
         async for attempt in self._retrying("cancel_flow_run"):
             with attempt, _translate_errors("cancel flow run"):
-                result = await self.client.set_flow_run_state(flow_run_id, Cancelling())
+                result = await self.client.set_flow_run_state(
+                    flow_run_id, Cancelling(message=reason)
+                )
         state = result.state if result is not None else None
         if state is None:
             return None
