@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
@@ -12,6 +13,17 @@ from flowsubmit.cli import main as cli
 from tests.support.daemons import Daemon, enqueue, result_of
 from tests.support.driver import drive, wait_for_runs
 from tests.support.flows import DRIVEN, ETL, SLEEPER
+
+
+async def _cancel_messages(flow_run_id: str) -> list[tuple[str, str | None]]:
+    """The Cancelling and Cancelled states of a run in Prefect's history, with their messages."""
+    async with get_client() as client:
+        states = await client.read_flow_run_states(UUID(flow_run_id))
+    return [
+        (state.type.value, state.message)
+        for state in states
+        if state.type.value in ("CANCELLING", "CANCELLED")
+    ]
 
 
 async def _states_tagged(tag: str) -> list[str]:
@@ -155,6 +167,13 @@ def test_timeout_stops_a_running_run_and_records_it_cancelled(
     ]
     assert [line["state"] for line in daemon.events("run.cancelled")] == ["Cancelling"]
     assert asyncio.run(_states_tagged(f"flowsubmit-job:{job_id}")) == ["CANCELLED"]
+    # Why: in the result, and on the Cancelling state flowsubmit set in Prefect (the
+    # runner then writes its own message on the Cancelled state).
+    why = "cancelled by flowsubmit: the job timed out after 5 s (timeout)"
+    (run,) = result["runs"]
+    assert run["state_message"] == why
+    assert run["attempts"][0]["state_message"] == why
+    assert ("CANCELLING", why) in asyncio.run(_cancel_messages(run["flow_run_id"]))
 
 
 def test_cancel_command_stops_a_running_job(start_daemon: Callable[..., Daemon]) -> None:
@@ -173,3 +192,9 @@ def test_cancel_command_stops_a_running_job(start_daemon: Callable[..., Daemon])
     assert [p.name for p in daemon.queue.rglob("*.cancel")] == []  # handled, so removed
     assert [r["state_name"] for r in result["runs"]] == ["Cancelled"]
     assert asyncio.run(_states_tagged(f"flowsubmit-job:{job_id}")) == ["CANCELLED"]
+    # Why, in the result. (In Prefect a Scheduled run with no infrastructure skips
+    # Cancelling: the server's BypassCancellingFlowRunsWithNoInfra sets its own Cancelled
+    # state, without a message; a run that started carries it, as the timeout test shows.)
+    why = "cancelled by flowsubmit: the job was cancelled on request (flowsubmit cancel)"
+    (run,) = result["runs"]
+    assert run["state_message"] == why

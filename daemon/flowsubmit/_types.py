@@ -123,8 +123,8 @@ class GatewayProtocol(Protocol):
         """The runs carrying ``tag`` that reached a final state with ``since <= end_time < until``."""
         ...
 
-    async def cancel_run(self, flow_run_id: str) -> RunSnapshot | None:
-        """Ask Prefect to cancel a run."""
+    async def cancel_run(self, flow_run_id: str, reason: str | None = None) -> RunSnapshot | None:
+        """Ask Prefect to cancel a run; ``reason`` is the Cancelling state's message."""
         ...
 
     def run_events(self, tag: str) -> AbstractAsyncContextManager[AsyncIterator[RunSnapshot]]:

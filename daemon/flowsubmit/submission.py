@@ -40,7 +40,7 @@ from flowsubmit.errors import (
     TransientGatewayError,
     WaitTimeout,
 )
-from flowsubmit.gateway.client import Gateway
+from flowsubmit.gateway.client import ATTEMPT_FLOOR_S, Gateway
 from flowsubmit.gateway.job_events import Event, emit_job_event, job_event
 from flowsubmit.jobs.model import deployment_name_problem
 from flowsubmit.library_log import SubmissionReporter
@@ -494,7 +494,9 @@ class FlowSubmission:
         if not self._unfinished():
             return []
         async with self._using():
-            return await self._run_set().cancel_unfinished(grace_s)
+            return await self._run_set().cancel_unfinished(
+                grace_s, f"cancelled by flowsubmit: submission {self.submission_id} called cancel()"
+            )
 
     # -- engine ---------------------------------------------------------------------------
 
@@ -596,13 +598,16 @@ async def _refuse_wrong_server(gateway: Gateway) -> None:
 
     Only a refusal: Prefect not answering is left to the calls that follow, which wait
     for it within ``outage_tolerance_s`` (as they would for refused credentials later on).
+    These two calls are not retried, and get ``ATTEMPT_FLOOR_S`` between them: a
+    silent host must not delay the calls that count the tolerance.
     """
     try:
-        await gateway.know_server()
-        await gateway.check_credentials()
+        async with asyncio.timeout(ATTEMPT_FLOOR_S):
+            await gateway.know_server()
+            await gateway.check_credentials()
     except (AuthenticationError, IncompatibleServer):
         raise
-    except GatewayError:
+    except (GatewayError, TimeoutError):
         pass
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any, Protocol
 
 from flowsubmit._types import Deployment, GatewayProtocol, RunRequest, RunSnapshot
@@ -149,6 +150,8 @@ class RunSet:
         self.records: dict[int, RunRecord] = {}
         self._owner: dict[str, RunRecord] = {}
         self._finals: dict[str, RunSnapshot] = {}
+        #: Why flowsubmit asked Prefect to cancel a run (``cancel_unfinished``), by run id.
+        self._cancel_reasons: dict[str, str] = {}
         self._gateway: GatewayProtocol | None = None
         self._tracker: Tracker | None = None
         self._futures: dict[str, asyncio.Future[RunSnapshot]] = {}
@@ -267,6 +270,7 @@ class RunSet:
         if run_id in self._finals:
             return
         record = self._owner[run_id]
+        snap = self._cancelled_because(run_id, snap)
         if self._ledger is not None and self._ledger.final(run_id) is None:
             self._ledger.add_final(record, snap)
         self._finals[run_id] = snap
@@ -304,8 +308,15 @@ class RunSet:
 
     # -- cancelling ------------------------------------------------------------------------
 
-    async def cancel_unfinished(self, grace_s: float = CANCEL_GRACE_S) -> list[str]:
+    async def cancel_unfinished(
+        self, grace_s: float = CANCEL_GRACE_S, reason: str | None = None
+    ) -> list[str]:
         """Ask Prefect to cancel every run not final yet, then give them ``grace_s`` to end.
+
+        ``reason`` says why (``cancelled by flowsubmit: ...``): it is the message of the
+        Cancelling state flowsubmit sets in Prefect, and the ``state_message`` recorded
+        for each of these runs that ends Cancelled (instead of the runner's own
+        "Flow run was cancelled successfully.").
 
         One batched read first, so that runs which ended a moment ago are recorded as
         they ended (Prefect would refuse to cancel them anyway). A refused cancel is
@@ -326,8 +337,10 @@ class RunSet:
         asked = [r for r in unfinished if r not in self._finals]
         for run_id in asked:
             record = self._owner[run_id]
+            if reason:
+                self._cancel_reasons[run_id] = reason
             try:
-                answer = await gateway.cancel_run(run_id)
+                answer = await gateway.cancel_run(run_id, reason)
             except GatewayError as exc:
                 self._reporter.cancel_failed(record, run_id, exc)
                 continue
@@ -341,6 +354,13 @@ class RunSet:
             if run_id in self._futures:
                 self._settle(run_id, self._futures[run_id])
         return asked
+
+    def _cancelled_because(self, run_id: str, snap: RunSnapshot) -> RunSnapshot:
+        """A run flowsubmit cancelled and that ended Cancelled: its message says why flowsubmit cancelled it."""
+        reason = self._cancel_reasons.get(run_id)
+        if reason is None or snap.state_type != "CANCELLED":
+            return snap
+        return replace(snap, state_message=reason)
 
     def _observe(self, tracker: Tracker, snap: RunSnapshot) -> None:
         """Hand a read or cancel answer to the tracker, and record it now if it is final."""

@@ -5,8 +5,12 @@ to ``PREFECT_CLIENT_MAX_RETRIES`` (5) times on 408/429/502/503 and transport err
 honouring ``Retry-After``, with 2**n s backoff (about 62 s in the worst case). The
 tenacity policy here goes around whole idempotent operations, with exponential
 backoff and jitter (0.5 s doubling to 30 s, never shorter than a ``Retry-After``),
-and stops once ``prefect_outage_tolerance_s`` has passed: the worst case of one
-operation is that tolerance plus one inner round of Prefect's retries. Creates are
+and stops once ``prefect_outage_tolerance_s`` has passed; no backoff sleeps past
+it, and an attempt of a read or cancel is cut at it (``_Retrying``, at least
+``ATTEMPT_FLOOR_S`` per attempt), so such an operation ends within the tolerance
+plus that floor whatever Prefect's and httpx's own retries and timeouts would take.
+A create's attempt is not cut (it may wait for a call slot or a rate limit): its
+worst case is the tolerance plus one inner round of Prefect's retries. Creates are
 idempotent because every run carries an idempotency key. Items of a bulk create
 that the server refused for contention ("database is locked") are sent again at
 once while each call still creates something; backoff starts only when a call
@@ -90,6 +94,9 @@ log = get_logger("flowsubmit.gateway")
 READ_BATCH = 200
 #: How long closing the event stream may wait for the server's answer.
 STREAM_CLOSE_S = 0.25
+#: The least time one attempt of a retried read or cancel is given, even when the
+#: outage tolerance is nearly spent (``_Retrying.bound``).
+ATTEMPT_FLOOR_S = 3.0
 _BULK_PATH = "/deployments/{id}/create_flow_run/bulk"
 _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: Credentials refused: a configuration error of this client, never a verdict on what it asked.
@@ -216,6 +223,9 @@ class _WaitHonouringRetryAfter(wait_exponential_jitter):
         return max(backoff, retry_after) if retry_after else backoff
 
 
+#: Between attempts while Prefect is unreachable (``_Retrying``).
+_BACKOFF = _WaitHonouringRetryAfter(initial=0.5, max=30.0)
+
 #: Another writer held the database for an instant: try again soon, not after an outage's backoff.
 _CONTENTION_WAIT = wait_exponential_jitter(initial=0.1, max=2.0, jitter=0.1)
 
@@ -258,6 +268,42 @@ def parameter_problem(
         rule = f"{cause.validator}={cause.validator_value!r}"
         reason = f"the value does not fit the rule {rule} (not shown: it looks like a secret)"
     return f"the deployment's parameter schema rejects it: {reason}", path
+
+
+class _Retrying(AsyncRetrying):
+    """The retry policy of one operation, which ends within about its outage tolerance.
+
+    The backoff never sleeps past the tolerance (the last attempt starts when it is
+    spent), no attempt starts after it, and ``bound()`` ends an attempt at the tolerance
+    (at least ``ATTEMPT_FLOOR_S`` after it began). Without that bound one attempt alone
+    can outlast the tolerance: httpx retries a refused connection 3 times (1.5 s),
+    Prefect's client retries a request 5 times with 2**n s backoff once it has
+    connected, and a connect to a silent host waits out ``PREFECT_API_REQUEST_TIMEOUT``.
+    """
+
+    def __init__(self, tolerance_s: float) -> None:
+        super().__init__(
+            retry=retry_if_exception_type(TransientGatewayError),
+            wait=self._wait,
+            stop=stop_after_delay(tolerance_s),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        self.tolerance_s = tolerance_s
+        self._deadline: float | None = None
+
+    def _wait(self, retry_state: RetryCallState) -> float:
+        """The backoff, cut short where the tolerance is spent."""
+        backoff = _BACKOFF(retry_state)
+        spent_s = retry_state.seconds_since_start or 0.0
+        return max(0.0, min(backoff, self.tolerance_s - spent_s))
+
+    def bound(self) -> asyncio.Timeout:
+        """A timeout for one attempt (its ``TimeoutError`` is transient, like an outage)."""
+        now = asyncio.get_running_loop().time()
+        if self._deadline is None:
+            self._deadline = now + self.tolerance_s
+        return asyncio.timeout_at(max(self._deadline, now + ATTEMPT_FLOOR_S))
 
 
 class Gateway:
@@ -348,15 +394,9 @@ class Gateway:
             raise ClosedError("the Gateway is not open (use `async with Gateway()`)")
         return self._client
 
-    def _retrying(self, operation: str, deployment: str | None = None) -> AsyncRetrying:
+    def _retrying(self, operation: str, deployment: str | None = None) -> _Retrying:
         """The one retry policy: transient errors only, backoff with jitter, bounded by the outage tolerance."""
-        return AsyncRetrying(
-            retry=retry_if_exception_type(TransientGatewayError),
-            wait=_WaitHonouringRetryAfter(initial=0.5, max=30.0),
-            stop=stop_after_delay(self.outage_tolerance_s),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
+        return _Retrying(self.outage_tolerance_s)
 
     # -- operations --------------------------------------------------------------------
 
@@ -423,7 +463,7 @@ class Gateway:
     async def resolve_deployment(self, name: str) -> Deployment:
         """Return the deployment ``flow/deployment``; unknown names are a permanent error."""
         flow_name, _, deployment_name = name.partition("/")
-        async for attempt in self._retrying("read_deployment", name):
+        async for attempt in (retrying := self._retrying("read_deployment", name)):
             with (
                 attempt,
                 _translate_errors(
@@ -432,16 +472,17 @@ class Gateway:
                     not_found=f"deployment {name!r} not found or unreadable",
                 ),
             ):
-                # Prefect's read_deployment_by_name puts the names into the path as they
-                # are, so a '#' or '?' would cut the path and read another deployment.
-                reply = await self.client.request(
-                    "GET",
-                    "/deployments/name/{flow_name}/{deployment_name}",
-                    path_params={
-                        "flow_name": quote(flow_name, safe=""),
-                        "deployment_name": quote(deployment_name, safe=""),
-                    },
-                )
+                async with retrying.bound():
+                    # Prefect's read_deployment_by_name puts the names into the path as they
+                    # are, so a '#' or '?' would cut the path and read another deployment.
+                    reply = await self.client.request(
+                        "GET",
+                        "/deployments/name/{flow_name}/{deployment_name}",
+                        path_params={
+                            "flow_name": quote(flow_name, safe=""),
+                            "deployment_name": quote(deployment_name, safe=""),
+                        },
+                    )
         response = DeploymentResponse.model_validate(reply.json())
         return Deployment(
             id=str(response.id),
@@ -459,16 +500,17 @@ class Gateway:
                 f"deployment {deployment.name!r} has no work pool, so `work_queue_name` cannot apply",
                 operation="read_work_queue",
             )
-        async for attempt in self._retrying("read_work_queue", deployment.name):
+        async for attempt in (retrying := self._retrying("read_work_queue", deployment.name)):
             with (
                 attempt,
                 _translate_errors(
                     f"work queue {work_queue_name!r} does not exist in pool {deployment.work_pool_name!r}"
                 ),
             ):
-                await self.client.read_work_queue_by_name(
-                    work_queue_name, work_pool_name=deployment.work_pool_name
-                )
+                async with retrying.bound():
+                    await self.client.read_work_queue_by_name(
+                        work_queue_name, work_pool_name=deployment.work_pool_name
+                    )
 
     async def create_run(self, deployment: Deployment, request: RunRequest) -> str:
         """Create (or find, by idempotency key) one run; concurrent calls are sent in bulk.
@@ -611,15 +653,16 @@ class Gateway:
         )
         for start in range(0, len(flow_run_ids), READ_BATCH):
             chunk = flow_run_ids[start : start + READ_BATCH]
-            async for attempt in self._retrying("read_flow_runs"):
+            async for attempt in (retrying := self._retrying("read_flow_runs")):
                 with attempt, _translate_errors("read flow runs"):
-                    runs = await self.client.read_flow_runs(
-                        flow_run_filter=FlowRunFilter(
-                            id=FlowRunFilterId(any_=chunk),
-                            state=state,
-                        ),
-                        limit=len(chunk),
-                    )
+                    async with retrying.bound():
+                        runs = await self.client.read_flow_runs(
+                            flow_run_filter=FlowRunFilter(
+                                id=FlowRunFilterId(any_=chunk),
+                                state=state,
+                            ),
+                            limit=len(chunk),
+                        )
             snapshots.extend(_snapshot_from_run(run) for run in runs)
         return snapshots
 
@@ -632,11 +675,12 @@ class Gateway:
         if self.pacer.throttled:
             return None
         count = 0
-        async for attempt in self._retrying("count_flow_runs"):
+        async for attempt in (retrying := self._retrying("count_flow_runs")):
             with attempt, _translate_errors("count flow runs"):
-                count = await self.client.count_flow_runs(
-                    flow_run_filter=_finished_filter(tag, since, until)
-                )
+                async with retrying.bound():
+                    count = await self.client.count_flow_runs(
+                        flow_run_filter=_finished_filter(tag, since, until)
+                    )
         return count
 
     async def read_finished(self, tag: str, since: datetime, until: datetime) -> list[RunSnapshot]:
@@ -647,20 +691,25 @@ class Gateway:
         snapshots: list[RunSnapshot] = []
         while True:
             runs: list[FlowRun] = []
-            async for attempt in self._retrying("read_flow_runs"):
+            async for attempt in (retrying := self._retrying("read_flow_runs")):
                 with attempt, _translate_errors("read flow runs"):
-                    runs = await self.client.read_flow_runs(
-                        flow_run_filter=_finished_filter(tag, since, until),
-                        sort=FlowRunSort.ID_DESC,
-                        limit=READ_BATCH,
-                        offset=len(snapshots),
-                    )
+                    async with retrying.bound():
+                        runs = await self.client.read_flow_runs(
+                            flow_run_filter=_finished_filter(tag, since, until),
+                            sort=FlowRunSort.ID_DESC,
+                            limit=READ_BATCH,
+                            offset=len(snapshots),
+                        )
             snapshots.extend(_snapshot_from_run(run) for run in runs)
             if len(runs) < READ_BATCH:
                 return snapshots
 
-    async def cancel_run(self, flow_run_id: str) -> RunSnapshot | None:
+    async def cancel_run(self, flow_run_id: str, reason: str | None = None) -> RunSnapshot | None:
         """Ask Prefect to cancel a run (its worker or runner stops it); return the state it is in.
+
+        ``reason`` is the Cancelling state's message (why flowsubmit cancelled the run):
+        Prefect shows it in the run's state history (not for a Scheduled run, which
+        Prefect's own rule moves to a Cancelled state of its own, without a message).
 
         Not forced, as ``prefect flow-run cancel`` does it: Prefect's orchestration then
         refuses to cancel a run that has just reached a final state instead of
@@ -668,9 +717,12 @@ class Gateway:
         Cancelled. ``None`` when Prefect did not say.
         """
         result: OrchestrationResult[Any] | None = None
-        async for attempt in self._retrying("cancel_flow_run"):
+        async for attempt in (retrying := self._retrying("cancel_flow_run")):
             with attempt, _translate_errors("cancel flow run"):
-                result = await self.client.set_flow_run_state(flow_run_id, Cancelling())
+                async with retrying.bound():
+                    result = await self.client.set_flow_run_state(
+                        flow_run_id, Cancelling(message=reason)
+                    )
         state = result.state if result is not None else None
         if state is None:
             return None

@@ -289,17 +289,21 @@ class Executor:
             return JobStatus.FAILED, self._abort_reason  # Prefect is gone: nothing to cancel
         status = JobStatus.CANCELLED if self._cancel_requested else JobStatus.TIMED_OUT
         stopping = self._cancel_requested or self.job.on_timeout == "cancel"
+        why = (
+            "cancelled on request (flowsubmit cancel)"
+            if self._cancel_requested
+            else f"timed out after {self._timeout_s:g} s (timeout)"
+        )
         for runs in self._started:
             if stopping:
-                await runs.cancel_unfinished(CANCEL_GRACE_S)
+                await runs.cancel_unfinished(
+                    CANCEL_GRACE_S, _cancel_reason(self._cancel_requested, why)
+                )
             runs.abandon()  # what has not ended is left to Prefect, recorded without a final state
         if status is JobStatus.CANCELLED:
-            return status, "cancelled on request (flowsubmit cancel)"
+            return status, why
         fate = "cancelled" if stopping else "left running (on_timeout: leave)"
-        return (
-            status,
-            f"timed out after {self._timeout_s:g} s (timeout); runs not final were {fate}",
-        )
+        return status, f"{why}; runs not final were {fate}"
 
     # -- stages -----------------------------------------------------------------------------
 
@@ -378,3 +382,10 @@ async def _check_work_queue(
             field=planned.field("work_queue_name"),
             hint='set "create_work_queue": true to allow a new queue',
         ) from exc
+
+
+def _cancel_reason(requested: bool, why: str) -> str:
+    """The state message of the runs a job's end cancels (in Prefect and in the result)."""
+    if requested:
+        return "cancelled by flowsubmit: the job was cancelled on request (flowsubmit cancel)"
+    return f"cancelled by flowsubmit: the job {why}"
