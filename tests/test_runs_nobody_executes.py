@@ -109,9 +109,7 @@ def test_late_runs_are_counted_late_and_warned_of_once_per_job(
     run_ids = sorted(asyncio.run(wait_for_runs(job_tag(job_id), 4)))
 
     def split() -> tuple[int, ...] | None:
-        job = _running_job(served.env(), daemon.queue, job_id)
-        runs = job["runs"] if job else {}
-        return tuple(runs.get(k, -1) for k in ("scheduled", "late", "running")) or None
+        return _split(served, daemon.queue, job_id)
 
     assert daemon.wait_for(lambda: split() == (4, 0, 0), what="4 runs scheduled")
     asyncio.run(late(run_ids[:2]))
@@ -128,3 +126,37 @@ def test_late_runs_are_counted_late_and_warned_of_once_per_job(
     asyncio.run(drive(run_ids))
     daemon.wait_for(lambda: result_of(daemon.queue, job_id), what="the job's end")
     assert len(daemon.events("job.runs_late")) == 1
+
+
+def test_a_restarted_daemon_learns_which_runs_turned_late_while_it_was_stopped(
+    served: LocalServer, start_daemon: Callable[..., Daemon]
+) -> None:
+    """Runs that turned Late or started while no daemon listened are counted so by the daemon that adopts the job.
+
+    It learns them from the server's backfill of the subscription (its last 1,000
+    events), or else from its one read of each run the stream has not covered.
+    """
+    first = start_daemon()
+    job_id = enqueue(first.queue, make_job(deployment=DRIVEN, runs=3))
+    run_ids = sorted(asyncio.run(wait_for_runs(job_tag(job_id), 3)))
+    asyncio.run(late(run_ids[:1]))
+    first.wait_for(
+        lambda: _split(served, first.queue, job_id) == (2, 1, 0), what="1 run late, 2 scheduled"
+    )
+    assert first.stop() == 0
+    asyncio.run(late(run_ids[1:2]))
+    asyncio.run(start(run_ids[2:]))
+
+    second = start_daemon(first.queue)
+    second.wait_for(
+        lambda: _split(served, first.queue, job_id) == (0, 2, 1), what="2 runs late, 1 running"
+    )
+    assert len(second.events("job.runs_late")) == 1
+    asyncio.run(drive(run_ids))
+    second.wait_for(lambda: result_of(second.queue, job_id), what="the job's end")
+
+
+def _split(served: LocalServer, queue: Path, job_id: str) -> tuple[int, ...] | None:
+    """The job's runs not final, as (scheduled, late, running), from ``status --json``."""
+    job = _running_job(served.env(), queue, job_id)
+    return tuple(job["runs"].get(k, -1) for k in ("scheduled", "late", "running")) if job else None

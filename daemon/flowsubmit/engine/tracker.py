@@ -21,6 +21,11 @@ Streaming costs no reads for new runs: a run whose events arrive on the open
 stream is *covered*. A run watched without a covering event (created before the
 stream opened, re-attached after a restart, found again by its idempotency key) is
 read once, batched with the others, ``new_run_grace_s`` after it is watched.
+
+Before its final, a run's state is one small code (``SCHEDULED``, ``LATE``,
+``RUNNING``), learnt from its events and from that one read of an uncovered run
+(which asks for every state, not the finals only): what ``flowsubmit status``
+counts, and what tells a job that nobody executes its runs.
 """
 
 from __future__ import annotations
@@ -488,7 +493,12 @@ class Tracker:
         return missed
 
     async def _check_loop(self) -> None:
-        """Read, once and in one batch, the newly watched runs the stream has not covered."""
+        """Read, once and in one batch, the newly watched runs the stream has not covered.
+
+        This one read asks for every state, not the final ones only: a run re-attached
+        after a restart may have turned Late (or started) while nobody listened, and
+        no event will say it again. The steady reconciliation reads finals only.
+        """
         while True:
             await self._check.wait()
             await asyncio.sleep(self.new_run_grace_s)
@@ -497,11 +507,12 @@ class Tracker:
             if self._mode is not TrackerMode.STREAMING:
                 continue  # polling reads every unfinished run anyway
             await self._read(
-                [i for i in unseen if (run := self._watches.get(i)) and not run.covered]
+                [i for i in unseen if (run := self._watches.get(i)) and not run.covered],
+                final_only=False,
             )
 
-    async def _read(self, ids: list[str]) -> int:
-        """Read the final states among ``ids``, one page at a time; return how many ids were read."""
+    async def _read(self, ids: list[str], *, final_only: bool = True) -> int:
+        """Read the final states among ``ids`` (every state unless ``final_only``), one page at a time; return how many ids were read."""
         # The poll loop is the retry loop: one page may not sit out a whole outage inside
         # the gateway's (and Prefect's client's) retries, or polling resumes late after it.
         # The limit is per page: a whole pass of 50 pages may take longer, and still ends.
@@ -510,7 +521,7 @@ class Tracker:
             page = ids[start : start + READ_BATCH]
             try:
                 async with asyncio.timeout(limit_s):
-                    snaps = await self._gateway.read_runs(page, final_only=True)
+                    snaps = await self._gateway.read_runs(page, final_only=final_only)
             except (GatewayError, TimeoutError) as exc:
                 error = str(exc) or f"no answer within {limit_s:g} s"
                 log.warning("tracker.poll_failed", error=error, pending=len(ids) - start)
