@@ -165,6 +165,8 @@ class Executor:
         #: The next ``states`` record, when one is due, and the counts the last one wrote.
         self._states_timer: asyncio.TimerHandle | None = None
         self._states_written = [0, 0, 0]
+        #: The job has ended: no ``states`` record any more (a change may still be on its way).
+        self._states_over = False
 
     # -- public ---------------------------------------------------------------------------
 
@@ -251,8 +253,9 @@ class Executor:
                 status, error = await self._run_stages(prepared)
         except TimeoutError:
             status, error = await self._interrupted()
+        self._states_over = True  # the journal closes with the job
         if self._states_timer is not None:
-            self._states_timer.cancel()  # the journal closes with the job
+            self._states_timer.cancel()
             self._states_timer = None
         result = JobResult.of(
             job_id=self.job_id,
@@ -349,7 +352,7 @@ class Executor:
 
     def _finished(self, record: RunRecord, snap: RunSnapshot) -> None:
         """The run-sets' ``on_final``: the stage running decides what follows a run's end."""
-        if self._states_written != [0, 0, 0]:
+        if self._states_written != [0, 0, 0] and not self._states_over:
             self._states_soon(STATES_EVERY_S)  # a late or running run may have ended
         if self._stage_run is not None:
             self._stage_run.finished(record, snap)
@@ -358,6 +361,8 @@ class Executor:
 
     def _state_changed(self, runs: RunSet, run_id: str, code: int) -> None:
         """The run-sets' ``on_state``: warn of the job's first Late run, and count the states soon."""
+        if self._states_over:
+            return
         if code == LATE and not self._late_warned:
             self._late_warned = True
             deployment = runs.deployment
