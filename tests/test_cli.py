@@ -65,7 +65,11 @@ def test_enqueue_keeps_an_explicit_id(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_status_counts_jobs_per_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """status counts job files only, shows a processing/ job's progress, and no live lock as waiting for recovery."""
+    """status counts job files only, shows a processing/ job's progress, and no live lock as waiting for recovery.
+
+    The runs not final are split by the journal's latest ``states`` record, late first:
+    a run that ended since it was written leaves its count (here: the running one).
+    """
     queue = tmp_path / "q"
     for folder in ("tmp", "incoming", "processing", "done", "failed", "rejected"):
         (queue / folder).mkdir(parents=True)
@@ -75,14 +79,17 @@ def test_status_counts_jobs_per_folder(tmp_path: Path, capsys: pytest.CaptureFix
     (queue / "processing" / "c.json").write_text(json.dumps(JOB))
     (queue / "processing" / "c.journal").write_text(
         '{"rec":"created","stage":0,"index":0,"attempt":0,"flow_run_id":"r"}\n'
+        '{"rec":"created","stage":0,"index":1,"attempt":0,"flow_run_id":"s"}\n'
+        '{"rec":"states","scheduled":0,"late":1,"running":1}\n'
+        '{"rec":"final","flow_run_id":"s","state_type":"COMPLETED","state_name":"Completed"}\n'
     )
     assert main(["status", "--queue", str(queue)]) == 0
     lines = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
     assert lines[:5] == [
         f"{queue}  incoming: 1  processing: 1  done: 1  failed: 0  rejected: 0",
         "no daemon on this host (no heartbeat file)",
-        "job  runs  created  running  succeeded  failed  cancelled  age  owner",
-        "c       3        1        1          0       0          0    ?  waiting for recovery",
+        "job  runs  created  scheduled  late  running  succeeded  failed  cancelled  age  owner",
+        "c       3        2          0     1        0          1       0          0    ?  waiting for recovery",
         "queued (1): a",
     ]
     assert [line.split() for line in lines[5:]] == [

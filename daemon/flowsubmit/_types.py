@@ -70,6 +70,8 @@ class Deployment:
     parameter_schema: dict[str, Any] = field(default_factory=dict)
     default_parameters: dict[str, Any] = field(default_factory=dict)
     work_pool_name: str | None = None
+    #: The work queue its runs go to unless a job names another (None: the pool's default).
+    work_queue_name: str | None = None
     #: Prefect's ``READY`` (a worker or runner polled it lately) or ``NOT_READY``; None if unsaid.
     status: str | None = None
 

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Iterable
 
 from prefect.client.orchestration import get_client
-from prefect.states import Completed, Failed, Pending, Running, State
+from prefect.states import Completed, Failed, Late, Pending, Running, State
 
 FINAL = {"Completed": Completed, "Failed": Failed}
 
@@ -30,6 +30,21 @@ async def drive(
                     await _set(client, run_id, state)
 
         await asyncio.gather(*(one(r) for r in run_ids))
+
+
+async def late(run_ids: Iterable[str]) -> None:
+    """Mark each run ``Late`` (type SCHEDULED) as the server's late-runs service does (it is off in tests)."""
+    async with get_client() as client:
+        for run_id in run_ids:
+            await _set(client, run_id, Late())
+
+
+async def start(run_ids: Iterable[str]) -> None:
+    """Move each run Pending -> Running, and leave it there."""
+    async with get_client() as client:
+        for run_id in run_ids:
+            for state in (Pending(), Running()):
+                await _set(client, run_id, state)
 
 
 async def _set(client: object, run_id: str, state: State[object]) -> None:

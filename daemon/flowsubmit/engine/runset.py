@@ -134,6 +134,7 @@ class RunSet:
         priority: int = 0,
         ledger: RunLedger | None = None,
         on_final: Callable[[RunRecord, RunSnapshot], None] | None = None,
+        on_state: Callable[[RunRecord, str, int], None] | None = None,
         recovered: bool = False,
     ) -> None:
         self.deployment = deployment
@@ -145,6 +146,8 @@ class RunSet:
         self._reporter = reporter
         self._ledger = ledger
         self._on_final = on_final
+        #: Called with a run not final yet whose tracker state code changed (``tracker.LATE``...).
+        self._on_state = on_state
         #: Runs may have ended while nobody listened: ask the tracker for a read when watching.
         self._recovered = recovered
         self.records: dict[int, RunRecord] = {}
@@ -255,10 +258,16 @@ class RunSet:
             tracker.reconcile_soon()
 
     def _resolved(self, run_id: str) -> None:
-        """The tracker's listener: record the final in the context of the first watch (its log lines' job and stage)."""
+        """The tracker's listener: record the final, or pass on a state change, in the context of the first watch (its log lines' job and stage)."""
         future = self._futures.get(run_id)
-        if future is not None and self._context is not None:
+        if future is None or self._context is None:
+            return
+        if future.done():
             self._context.run(self._settle, run_id, future)
+        elif self._on_state is not None and self._tracker is not None:
+            self._context.run(
+                self._on_state, self._owner[run_id], run_id, self._tracker.state(run_id)
+            )
 
     def _settle(self, run_id: str, future: asyncio.Future[RunSnapshot]) -> None:
         if not future.done() or future.cancelled() or future.exception() is not None:

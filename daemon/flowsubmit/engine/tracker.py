@@ -21,6 +21,11 @@ Streaming costs no reads for new runs: a run whose events arrive on the open
 stream is *covered*. A run watched without a covering event (created before the
 stream opened, re-attached after a restart, found again by its idempotency key) is
 read once, batched with the others, ``new_run_grace_s`` after it is watched.
+
+Before its final, a run's state is one small code (``SCHEDULED``, ``LATE``,
+``RUNNING``), learnt from its events and from that one read of an uncovered run
+(which asks for every state, not the finals only): what ``flowsubmit status``
+counts, and what tells a job that nobody executes its runs.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from flowsubmit.errors import ClosedError, GatewayError, TransientGatewayError
 from flowsubmit.gateway.client import READ_BATCH
 from flowsubmit.logs import get_logger
 
-__all__ = ["Tracker", "TrackerMode"]
+__all__ = ["LATE", "RUNNING", "SCHEDULED", "STATE_NAMES", "Tracker", "TrackerMode", "state_code"]
 
 log = get_logger("flowsubmit.tracker")
 
@@ -77,6 +82,24 @@ EVENT_LAG_S = 1.5
 _EVENT_LAG = timedelta(seconds=EVENT_LAG_S)
 
 
+#: Where a run not final yet stands, as one small int per run (an int, not the snapshot:
+#: at 100,000 runs the tracker keeps a slot per run, never an object): not started yet
+#: (Scheduled, Pending, AwaitingRetry; what a run is until an event says more), Late
+#: (Scheduled past its start time: nobody picked it up), and started (Running, Paused,
+#: Cancelling).
+SCHEDULED, LATE, RUNNING = 0, 1, 2
+#: The codes' names, as ``flowsubmit status`` counts them.
+STATE_NAMES = ("scheduled", "late", "running")
+_STARTED_TYPES = frozenset({"RUNNING", "PAUSED", "CANCELLING"})
+
+
+def state_code(snap: RunSnapshot) -> int:
+    """The code of a non-final snapshot: a Late run is type SCHEDULED named ``Late``."""
+    if snap.state_type in _STARTED_TYPES:
+        return RUNNING
+    return LATE if snap.state_name == "Late" else SCHEDULED
+
+
 class TrackerMode(StrEnum):
     """How the tracker currently learns about state changes."""
 
@@ -102,6 +125,8 @@ class _Run:
     name: str | None = None
     #: A live event of this run arrived on the current stream session.
     covered: bool = False
+    #: Where the run stands while not final: ``SCHEDULED``, ``LATE`` or ``RUNNING``.
+    code: int = SCHEDULED
 
 
 class Tracker:
@@ -224,8 +249,9 @@ class Tracker:
         """Track a run; the same future is returned for the same id until it resolves.
 
         ``listener``, if given, is called (soon, as a done-callback) with the run's id
-        once its future has its final snapshot: one callable shared by many runs costs a pending run
-        nothing, where a done-callback each would keep a few objects per run.
+        once its future has its final snapshot, and also whenever the run's ``state``
+        changes before that (its future not done yet): one callable shared by many runs
+        costs a pending run nothing, where a done-callback each would keep a few objects per run.
         """
         if self._closed:
             raise ClosedError("the Tracker is closed")
@@ -238,7 +264,10 @@ class Tracker:
         self._watches[flow_run_id] = run
         if run.final is not None:
             self._resolve(flow_run_id, run, run.final)
-        elif not run.covered and self._mode is TrackerMode.STREAMING:
+            return future
+        if run.code != SCHEDULED and listener is not None:  # an event came before the watch
+            future.get_loop().call_soon(listener, flow_run_id)
+        if not run.covered and self._mode is TrackerMode.STREAMING:
             self._unseen.add(flow_run_id)
             self._check.set()
         return future
@@ -249,6 +278,11 @@ class Tracker:
         self._unseen.discard(flow_run_id)
         if run is not None and run.future is not None and not run.future.done():
             run.future.cancel()
+
+    def state(self, flow_run_id: str) -> int:
+        """Where a watched run not final yet stands (``SCHEDULED`` when unknown or unwatched)."""
+        run = self._watches.get(flow_run_id)
+        return run.code if run is not None else SCHEDULED
 
     def reconcile_soon(self) -> None:
         """Ask for a batched read of every unfinished run now."""
@@ -268,6 +302,10 @@ class Tracker:
         self._note(run, snap)
         if snap.final:
             self._resolve(snap.flow_run_id, run, snap)
+        elif run.code != (code := state_code(snap)):
+            run.code = code
+            if run.listener is not None:
+                asyncio.get_running_loop().call_soon(run.listener, snap.flow_run_id)
 
     def _note_final(self, snap: RunSnapshot) -> None:
         """Remember a final seen (event or read) for the stream checks' counts."""
@@ -293,6 +331,8 @@ class Tracker:
         self._note(run, snap)
         if snap.final and run.final is None:
             run.final = snap
+        elif not snap.final:
+            run.code = state_code(snap)
 
     def _resolve(self, flow_run_id: str, run: _Run, snap: RunSnapshot) -> None:
         del self._watches[flow_run_id]
@@ -453,7 +493,12 @@ class Tracker:
         return missed
 
     async def _check_loop(self) -> None:
-        """Read, once and in one batch, the newly watched runs the stream has not covered."""
+        """Read, once and in one batch, the newly watched runs the stream has not covered.
+
+        This one read asks for every state, not the final ones only: a run re-attached
+        after a restart may have turned Late (or started) while nobody listened, and
+        no event will say it again. The steady reconciliation reads finals only.
+        """
         while True:
             await self._check.wait()
             await asyncio.sleep(self.new_run_grace_s)
@@ -462,11 +507,12 @@ class Tracker:
             if self._mode is not TrackerMode.STREAMING:
                 continue  # polling reads every unfinished run anyway
             await self._read(
-                [i for i in unseen if (run := self._watches.get(i)) and not run.covered]
+                [i for i in unseen if (run := self._watches.get(i)) and not run.covered],
+                final_only=False,
             )
 
-    async def _read(self, ids: list[str]) -> int:
-        """Read the final states among ``ids``, one page at a time; return how many ids were read."""
+    async def _read(self, ids: list[str], *, final_only: bool = True) -> int:
+        """Read the final states among ``ids`` (every state unless ``final_only``), one page at a time; return how many ids were read."""
         # The poll loop is the retry loop: one page may not sit out a whole outage inside
         # the gateway's (and Prefect's client's) retries, or polling resumes late after it.
         # The limit is per page: a whole pass of 50 pages may take longer, and still ends.
@@ -475,7 +521,7 @@ class Tracker:
             page = ids[start : start + READ_BATCH]
             try:
                 async with asyncio.timeout(limit_s):
-                    snaps = await self._gateway.read_runs(page, final_only=True)
+                    snaps = await self._gateway.read_runs(page, final_only=final_only)
             except (GatewayError, TimeoutError) as exc:
                 error = str(exc) or f"no answer within {limit_s:g} s"
                 log.warning("tracker.poll_failed", error=error, pending=len(ids) - start)

@@ -490,6 +490,7 @@ class Gateway:
             parameter_schema=dict(response.parameter_openapi_schema or {}),
             default_parameters=dict(response.parameters or {}),
             work_pool_name=response.work_pool_name,
+            work_queue_name=response.work_queue_name,
             status=response.status.value if response.status else None,
         )
 

@@ -174,9 +174,13 @@ def _daemon_line(d: dict[str, Any]) -> str:
     )
 
 
+#: A running job's run counts, as columns (``created`` is the sum of them all).
+_RUN_COUNTS = ("scheduled", "late", "running", "succeeded", "failed", "cancelled")
+
+
 def _jobs_table(jobs: list[dict[str, Any]], *, bars: bool) -> Table:
     table = Table(box=None, pad_edge=False)
-    columns = ["job", "runs", "created", "running", "succeeded", "failed", "cancelled", "age"]
+    columns = ["job", "runs", "created", *_RUN_COUNTS, "age"]
     for name in columns:
         table.add_column(name, justify="left" if name == "job" else "right")
     if bars:
@@ -188,7 +192,7 @@ def _jobs_table(jobs: list[dict[str, Any]], *, bars: bool) -> Table:
         cells: list[RenderableType] = [
             job["job_id"],
             "?" if total is None else str(total),
-            *(_count(runs[k]) for k in ("created", "running", "succeeded", "failed", "cancelled")),
+            *(_count(runs[k]) for k in ("created", *_RUN_COUNTS)),
             _duration(job["age_s"]),
         ]
         if bars:

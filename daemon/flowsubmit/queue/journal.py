@@ -39,6 +39,9 @@ class JournalState:
     #: Runs the job's plan holds, as counted at the claim; None in a journal from before it was
     #: recorded.
     total_runs: int | None = None
+    #: The runs not final yet by state (``scheduled``, ``late``, ``running``), as the latest
+    #: ``states`` record counted them; None before the first.
+    states: dict[str, int] | None = None
 
     def apply(self, record: dict[str, Any]) -> None:
         """Fold one record into the state; unknown record kinds are ignored (forward compatible)."""
@@ -57,10 +60,17 @@ class JournalState:
         elif kind == "final":
             snap = _snapshot_from(record)
             self.finals[snap.flow_run_id] = snap
+        elif kind == "states":
+            self.states = {k: int(record[k]) for k in ("scheduled", "late", "running")}
 
     def run_counts(self) -> dict[str, int]:
-        """Runs by where their latest attempt stands: created, running (not final yet),
-        succeeded, failed (FAILED or CRASHED) and cancelled."""
+        """Runs by where their latest attempt stands: created, not final yet (scheduled,
+        late, running), succeeded, failed (FAILED or CRASHED) and cancelled.
+
+        The runs not final yet are counted from the finals; the latest ``states`` record
+        splits them, late first, then running, the rest scheduled (a run that ended since
+        that record leaves its count; none: all scheduled).
+        """
         latest: dict[tuple[int, int], tuple[int, str]] = {}
         for (stage, index, attempt), run_id in self.created.items():
             if (stage, index) not in latest or latest[(stage, index)][0] < attempt:
@@ -70,12 +80,17 @@ class JournalState:
             for _, run_id in latest.values()
         ]
         succeeded, cancelled = types.count("COMPLETED"), types.count("CANCELLED")
-        running = types.count(None)
+        waiting = types.count(None)
+        split = self.states or {}
+        late = min(split.get("late", 0), waiting)
+        running = min(split.get("running", 0), waiting - late)
         return {
             "created": len(types),
+            "scheduled": waiting - late - running,
+            "late": late,
             "running": running,
             "succeeded": succeeded,
-            "failed": len(types) - running - succeeded - cancelled,
+            "failed": len(types) - waiting - succeeded - cancelled,
             "cancelled": cancelled,
         }
 

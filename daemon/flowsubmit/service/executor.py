@@ -16,7 +16,7 @@ from flowsubmit.engine.runset import (
     job_tag,
     parameter_error,
 )
-from flowsubmit.engine.tracker import Tracker
+from flowsubmit.engine.tracker import LATE, STATE_NAMES, Tracker
 from flowsubmit.errors import (
     GatewayError,
     JobRejected,
@@ -32,6 +32,13 @@ from flowsubmit.service.stagerun import StageRun
 __all__ = ["Executor", "JobOutcome", "prepare"]
 
 log = get_logger("flowsubmit.executor")
+
+#: While a job's runs change state before they end, a ``states`` record (its runs not
+#: final yet, counted as scheduled, late and running) is journaled at most this often,
+#: and at once on the job's first Late run: ``flowsubmit status`` reads the latest.
+STATES_EVERY_S = 2.0
+#: What ``job.runs_late`` tells the operator to do.
+LATE_HINT = "no worker or runner polls it: start one, or check the work pool"
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,13 @@ class Executor:
         self._producer_slots = producer_slots
         #: The stage whose runs are in flight (stages run one after the other).
         self._stage_run: StageRun | None = None
+        #: ``job.runs_late`` was logged (once per job).
+        self._late_warned = False
+        #: The next ``states`` record, when one is due, and the counts the last one wrote.
+        self._states_timer: asyncio.TimerHandle | None = None
+        self._states_written = [0, 0, 0]
+        #: The job has ended: no ``states`` record any more (a change may still be on its way).
+        self._states_over = False
 
     # -- public ---------------------------------------------------------------------------
 
@@ -208,6 +222,7 @@ class Executor:
             ledger=_JournalLedger(self._journal, self._state),
             recovered=self._recovered,
             on_final=self._finished,
+            on_state=lambda record, run_id, code: self._state_changed(runs, run_id, code),
         )
         for spec in planned.runs:
             runs.add(
@@ -238,6 +253,10 @@ class Executor:
                 status, error = await self._run_stages(prepared)
         except TimeoutError:
             status, error = await self._interrupted()
+        self._states_over = True  # the journal closes with the job
+        if self._states_timer is not None:
+            self._states_timer.cancel()
+            self._states_timer = None
         result = JobResult.of(
             job_id=self.job_id,
             status=status,
@@ -337,8 +356,49 @@ class Executor:
 
     def _finished(self, record: RunRecord, snap: RunSnapshot) -> None:
         """The run-sets' ``on_final``: the stage running decides what follows a run's end."""
+        if self._states_written != [0, 0, 0] and not self._states_over:
+            self._states_soon(STATES_EVERY_S)  # a late or running run may have ended
         if self._stage_run is not None:
             self._stage_run.finished(record, snap)
+
+    # -- runs not final yet: scheduled, late, running -----------------------------------------
+
+    def _state_changed(self, runs: RunSet, run_id: str, code: int) -> None:
+        """The run-sets' ``on_state``: warn of the job's first Late run, and count the states soon."""
+        if self._states_over:
+            return
+        if code == LATE and not self._late_warned:
+            self._late_warned = True
+            deployment = runs.deployment
+            log.warning(
+                "job.runs_late",
+                deployment=deployment.name,
+                work_pool=deployment.work_pool_name,
+                work_queue=runs.work_queue_name or deployment.work_queue_name,
+                flow_run_id=run_id,
+                hint=LATE_HINT,
+            )
+            self._write_states()
+            return
+        self._states_soon(STATES_EVERY_S)
+
+    def _states_soon(self, delay_s: float) -> None:
+        if self._states_timer is None:
+            loop = asyncio.get_running_loop()
+            self._states_timer = loop.call_later(delay_s, self._write_states)
+
+    def _write_states(self) -> None:
+        """Journal the runs not final yet by state (``STATE_NAMES``), unless the counts are the last ones written."""
+        if self._states_timer is not None:
+            self._states_timer.cancel()
+            self._states_timer = None
+        counts = [0, 0, 0]
+        for runs in self._started:
+            for run_id in runs.unfinished():
+                counts[self._tracker.state(run_id)] += 1
+        if counts != self._states_written:
+            self._states_written = counts
+            self._journal.append("states", **dict(zip(STATE_NAMES, counts, strict=True)))
 
 
 async def prepare(job: Job, gateway: GatewayProtocol) -> list[tuple[PlannedStage, Deployment]]:
