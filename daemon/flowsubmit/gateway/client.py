@@ -44,8 +44,6 @@ from jsonschema.exceptions import best_match  # type: ignore[import-untyped]
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.actions import DeploymentFlowRunCreate
 from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterEndTime,
     FlowRunFilterId,
     FlowRunFilterState,
     FlowRunFilterStateType,
@@ -79,7 +77,7 @@ from flowsubmit.errors import (
 )
 from flowsubmit.gateway.connection import configured_api_url, display_url
 from flowsubmit.gateway.diagnosis import NOT_AN_API_HINT, health_problem, is_not_a_prefect_route
-from flowsubmit.gateway.older_clients import complete_models
+from flowsubmit.gateway.older_clients import FlowRunFilter, FlowRunFilterEndTime, complete_models
 from flowsubmit.gateway.pacer import CallLimit, CallSize, Pacer
 from flowsubmit.gateway.scheduler import CreateScheduler
 from flowsubmit.gateway.server import CLIENT_RULE, Server, read_server
