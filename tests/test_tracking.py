@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from flowsubmit.gateway.client import Gateway
 from flowsubmit.local.localserver import LocalServer
 from tests.support.driver import drive
 from tests.support.flows import DRIVEN, TIMEOUT, driven
-from tests.support.proxy import Proxy
+from tests.support.proxy import Proxy, missing_route
 
 #: Safety net for awaiting outcomes; not a timing claim (those live in bench/).
 PATIENCE_S = 60.0
@@ -236,6 +237,37 @@ async def test_stalled_stream_is_noticed_by_the_count_and_its_finals_read(
     assert _recorded(streamed + stalled) == await _server_truth(ids)
     assert mode is TrackerMode.STREAMING  # the socket never closed: no fallback to polling
     assert "tracker.stream_behind" in _tracker_events(logs)
+
+
+async def test_idle_stream_reads_one_page_a_turn_and_its_net_still_finds_a_lost_final(
+    served: LocalServer,
+) -> None:
+    """With 450 runs pending and the stream up, a reconciliation turn reads one page of the
+    rolling pass (a whole pass would be three); a final that both the stream and the stream
+    check miss (the websocket stalled, the count route failing) is still found by that net."""
+    tag = _tag()
+    interval_s = 0.5
+    async with (
+        Proxy(served.port) as proxy,
+        tracking(tag, proxy.api_url, reconcile_interval_s=interval_s) as (gateway, tracker),
+    ):
+        ids = await _create(gateway, 450, tag)
+        futures = [tracker.watch(i) for i in ids]
+        await asyncio.sleep(3.0)  # the creation events, and any read of an uncovered run, pass
+        before, started = gateway.requests[READ_ROUTE], time.monotonic()
+        await asyncio.sleep(6.0)
+        reads, elapsed_s = gateway.requests[READ_ROUTE] - before, time.monotonic() - started
+        proxy.rule = missing_route("/flow_runs/count")
+        proxy.stall_websockets()
+        await drive(ids[-1:], direct=True)
+        (final,) = await _finals(futures[-1:])
+        proxy.resume_websockets()
+        for future in futures[:-1]:
+            assert not future.done()
+
+    most_turns = elapsed_s / (0.9 * interval_s) + 1  # the poll loop's jitter is ±10 %
+    assert 1 <= reads <= most_turns
+    assert (final.source, final.state_type) == ("poll", "COMPLETED")
 
 
 async def test_timed_out_run_is_recorded_final_and_failed(served: LocalServer) -> None:

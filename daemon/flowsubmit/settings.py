@@ -79,7 +79,11 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(
         default=60.0,
         gt=0,
-        description="Period of the batched read that catches anything the event stream lost.",
+        description=(
+            "While the event stream is up: the longest period of the count of ended runs that "
+            "catches what the stream lost, and of one slice of the rolling read of pending runs "
+            "(each is read once per 30 periods)."
+        ),
     )
     resubscribe_max_backoff_s: float = Field(
         default=30.0,

@@ -251,6 +251,9 @@ async def _pipe(
 ) -> None:
     with contextlib.suppress(ConnectionError, OSError):
         while (flowing is None or await flowing.wait()) and (data := await reader.read(4096)):
+            # A read under way when the stall began holds its data too: a stall starts at once.
+            if flowing is not None:
+                await flowing.wait()
             writer.write(data)
             await writer.drain()
     writer.close()

@@ -1,9 +1,19 @@
 """Fan-in: one event subscription for every tracked run, with batched polling as reconciliation and fallback.
 
-Modes: ``streaming`` (the websocket is open; a slow reconciliation read catches
-anything it lost) and ``polling`` (the stream is down; one batched read of all
-unfinished runs every ``poll_interval_s``, while resubscribing with backoff).
-Recording a final state is idempotent, so event and poll may race harmlessly.
+Modes: ``streaming`` (the websocket is open; a count of the runs that ended since
+the last check finds what it lost, see ``Tracker._behind_loop``) and ``polling``
+(the stream is down; one batched read of all unfinished runs every
+``poll_interval_s``, while resubscribing with backoff). Recording a final state is
+idempotent, so event and poll may race harmlessly.
+
+While streaming, the idle cost does not grow with the pending runs: each
+``reconcile_interval_s`` the tracker counts the runs that ended (one request) and
+reads one slice of a slow rolling pass over the pending runs, sized so that every
+pending run is read once per ``NET_CYCLE`` intervals (one page of 200 up to 6,000
+pending). The rolling pass is the net for a final whose event was lost *and* whose
+end time fell outside every counted window (a state committed seconds after its
+timestamp, a clock far off). A whole pass comes only when something may have ended
+while nobody listened: the stream reopened, runs re-attached after a restart.
 
 A batched read asks only for the runs among its ids that are final, 200 ids per
 call, each call under its own time limit; a pass that fails part-way goes on from
@@ -62,13 +72,13 @@ _LIVE_MARGIN = timedelta(seconds=0.25)
 #: Prefect's server drops the events of a subscriber that has 256 waiting
 #: (``SUBSCRIPTION_BACKLOG`` in ``prefect/server/events/stream.py``). After half as
 #: many events within ``BURST_WINDOW_S``, some may have been lost in a burst: the
-#: next reconciliation comes ``BURST_RECONCILE_S`` after the last one, not a whole
-#: ``reconcile_interval_s``. A rate, not a count since the last pass: a steady stream
-#: (a 10,000-run job's creation events, 100 per bulk call) overflows nothing, and
-#: counted it would re-read every pending run every 10 s while the job submits.
+#: stream is checked every ``BEHIND_CHECK_S`` for ``QUIET_AFTER_S`` (a count, one
+#: request, never a read of every pending run).
 BURST_EVENTS = 128
 BURST_WINDOW_S = 1.0
-BURST_RECONCILE_S = 10.0
+#: While streaming, every pending run is read at least once per this many
+#: ``reconcile_interval_s`` by the rolling pass (the net behind the stream checks).
+NET_CYCLE = 30
 #: While streaming with runs pending, the tracker counts the runs of its tag that ended
 #: in the window since its last check (reaching ``_REWIND`` back) and compares the count
 #: with the finals it saw for that window; if the server knows more, the stream fell
@@ -158,15 +168,17 @@ class Tracker:
         self._watches: dict[str, _Run] = {}
         self._unclaimed: OrderedDict[str, _Run] = OrderedDict()
         self._unseen: set[str] = set()
-        #: What is left of the current pass of the poll loop (kept when a page fails).
+        #: What is left of the current pass of the poll loop (kept when a page fails), and
+        #: whether it is a whole pass (read at once) or the rolling one (a slice a turn).
         self._pass: list[str] = []
+        self._pass_whole = False
         #: Events in the current burst window, and when it began (loop time).
         self._window_events = 0
         self._window_start = 0.0
-        self._pass_started = 0.0
         #: When (loop time) the last event, and the last final event, arrived.
         self._last_event = self._last_final_event = 0.0
-        self._burst_timer: asyncio.TimerHandle | None = None
+        #: When (loop time) the last burst of events began.
+        self._last_burst = float("-inf")
         self._live_since: datetime | None = None
         #: Where the next stream check's window starts (server end times), and the final
         #: events seen since: run id -> end time, pruned as the window moves on.
@@ -208,8 +220,6 @@ class Tracker:
     async def aclose(self) -> None:
         """Cancel the tracker's tasks and fail the watches still pending; idempotent."""
         self._closed = True
-        if self._burst_timer is not None:
-            self._burst_timer.cancel()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -381,55 +391,50 @@ class Tracker:
             await asyncio.sleep(delay)
 
     async def _poll_loop(self) -> None:
+        """Polling: a whole pass every ``poll_interval_s``. Streaming: a slice of the rolling pass every ``reconcile_interval_s``, a whole pass when asked."""
         while True:
-            interval = (
-                self.poll_interval_s
-                if self._mode is not TrackerMode.STREAMING
-                else self.reconcile_interval_s
-            )
-            await wait_event(self._wake, interval * random.uniform(0.9, 1.1))
+            streaming = self._mode is TrackerMode.STREAMING
+            interval = self.reconcile_interval_s if streaming else self.poll_interval_s
+            asked = await wait_event(self._wake, interval * random.uniform(0.9, 1.1))
             self._wake.clear()
-            await self._poll_pass()
+            if asked or self._mode is not TrackerMode.STREAMING:
+                await self._poll_pass()
+            else:
+                await self._poll_pass(pages=-(-len(self._watches) // (READ_BATCH * NET_CYCLE)))
 
     def _count_event(self) -> None:
-        """Bring the next reconciliation forward once a burst may have overflowed the server's backlog."""
-        loop = asyncio.get_running_loop()
-        now = self._last_event = loop.time()
+        """Note a burst of events that may have overflowed the server's backlog (see ``BURST_EVENTS``)."""
+        now = self._last_event = asyncio.get_running_loop().time()
         if now - self._window_start > BURST_WINDOW_S:
             self._window_start, self._window_events = now, 0
         self._window_events += 1
-        if self._window_events == BURST_EVENTS and self._burst_timer is None:
-            delay_s = max(0.0, self._pass_started + BURST_RECONCILE_S - now)
-            self._burst_timer = loop.call_later(delay_s, self._burst_due)
+        if self._window_events == BURST_EVENTS:
+            self._last_burst = now
 
-    def _burst_due(self) -> None:
-        self._burst_timer = None
-        self.reconcile_soon()
+    async def _poll_pass(self, pages: int | None = None) -> None:
+        """Read the unfinished runs page by page: all of them, or ``pages`` pages of the rolling pass.
 
-    async def _poll_pass(self) -> None:
-        """Read every unfinished run once, page by page; a failed page ends this turn, not the pass.
-
-        The next turn goes on where this one stopped, so at 10,000 pending runs a pass
-        completes even when a read fails now and then or the server answers slowly.
+        A failed page ends this turn, not the pass: the next turn goes on where this one
+        stopped, so at 10,000 pending runs a pass completes even when a read fails now and
+        then or the server answers slowly. A whole pass asked for while the rolling one is
+        under way starts again from every pending run.
         """
-        self._pass_started = asyncio.get_running_loop().time()
-        if self._burst_timer is not None:
-            self._burst_timer.cancel()  # this pass covers it
-            self._burst_timer = None
-        if not self._pass:
-            self._pass = list(self._watches)
+        if not self._pass or (pages is None and not self._pass_whole):
+            self._pass, self._pass_whole = list(self._watches), pages is None
         todo = [i for i in self._pass if i in self._watches]
-        done = await self._read(todo)
+        limit = len(todo) if pages is None else pages * READ_BATCH
+        done = await self._read(todo[:limit])
         self._pass = todo[done:]
 
     async def _behind_loop(self) -> None:
         """Notice within seconds a stream that stalled or lost final events, and read what it missed.
 
-        Checks every ``BEHIND_CHECK_S`` while there is reason to: final events arrived
-        within ``QUIET_AFTER_S`` (a burst may overflow the server's backlog), the stream
-        fell silent after events flowed (a stall looks like that), or the last check
-        found runs missing. Otherwise, while events flow (a job's creations) or nothing
-        happens (runs that last hours), the period doubles up to ``reconcile_interval_s``.
+        Checks every ``BEHIND_CHECK_S`` while there is reason to: final events, or a
+        burst of any events (``BURST_EVENTS``), arrived within ``QUIET_AFTER_S`` (either may
+        overflow the server's backlog), the stream fell silent after events flowed (a
+        stall looks like that), or the last check found runs missing. Otherwise, while
+        events trickle or nothing happens (runs that last hours), the period doubles up
+        to ``reconcile_interval_s``: one count a minute, whatever the pending runs.
         """
         period, next_check = BEHIND_CHECK_S, 0.0
         while True:
@@ -452,6 +457,7 @@ class Tracker:
         silent_s = now - self._last_event
         return (
             self._missed
+            or now - self._last_burst < QUIET_AFTER_S
             or now - self._last_final_event < QUIET_AFTER_S
             or BEHIND_CHECK_S <= silent_s < QUIET_AFTER_S
         )
