@@ -123,8 +123,14 @@ class DaemonProcess:
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
     def peak_rss_mb(self) -> float:
+        return self._status_mb("VmHWM:")
+
+    def rss_mb(self) -> float:
+        return self._status_mb("VmRSS:")
+
+    def _status_mb(self, field: str) -> float:
         for line in Path(f"/proc/{self._target()}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
         return math.nan
 
@@ -260,6 +266,7 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
         daemon = DaemonProcess(work / "queue", env)
         try:
             await daemon.wait_for("service.ready", 1, 120)
+            cpu_ready, row["ready_rss_mb"] = daemon.cpu_s(), daemon.rss_mb()
             job = json.dumps({"deployment": name, "matrix": {"i": list(range(runs))}})
             job_id = await asyncio.to_thread(_enqueue, daemon.queue, job)
             await daemon.wait_for("run.submitted", runs, 3600)
@@ -268,6 +275,8 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
             row["daemon"] = runs / (max(submitted) - claimed)
             row["first_submit_s"] = min(submitted) - claimed
             seen_submitting = proxy.seen[:]
+            cpu_submitted = daemon.cpu_s()
+            row["cpu_submit_ms"] = 1000 * (cpu_submitted - cpu_ready) / runs
             if row.get("submit_only"):
                 print(
                     f"daemon: {row['daemon']:.1f} runs/s, first run created "
@@ -278,7 +287,9 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
 
             cpu_before = daemon.cpu_s()
             await asyncio.sleep(RECONCILE_INTERVAL_S + 5)
-            row["idle_cpu_pct"] = 100 * (daemon.cpu_s() - cpu_before) / (RECONCILE_INTERVAL_S + 5)
+            cpu_idle_end = daemon.cpu_s()
+            row["idle_cpu_pct"] = 100 * (cpu_idle_end - cpu_before) / (RECONCILE_INTERVAL_S + 5)
+            row["pending_rss_mb"] = daemon.rss_mb()
             seen_idle = len(proxy.seen)
 
             tag = job_tag(job_id)
@@ -289,6 +300,8 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
                 await asyncio.to_thread(driver.wait)
             await daemon.wait_for("job.finished", 1, 600)
             row["cpu_s"] = daemon.cpu_s()
+            row["cpu_track_ms"] = 1000 * (row["cpu_s"] - cpu_idle_end) / runs
+            row["cpu_start_s"] = cpu_ready
             row["rss_mb"] = daemon.peak_rss_mb()
         finally:
             daemon.stop()
@@ -338,6 +351,16 @@ def _print(row: dict[str, Any]) -> None:
     )
     print()
     print(f"- raw bulk: {row['raw_refused']} items refused and sent again")
+    per_run = row["cpu_submit_ms"] + row["cpu_track_ms"]
+    print(
+        f"- daemon CPU per run: {per_run:.2f} ms = submit {row['cpu_submit_ms']:.2f} ms "
+        f"(service.ready to the last run.submitted) + track {row['cpu_track_ms']:.2f} ms "
+        f"(end of idle to job.finished); start-up {row['cpu_start_s']:.1f} s and idle not included"
+    )
+    print(
+        f"- daemon RSS: {row['ready_rss_mb']:.0f} MB ready, {row['pending_rss_mb']:.0f} MB with "
+        f"every run pending, {row['rss_mb']:.0f} MB peak"
+    )
     print(f"- daemon: first run submitted {row['first_submit_s']:.1f} s after the claim")
     print(f"- idle ({RECONCILE_INTERVAL_S + 5:g} s, all pending): {row['idle_requests']} requests")
     print(f"- finals recorded from {row['sources']}; recorded twice: {row['finished_twice']}")

@@ -35,8 +35,8 @@ import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timedelta
-from typing import Any, Self
+from datetime import UTC, datetime, timedelta
+from typing import Any, Self, overload
 from urllib.parse import quote
 
 import httpx
@@ -610,7 +610,7 @@ class Gateway:
     async def _bulk_create(
         self, deployment: Deployment, requests: list[RunRequest]
     ) -> list[str | Exception]:
-        body = [_create_body(r) for r in requests]
+        body = _create_bodies(requests)
         await self.pacer.pace()
         response = await self.client.request(
             "POST",
@@ -730,9 +730,9 @@ class Gateway:
             state_type=state.type.value,
             state_name=state.name or state.type.value.title(),
             state_id=str(state.id),
-            end_time=state.timestamp if state.type.value in FINAL_STATE_TYPES else None,
+            end_time=_plain(state.timestamp) if state.type.value in FINAL_STATE_TYPES else None,
             source="cancel",
-            occurred=state.timestamp,
+            occurred=_plain(state.timestamp),
             state_message=state.message or None,
         )
 
@@ -809,17 +809,26 @@ def _bulk_item(item: dict[str, Any]) -> str | Exception:
     )
 
 
-def _create_body(request: RunRequest) -> dict[str, Any]:
-    create = DeploymentFlowRunCreate(
-        parameters=request.parameters,
-        state=to_state_create(Scheduled()),
-        tags=list(request.tags),
-        idempotency_key=request.idempotency_key,
-        work_queue_name=request.work_queue_name,
-        job_variables=request.job_variables or None,
-        name=request.name,
-    )
-    return create.model_dump(mode="json", exclude_unset=True)
+def _create_bodies(requests: list[RunRequest]) -> list[dict[str, Any]]:
+    """The bulk route's items, as Prefect's ``DeploymentFlowRunCreate`` dumps them, with one Scheduled state for the call.
+
+    The state is made and dumped once per call (its scheduled time, "now", is the
+    same for every run of it): made per run, it cost two thirds of the 50 µs a body took.
+    """
+    state = to_state_create(Scheduled()).model_dump(mode="json", exclude_unset=True)
+    bodies = []
+    for r in requests:
+        body = DeploymentFlowRunCreate(
+            parameters=r.parameters,
+            tags=list(r.tags),
+            idempotency_key=r.idempotency_key,
+            work_queue_name=r.work_queue_name,
+            job_variables=r.job_variables or None,
+            name=r.name,
+        ).model_dump(mode="json", exclude_unset=True)
+        body["state"] = state
+        bodies.append(body)
+    return bodies
 
 
 def _finished_filter(tag: str, since: datetime, until: datetime) -> FlowRunFilter:
@@ -831,6 +840,31 @@ def _finished_filter(tag: str, since: datetime, until: datetime) -> FlowRunFilte
     )
 
 
+@overload
+def _plain(value: datetime) -> datetime: ...
+@overload
+def _plain(value: datetime | None) -> datetime | None: ...
+def _plain(value: datetime | None) -> datetime | None:
+    """A plain ``datetime`` for one of Prefect's (a pendulum subclass on Python < 3.13).
+
+    Snapshots leave the gateway with plain datetimes: on pendulum's, every
+    subtraction (a run's duration, its detection latency) goes through deprecation
+    wrappers and builds an ``Interval``, about 24 µs where a plain one takes 0.04.
+    """
+    if value is None or type(value) is datetime:
+        return value
+    return datetime(
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+        tzinfo=UTC if value.utcoffset() == timedelta(0) else value.tzinfo,
+    )
+
+
 def _snapshot_from_run(run: FlowRun) -> RunSnapshot:
     state = run.state
     return RunSnapshot(
@@ -839,10 +873,10 @@ def _snapshot_from_run(run: FlowRun) -> RunSnapshot:
         state_name=(state.name or state.type.value.title()) if state else "Unknown",
         flow_run_name=run.name,
         state_id=str(state.id) if state else None,
-        start_time=run.start_time,
-        end_time=run.end_time,
+        start_time=_plain(run.start_time),
+        end_time=_plain(run.end_time),
         source="poll",
-        occurred=state.timestamp if state else None,
+        occurred=_plain(state.timestamp) if state else None,
         state_message=(state.message or None) if state else None,
     )
 
@@ -855,16 +889,17 @@ def snapshot_from_event(event: Event) -> RunSnapshot | None:
     if not state_type or run_id == resource.id:
         return None
     final = state_type in FINAL_STATE_TYPES
+    occurred = _plain(event.occurred)
     return RunSnapshot(
         flow_run_id=run_id,
         state_type=state_type,
         state_name=resource.get("prefect.state-name") or state_type.title(),
         flow_run_name=resource.get("prefect.resource.name"),
         state_id=str(event.id),
-        start_time=event.occurred if state_type == "RUNNING" else None,
-        end_time=event.occurred if final else None,
+        start_time=occurred if state_type == "RUNNING" else None,
+        end_time=occurred if final else None,
         source="event",
-        occurred=event.occurred,
+        occurred=occurred,
         state_message=resource.get("prefect.state-message") or None,
     )
 
