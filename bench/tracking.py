@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -146,6 +147,7 @@ def _counting_client() -> tuple[Any, Counter[str]]:
 
 
 async def _tracker_row(method: str, gateway: Any, tracker: Any, n: int, deployment: Any) -> Row:
+    sent = datetime.now(UTC)  # watched as a RunSet watches the runs it created
     ids = await _create(gateway, deployment, n)
     before, recorded = gateway.requests.copy(), dict(tracker.recorded)
     seen: dict[str, float] = {}
@@ -153,7 +155,7 @@ async def _tracker_row(method: str, gateway: Any, tracker: Any, n: int, deployme
     async def track() -> dict[str, float]:
         futures = []
         for run_id in ids:
-            future = tracker.watch(run_id)
+            future = tracker.watch(run_id, created_since=sent)
             future.add_done_callback(lambda _f, r=run_id: seen.setdefault(r, time.time()))
             futures.append(future)
         await asyncio.gather(*futures)

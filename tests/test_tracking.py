@@ -7,6 +7,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,15 @@ async def _create(
     return list(await asyncio.gather(*(gateway.create_run(resolved, r) for r in requests)))
 
 
+async def _create_and_watch(
+    gateway: Gateway, tracker: Tracker, count: int, tag: str, **create: Any
+) -> tuple[list[str], list[asyncio.Future[RunSnapshot]]]:
+    """Create runs and watch them as a RunSet does: covered from their creation if the stream was live."""
+    sent = datetime.now(UTC)
+    ids = await _create(gateway, count, tag, **create)
+    return ids, [tracker.watch(i, created_since=sent) for i in ids]
+
+
 async def _finals(futures: list[asyncio.Future[RunSnapshot]]) -> list[RunSnapshot]:
     async with asyncio.timeout(PATIENCE_S):
         return list(await asyncio.gather(*futures))
@@ -120,11 +130,12 @@ async def test_stream_up_tracks_twenty_runs_with_a_handful_of_requests(
     tag = _tag()
     with capture_logs() as logs:
         async with tracking(tag, reconcile_interval_s=3600.0) as (gateway, tracker):
+            sent = datetime.now(UTC)
             ids = await _create(gateway, 20, tag)
             before, started = gateway.requests.copy(), asyncio.get_running_loop().time()
             await drive(ids[:2])
             await asyncio.sleep(1.0)  # their final events arrive while nobody watches them
-            futures = [tracker.watch(i) for i in ids]
+            futures = [tracker.watch(i, created_since=sent) for i in ids]
             await drive(ids[2:15])
             await drive(ids[15:], final="Failed")
             snaps = await _finals(futures)
@@ -168,8 +179,7 @@ async def test_stream_lost_mid_job_completes_by_polling_and_hands_back(
                 tracker,
             ),
         ):
-            ids = await _create(gateway, 10, tag)
-            futures = [tracker.watch(i) for i in ids]
+            ids, futures = await _create_and_watch(gateway, tracker, 10, tag)
             await drive(ids[:5])
             streamed = await _finals(futures[:5])
 
@@ -180,8 +190,7 @@ async def test_stream_lost_mid_job_completes_by_polling_and_hands_back(
 
             proxy.refuse_websockets = False
             await _until(lambda: tracker.mode is TrackerMode.STREAMING, "resume")
-            again = await _create(gateway, 2, tag, first=10)
-            more = [tracker.watch(i) for i in again]
+            again, more = await _create_and_watch(gateway, tracker, 2, tag, first=10)
             await drive(again)
             resumed = await _finals(more)
 
@@ -222,8 +231,7 @@ async def test_stalled_stream_is_noticed_by_the_count_and_its_finals_read(
             Proxy(served.port) as proxy,
             tracking(tag, proxy.api_url, reconcile_interval_s=3600.0) as (gateway, tracker),
         ):
-            ids = await _create(gateway, 12, tag)
-            futures = [tracker.watch(i) for i in ids]
+            ids, futures = await _create_and_watch(gateway, tracker, 12, tag)
             await drive(ids[:2])
             streamed = await _finals(futures[:2])
             proxy.stall_websockets()
@@ -251,8 +259,7 @@ async def test_idle_stream_reads_one_page_a_turn_and_its_net_still_finds_a_lost_
         Proxy(served.port) as proxy,
         tracking(tag, proxy.api_url, reconcile_interval_s=interval_s) as (gateway, tracker),
     ):
-        ids = await _create(gateway, 450, tag)
-        futures = [tracker.watch(i) for i in ids]
+        ids, futures = await _create_and_watch(gateway, tracker, 450, tag)
         await asyncio.sleep(3.0)  # the creation events, and any read of an uncovered run, pass
         before, started = gateway.requests[READ_ROUTE], time.monotonic()
         await asyncio.sleep(6.0)
@@ -274,8 +281,10 @@ async def test_timed_out_run_is_recorded_final_and_failed(served: LocalServer) -
     """A flow that exceeds its timeout ends FAILED named TimedOut, and is recorded as final and failed."""
     tag = _tag()
     async with tracking(tag) as (gateway, tracker):
-        (run_id,) = await _create(gateway, 1, tag, deployment=TIMEOUT, parameters={"seconds": 30})
-        snap = await _finals([tracker.watch(run_id)])
+        (run_id,), futures = await _create_and_watch(
+            gateway, tracker, 1, tag, deployment=TIMEOUT, parameters={"seconds": 30}
+        )
+        snap = await _finals(futures)
 
     assert (snap[0].state_type, snap[0].state_name, snap[0].final, snap[0].succeeded) == (
         "FAILED",
@@ -339,8 +348,7 @@ async def test_server_restart_mid_job_accounts_for_every_run_once(
             gateway,
             tracker,
         ):
-            ids = await _create(gateway, 20, tag)
-            futures = [tracker.watch(i) for i in ids]
+            ids, futures = await _create_and_watch(gateway, tracker, 20, tag)
             await drive(ids[:8])
             await drive(ids[8:12], final="Failed")
             before = await _finals(futures[:12])
@@ -388,8 +396,7 @@ async def test_stream_cut_with_many_pending_is_finished_by_paged_polling(
                 tracker,
             ),
         ):
-            ids = await _create(gateway, 400, tag)
-            futures = [tracker.watch(i) for i in ids]
+            ids, futures = await _create_and_watch(gateway, tracker, 400, tag)
             proxy.cut_websockets(refuse=True)
             await _until(lambda: tracker.mode is TrackerMode.POLLING, "fallback")
             await drive(ids, concurrency=4, direct=True)

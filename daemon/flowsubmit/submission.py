@@ -229,6 +229,7 @@ class FlowSubmission:
             raise ValueError("poll_interval must be positive")
         self.deployment = deployment
         self.submission_id = submission_id or uuid.uuid4().hex
+        self._id_given = submission_id is not None
         self.tag = submission_tag(self.submission_id)
         self.poll_interval = poll_interval
         self.outage_tolerance_s = outage_tolerance_s
@@ -555,6 +556,8 @@ class FlowSubmission:
                     work_queue_name=self._work_queue_name,
                     lane=self.submission_id,
                     on_final=self._freed,
+                    # An id given again after a crash finds the runs made before by their keys.
+                    new_keys=not self._id_given,
                 )
             tracker = await stack.enter_async_context(
                 Tracker(gateway, tag=self.tag, poll_interval_s=self.poll_interval)

@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from flowsubmit._types import Deployment, GatewayProtocol, RunRequest, RunSnapshot
@@ -136,6 +137,7 @@ class RunSet:
         on_final: Callable[[RunRecord, RunSnapshot], None] | None = None,
         on_state: Callable[[RunRecord, str, int], None] | None = None,
         recovered: bool = False,
+        new_keys: bool = True,
     ) -> None:
         self.deployment = deployment
         self.tags = tuple(tags)
@@ -150,6 +152,9 @@ class RunSet:
         self._on_state = on_state
         #: Runs may have ended while nobody listened: ask the tracker for a read when watching.
         self._recovered = recovered
+        #: The keys were never used before (a new job, a new library submission): a run the
+        #: create call returns was made by that call, not found again by its key.
+        self._new_keys = new_keys and not recovered
         self.records: dict[int, RunRecord] = {}
         self._owner: dict[str, RunRecord] = {}
         self._finals: dict[str, RunSnapshot] = {}
@@ -215,7 +220,9 @@ class RunSet:
         attempt = len(record.run_ids)
         record.attempts = attempt + 1
         run_id = self._ledger.created(record, attempt) if self._ledger else None
+        sent = None
         if run_id is None:
+            sent = datetime.now(UTC) if self._new_keys else None
             run_id = await gateway.create_run(self.deployment, self.request(record, attempt))
             if self._ledger is not None:
                 self._ledger.add_created(record, attempt, run_id)
@@ -225,7 +232,7 @@ class RunSet:
         self._owner[run_id] = record
         if previous is not None:
             self._reporter.retrying(record, previous, run_id)
-        self._watch(run_id)
+        self._watch(run_id, created_since=sent)
         return run_id
 
     async def final(self, run_id: str) -> RunSnapshot:
@@ -243,7 +250,7 @@ class RunSet:
         for run_id in list(self._futures):
             self._settle(run_id, self._futures[run_id])
 
-    def _watch(self, run_id: str) -> None:
+    def _watch(self, run_id: str, created_since: datetime | None = None) -> None:
         known = self._ledger.final(run_id) if self._ledger else None
         if known is not None:
             self._record(run_id, known, report=False)  # its line was written before the restart
@@ -253,7 +260,7 @@ class RunSet:
             return
         if self._context is None:
             self._context = contextvars.copy_context()
-        self._futures[run_id] = tracker.watch(run_id, self._resolved)
+        self._futures[run_id] = tracker.watch(run_id, self._resolved, created_since=created_since)
         if self._recovered:
             tracker.reconcile_soon()
 

@@ -27,10 +27,12 @@ behind it by milliseconds (measured in ``bench/tracking.py``), and one read per
 final event would cost more requests than the whole stream-up budget (under 0.05
 per run). The steady reconciliation stays as the safety net for lost events.
 
-Streaming costs no reads for new runs: a run whose events arrive on the open
-stream is *covered*. A run watched without a covering event (created before the
-stream opened, re-attached after a restart, found again by its idempotency key) is
-read once, batched with the others, ``new_run_grace_s`` after it is watched.
+Streaming costs no reads for new runs: a run created while the stream was live
+(``watch(created_since=...)``), or whose live event arrived on the open stream, is
+*covered*. A run watched without either (created before the stream opened,
+re-attached after a restart, found again by its idempotency key) is read once,
+batched with the others, ``new_run_grace_s`` after it is watched. The stream does
+not ask for the events that tell nothing (``UNSUBSCRIBED_EVENTS`` in the gateway).
 
 Before its final, a run's state is one small code (``SCHEDULED``, ``LATE``,
 ``RUNNING``), learnt from its events and from that one read of an uncovered run
@@ -238,8 +240,16 @@ class Tracker:
         self._tasks.append(task)
 
     async def wait_connected(self, timeout_s: float) -> bool:
-        """Wait until the stream is open (or polling has taken over); False on timeout."""
-        return await wait_event(self._connected, timeout_s)
+        """Wait until the stream is live (or polling has taken over); False on timeout.
+
+        Live: past the margin after opening, so that runs created from now on are
+        covered from their creation (``watch(created_since=...)``) and need no read.
+        """
+        if not await wait_event(self._connected, timeout_s):
+            return False
+        if (since := self._live_since) is not None:
+            await asyncio.sleep(max(0.0, (since - datetime.now(UTC)).total_seconds()))
+        return True
 
     # -- public -----------------------------------------------------------------------------
 
@@ -254,9 +264,17 @@ class Tracker:
         return len(self._watches)
 
     def watch(
-        self, flow_run_id: str, listener: Callable[[str], None] | None = None
+        self,
+        flow_run_id: str,
+        listener: Callable[[str], None] | None = None,
+        *,
+        created_since: datetime | None = None,
     ) -> asyncio.Future[RunSnapshot]:
         """Track a run; the same future is returned for the same id until it resolves.
+
+        ``created_since``: the run was created by a request sent at that time or later
+        (not found again by its key). If the stream was live by then, every event of the
+        run comes after it is subscribed to: the run is covered, and needs no read.
 
         ``listener``, if given, is called (soon, as a done-callback) with the run's id
         once its future has its final snapshot, and also whenever the run's ``state``
@@ -277,6 +295,9 @@ class Tracker:
             return future
         if run.code != SCHEDULED and listener is not None:  # an event came before the watch
             future.get_loop().call_soon(listener, flow_run_id)
+        live_since = self._live_since
+        if created_since is not None and live_since is not None and created_since >= live_since:
+            run.covered = True
         if not run.covered and self._mode is TrackerMode.STREAMING:
             self._unseen.add(flow_run_id)
             self._check.set()
