@@ -309,6 +309,8 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
             s for s in proxy.seen[len(seen_submitting) :] if "create_flow_run" not in s.path
         ]
         row["idle_requests"] = seen_idle - len(seen_submitting)
+        idle = proxy.seen[len(seen_submitting) : seen_idle]
+        row["idle_routes"] = dict(Counter(f"{s.method} {s.path}" for s in idle))
         row["requests_per_run"] = len(tracking) / runs
         row["tracking_routes"] = dict(Counter(f"{s.method} {s.path}" for s in tracking))
 
@@ -362,7 +364,10 @@ def _print(row: dict[str, Any]) -> None:
         f"every run pending, {row['rss_mb']:.0f} MB peak"
     )
     print(f"- daemon: first run submitted {row['first_submit_s']:.1f} s after the claim")
-    print(f"- idle ({RECONCILE_INTERVAL_S + 5:g} s, all pending): {row['idle_requests']} requests")
+    print(
+        f"- idle ({RECONCILE_INTERVAL_S + 5:g} s, all pending): {row['idle_requests']} requests "
+        f"{row['idle_routes']}"
+    )
     print(f"- finals recorded from {row['sources']}; recorded twice: {row['finished_twice']}")
     print(f"- job result: {row['summary'][0]} runs, {row['summary'][1]} succeeded")
     print(f"- tracking requests: {row['tracking_routes']}")
