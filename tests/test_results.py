@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,6 +15,7 @@ from flowsubmit._types import JobStatus, RunSnapshot
 from flowsubmit.engine import results
 from flowsubmit.engine.results import JobResult, RunRecord, finished_message
 from flowsubmit.library_log import SubmissionReporter
+from flowsubmit.queue.folders import json_chunks
 from flowsubmit.service.executor import _JobReporter
 
 T0 = datetime(2026, 11, 30, 3, 0, tzinfo=UTC)
@@ -194,3 +196,53 @@ def test_a_result_keeps_the_runs_as_they_stood_when_made() -> None:
     assert _written(result) == before
     assert result.summary.line == "Summary → 1/4 succeeded, 3 failed"
     assert unfinished.state_name == "Completed"
+
+
+def _many(count: int) -> list[RunRecord]:
+    """``count`` finished runs, with names and messages a JSON writer must escape."""
+    records = []
+    for i in range(count):
+        record = RunRecord(i % 3, i, "etl/étl", {"i": i, "note": 'naïve \ud800 "q"\n'})
+        record.add_run(f"run-{i}")
+        record.record(
+            RunSnapshot(
+                f"run-{i}",
+                "FAILED" if i % 7 == 0 else "COMPLETED",
+                "Failed" if i % 7 == 0 else "Completed",
+                flow_run_name=f"fox-{i} ✅",
+                start_time=_at(i),
+                end_time=_at(i + 1),
+                state_message="line one\nline \udcff two" if i % 7 == 0 else None,
+            )
+        )
+        records.append(record)
+    return records
+
+
+def _whole(document: dict[str, Any]) -> bytes:
+    """The file as it was written when the document was made whole first."""
+    text = json.dumps(document, indent=2, ensure_ascii=False, default=str) + "\n"
+    return text.encode("utf-8", "backslashreplace")
+
+
+@pytest.mark.parametrize("count", [0, 1, 2_000])
+def test_a_result_written_as_its_runs_are_read_is_the_same_bytes(count: int) -> None:
+    """The daemon writes the runs one entry at a time; the file is byte for byte the whole document's."""
+    result = _result(_many(count) + (_records() if count else []))
+    assert b"".join(json_chunks(result.document())) == _whole(result.as_dict())
+
+
+def test_writing_a_big_result_never_holds_it_whole() -> None:
+    """Written from ``document()``, a 20,000-run result costs a small fraction of the memory of the whole one."""
+    result = _result(_many(20_000))
+    tracemalloc.start()
+    try:
+        for _chunk in json_chunks(result.document()):
+            pass
+        streamed_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        _whole(result.as_dict())
+        whole_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert streamed_peak * 20 < whole_peak, (streamed_peak, whole_peak)

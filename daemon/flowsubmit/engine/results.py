@@ -322,6 +322,15 @@ class JobResult:
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form written to ``JOB.result.json``."""
+        document = self.document()
+        document["runs"] = list(document["runs"])
+        return document
+
+    def document(self) -> dict[str, Any]:
+        """``as_dict`` with ``runs`` an iterator whose entries are made as they are read.
+
+        What the daemon writes: a 100,000-run result is never whole in memory.
+        """
         return {
             "job_id": self.job_id,
             "status": self.status.value,
@@ -331,7 +340,7 @@ class JobResult:
             "duration_s": self.duration_s,
             "summary": self.summary.as_dict(),
             "error": self.error,
-            "runs": [r.as_dict() for r in self.runs],
+            "runs": (r.as_dict() for r in self.runs),
         }
 
 

@@ -7,6 +7,7 @@ import os
 import secrets
 import stat
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["UnsafeFile", "atomic_write", "fsync_dir", "grant_read", "read_regular", "unique_name"]
@@ -33,13 +34,16 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o640) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half of one."""
+def atomic_write(path: Path, data: bytes | Iterable[bytes], *, mode: int = 0o640) -> None:
+    """Write ``data`` (bytes, or chunks written as they come) to ``path`` so that a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if isinstance(data, bytes):
+                fh.write(data)
+            else:
+                fh.writelines(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.rename(tmp, path)

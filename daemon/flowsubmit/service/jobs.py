@@ -225,7 +225,7 @@ class RunningJobs:
     def _finish(self, claim: Claim, result: JobResult) -> None:
         """Write the result and move the job to ``done/`` or ``failed/``; count and log it."""
         succeeded = result.status is JobStatus.SUCCEEDED
-        target = self.queue.finish(claim, succeeded, _with_ui_urls(result.as_dict()))
+        target = self.queue.finish(claim, succeeded, _with_ui_urls(result.document()))
         self.counts["succeeded" if succeeded else "failed"] += 1
         metrics.JOBS.labels(result.status.value).inc()
         self.events.ended(result, target.with_name(f"{claim.job_id}.result.json"))
@@ -239,8 +239,12 @@ class RunningJobs:
 
 
 def _with_ui_urls(document: dict[str, Any]) -> dict[str, Any]:
-    """The result document with each created run's ``ui_url`` when ``PREFECT_UI_URL`` is set."""
-    for run in document["runs"]:
-        if run["flow_run_id"] and (url := run_ui_url(run["flow_run_id"])):
-            run["ui_url"] = url
+    """The result document with each created run's ``ui_url`` when ``PREFECT_UI_URL`` is set (added as each entry is read)."""
+    document["runs"] = map(_with_ui_url, document["runs"])
     return document
+
+
+def _with_ui_url(run: dict[str, Any]) -> dict[str, Any]:
+    if run["flow_run_id"] and (url := run_ui_url(run["flow_run_id"])):
+        run["ui_url"] = url
+    return run
