@@ -24,10 +24,10 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
