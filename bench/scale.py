@@ -107,7 +107,10 @@ class DaemonProcess:
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.lines if line.get("event") == name]
 
-    async def wait_for(self, name: str, count: int, timeout_s: float) -> None:
+    async def wait_for(
+        self, name: str, count: int, timeout_s: float, unless: str | None = None
+    ) -> None:
+        """Until ``count`` lines ``name`` were logged; fails at once on a line ``unless``."""
         deadline = time.monotonic() + timeout_s
         seen = len(self.events(name))
         while seen < count:
@@ -116,7 +119,10 @@ class DaemonProcess:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{seen}/{count} {name} after {timeout_s} s")
             await asyncio.sleep(0.5)
-            seen += sum(1 for line in self.read() if line.get("event") == name)
+            for line in self.read():
+                seen += line.get("event") == name
+                if unless is not None and line.get("event") == unless:
+                    raise RuntimeError(f"the daemon logged {unless}: {line}")
 
     def cpu_s(self) -> float:
         fields = Path(f"/proc/{self._target()}/stat").read_text().rsplit(")", 1)[1].split()
@@ -265,15 +271,16 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
         work = Path(tempfile.mkdtemp(prefix="flowsubmit-scale-"))
         env = {**os.environ, "PREFECT_API_URL": proxy.api_url}
         env = {k: v for k, v in env.items() if not k.startswith("FLOWSUBMIT_")}
-        # The default policy refuses a job of more than 10,000 runs.
+        # The default policy refuses a job of more than 10,000 runs, or of more than 1 MiB.
         env["FLOWSUBMIT_MAX_RUNS_PER_JOB"] = str(max(runs, 10_000))
+        env["FLOWSUBMIT_MAX_JOB_BYTES"] = str(max(64 * runs, 1024 * 1024))
         daemon = DaemonProcess(work / "queue", env)
         try:
             await daemon.wait_for("service.ready", 1, 120)
             cpu_ready, row["ready_rss_mb"] = daemon.cpu_s(), daemon.rss_mb()
             job = json.dumps({"deployment": name, "matrix": {"i": list(range(runs))}})
             job_id = await asyncio.to_thread(_enqueue, daemon.queue, job, env)
-            await daemon.wait_for("run.submitted", runs, 3600)
+            await daemon.wait_for("run.submitted", runs, 3600, unless="job.rejected")
             claimed = _ts(daemon.events("job.claimed")[0])
             submitted = [_ts(line) for line in daemon.events("run.submitted")]
             row["daemon"] = runs / (max(submitted) - claimed)
