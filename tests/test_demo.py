@@ -70,6 +70,10 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
     """SIGINT mid-demo exits 130 and leaves no server, served flow or daemon behind."""
     temp = tmp_path / "tmp"
@@ -82,6 +86,9 @@ def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         stdin=subprocess.DEVNULL,
+        # As in a terminal: Python turns SIGINT into KeyboardInterrupt only if the signal
+        # is not ignored when it starts, and a test worker may have left it ignored.
+        preexec_fn=_default_sigint,
     )
     assert process.stdout is not None
     home = None
@@ -94,7 +101,8 @@ def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
     assert len(_processes_with(home)) >= 3  # server, served flow, daemon (and their children)
 
     process.send_signal(signal.SIGINT)
-    assert process.wait(60) == 130
+    code = process.wait(60)
+    assert code == 130, (process.stdout.read(), process.stderr.read())  # type: ignore[union-attr]
     assert "interrupted: everything the demo started has been stopped" in process.stderr.read()  # type: ignore[union-attr]
     assert _processes_with(home) == []
     # The queue (with its job) and Prefect's home removed (Prefect's runner_storage is Prefect's).

@@ -100,7 +100,10 @@ async def test_an_older_server_gets_one_create_per_run_and_never_a_bulk_call(
     assert len(set(ids)) == 6
     assert proxy.count("/create_flow_run/bulk") == 0
     assert proxy.count("/admin/version") == 1
-    assert len([s for s in proxy.seen if s.path.endswith("/create_flow_run")]) == 6
+    # One create per run; a create the server refused for contention (503: "database is
+    # locked" on SQLite) is sent again by Prefect's own client.
+    creates = [s.status for s in proxy.seen if s.path.endswith("/create_flow_run")]
+    assert creates.count(201) == 6 and set(creates) <= {201, 503}, creates
     older = [e for e in logs if e["event"] == "gateway.server_older"]
     assert [(e["log_level"], e["server_version"], e["rule"]) for e in older] == [
         ("warning", "3.6.15", CLIENT_RULE)
