@@ -627,12 +627,7 @@ class Gateway:
         await self.pacer.pace()
         run = await self.client.create_flow_run_from_deployment(
             deployment.id,  # type: ignore[arg-type]  # Prefect accepts the id as a string
-            parameters=request.parameters,
-            tags=list(request.tags),
-            idempotency_key=request.idempotency_key,
-            work_queue_name=request.work_queue_name,
-            job_variables=request.job_variables or None,
-            name=request.name,
+            **_create_fields(request),
         )
         return str(run.id)
 
@@ -829,18 +824,25 @@ def _create_bodies(requests: list[RunRequest]) -> list[dict[str, Any]]:
     """
     state = to_state_create(Scheduled()).model_dump(mode="json", exclude_unset=True)
     bodies = []
-    for r in requests:
-        body = DeploymentFlowRunCreate(
-            parameters=r.parameters,
-            tags=list(r.tags),
-            idempotency_key=r.idempotency_key,
-            work_queue_name=r.work_queue_name,
-            job_variables=r.job_variables or None,
-            name=r.name,
-        ).model_dump(mode="json", exclude_unset=True)
+    for request in requests:
+        body = DeploymentFlowRunCreate(**_create_fields(request)).model_dump(
+            mode="json", exclude_unset=True
+        )
         body["state"] = state
         bodies.append(body)
     return bodies
+
+
+def _create_fields(request: RunRequest) -> dict[str, Any]:
+    """What a run is created with, by the bulk route and by a single create alike (its state aside)."""
+    return {
+        "parameters": request.parameters,
+        "tags": list(request.tags),
+        "idempotency_key": request.idempotency_key,
+        "work_queue_name": request.work_queue_name,
+        "job_variables": request.job_variables or None,
+        "name": request.name,
+    }
 
 
 def _finished_filter(tag: str, since: datetime, until: datetime) -> FlowRunFilter:
