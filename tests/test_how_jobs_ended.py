@@ -4,32 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flowsubmit.local.localserver import LocalServer
-from tests.support import ROOT
-from tests.support.daemons import Daemon, enqueue, result_of
+from tests.support.daemons import Daemon, enqueue, result_of, status
 from tests.support.driver import drive, wait_for_runs
 from tests.support.flows import DRIVEN
-
-
-def _status(env: dict[str, str], queue: Path, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "flowsubmit.cli", "status", "--queue", str(queue), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +53,14 @@ def test_status_lists_recently_finished_jobs(
     """``status`` and ``status --json`` show the ended job: status, summary, result file."""
     daemon, job_id, _ = failed_stage
     result_path = str(daemon.queue / "failed" / f"{job_id}.result.json")
-    (finished,) = json.loads(_status(served.env(), daemon.queue, "--json"))["finished"]
+    (finished,) = json.loads(status(served.env(), daemon.queue, "--json"))["finished"]
     assert {k: finished[k] for k in ("job_id", "status", "summary", "result")} == {
         "job_id": job_id,
         "status": "failed",
         "summary": "Summary → 0/3 succeeded, 3 failed",
         "result": result_path,
     }
-    table = _status(served.env(), daemon.queue)
+    table = status(served.env(), daemon.queue)
     assert "recently finished" in table
     assert any(
         line.split()[:5] == [job_id, "failed", "0/3", "succeeded,", "3"]
@@ -91,7 +74,7 @@ def test_status_job_id_prints_where_the_job_is_its_failing_runs_and_result(
     """``status JOB_ID``: where it is, its summary, each failing run with its state message, the result path."""
     daemon, job_id, result = failed_stage
     failed_run = result["runs"][0]["flow_run_id"][:8]
-    lines = _status(served.env(), daemon.queue, job_id).splitlines()
+    lines = status(served.env(), daemon.queue, job_id).splitlines()
     assert lines == [
         f"{job_id}: failed (failed/)",
         "  Summary → 0/3 succeeded, 3 failed",

@@ -14,7 +14,7 @@ from typing import Any
 from flowsubmit.engine.runset import job_tag
 from flowsubmit.local.localserver import LocalServer
 from tests.support import ROOT
-from tests.support.daemons import Daemon, enqueue, result_of
+from tests.support.daemons import Daemon, enqueue, result_of, status
 from tests.support.driver import drive, late, start, wait_for_runs
 from tests.support.flows import DRIVEN, ETL
 from tests.support.jobs import make_job
@@ -84,16 +84,7 @@ def test_enqueue_wait_warns_at_once_when_no_daemon_serves_the_queue(
 
 def _running_job(env: dict[str, str], queue: Path, job_id: str) -> dict[str, Any] | None:
     """The job's entry in ``status --json``, while it runs."""
-    done = subprocess.run(
-        [sys.executable, "-m", "flowsubmit.cli", "status", "--json", "--queue", str(queue)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    jobs = [j for j in json.loads(done.stdout)["jobs"] if j["job_id"] == job_id]
+    jobs = [j for j in json.loads(status(env, queue, "--json"))["jobs"] if j["job_id"] == job_id]
     return jobs[0] if jobs else None
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "result_of",
     "settings_env",
     "spawn_daemon",
+    "status",
 ]
 
 #: The settings every test daemon starts with unless a test names its own: quick polls and rescans.
@@ -165,6 +166,20 @@ def enqueue(queue: Path, job: dict[str, Any] | bytes, *, env: dict[str, str] | N
         env=env,
     )
     return done.stdout.decode().strip()
+
+
+def status(env: dict[str, str], queue: Path, *args: str) -> str:
+    """``flowsubmit status --queue QUEUE ARGS...`` (a subprocess, as an operator runs it); its output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "flowsubmit.cli", "status", "--queue", str(queue), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def result_of(queue: Path, job_id: str) -> tuple[str, dict[str, Any]] | None:
