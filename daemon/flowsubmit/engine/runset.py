@@ -11,6 +11,7 @@ the library opens and closes lazily and the daemon keeps for its lifetime.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -118,7 +119,7 @@ class RunLedger(Protocol):
 class RunSet:
     """Owns the records of a set of runs of one deployment and the watch of every run created.
 
-    A final state is recorded in one place (``_settle``): the record, the ledger,
+    A final state is recorded in one place (``_record``): the record, the ledger,
     the reporter's line and ``on_final``, once per run, whichever way it arrived
     (event, read, cancel answer or ledger).
     """
@@ -162,7 +163,11 @@ class RunSet:
         self._cancel_reasons: dict[str, str] = {}
         self._gateway: GatewayProtocol | None = None
         self._tracker: Tracker | None = None
-        self._futures: dict[str, asyncio.Future[RunSnapshot]] = {}
+        #: Who waits in ``wait``: the runs each still waits for, and its future. No future
+        #: per run: a pending run costs the tracker's record and this set's ``_owner`` entry.
+        self._waiters: list[tuple[set[str], asyncio.Future[None]]] = []
+        #: The tracker's listener for every run of the set: one bound method, not one per run.
+        self._listener = self._heard
         #: The context of the first watch, where every final is recorded (and its line logged).
         self._context: contextvars.Context | None = None
 
@@ -170,7 +175,7 @@ class RunSet:
 
     def attach(self, gateway: GatewayProtocol, tracker: Tracker) -> None:
         """Use this engine from now on; every run not final yet is watched through it."""
-        self._gateway, self._tracker, self._futures = gateway, tracker, {}
+        self._gateway, self._tracker = gateway, tracker
         unfinished = self.unfinished()
         for run_id in unfinished:
             self._watch(run_id)
@@ -178,8 +183,12 @@ class RunSet:
             tracker.reconcile_soon()  # they may have ended while nothing was subscribed
 
     def detach(self) -> None:
-        """Stop using the engine (it is being closed); ``attach`` watches the runs again."""
-        self._gateway, self._tracker, self._futures = None, None, {}
+        """Stop using the engine (it is being closed); ``attach`` watches the runs again.
+
+        Whoever waits in ``wait`` returns (the runs it waits for are not final).
+        """
+        self._gateway, self._tracker = None, None
+        self._wake_waiters()
 
     def _engine(self) -> tuple[GatewayProtocol, Tracker]:
         if self._gateway is None or self._tracker is None:
@@ -235,20 +244,25 @@ class RunSet:
         self._watch(run_id, created_since=sent)
         return run_id
 
-    async def final(self, run_id: str) -> RunSnapshot:
-        """Wait for the final state of a run of this set (recorded when it arrives)."""
-        while run_id not in self._finals:
-            await asyncio.shield(self._futures[run_id])
-            self._settle(run_id, self._futures[run_id])
-        return self._finals[run_id]
-
     async def wait(self, run_ids: Iterable[str]) -> None:
-        """Wait until the given runs of this set are final (or the engine is detached)."""
-        futures = [self._futures[r] for r in run_ids if r not in self._finals]
-        if futures:
-            await asyncio.wait(futures)
-        for run_id in list(self._futures):
-            self._settle(run_id, self._futures[run_id])
+        """Wait until the given runs of this set are final (or the engine is detached, or the runs abandoned)."""
+        left = {r for r in run_ids if r not in self._finals}
+        if not left or self._tracker is None:
+            return
+        waiter: tuple[set[str], asyncio.Future[None]] = (
+            left,
+            asyncio.get_running_loop().create_future(),
+        )
+        self._waiters.append(waiter)
+        try:
+            await waiter[1]
+        finally:
+            self._waiters.remove(waiter)
+
+    def _wake_waiters(self) -> None:
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_result(None)
 
     def _watch(self, run_id: str, created_since: datetime | None = None) -> None:
         known = self._ledger.final(run_id) if self._ledger else None
@@ -256,30 +270,24 @@ class RunSet:
             self._record(run_id, known, report=False)  # its line was written before the restart
             return
         _, tracker = self._engine()
-        if run_id in self._finals or run_id in self._futures:
+        if run_id in self._finals:
             return
         if self._context is None:
             self._context = contextvars.copy_context()
-        self._futures[run_id] = tracker.watch(run_id, self._resolved, created_since=created_since)
+        tracker.follow(run_id, self._listener, created_since=created_since)
         if self._recovered:
             tracker.reconcile_soon()
 
-    def _resolved(self, run_id: str) -> None:
+    def _heard(self, run_id: str, final: RunSnapshot | None) -> None:
         """The tracker's listener: record the final, or pass on a state change, in the context of the first watch (its log lines' job and stage)."""
-        future = self._futures.get(run_id)
-        if future is None or self._context is None:
+        if self._context is None:
             return
-        if future.done():
-            self._context.run(self._settle, run_id, future)
+        if final is not None:
+            self._context.run(self._record, run_id, final)
         elif self._on_state is not None and self._tracker is not None:
             self._context.run(
                 self._on_state, self._owner[run_id], run_id, self._tracker.state(run_id)
             )
-
-    def _settle(self, run_id: str, future: asyncio.Future[RunSnapshot]) -> None:
-        if not future.done() or future.cancelled() or future.exception() is not None:
-            return  # the tracker was closed or forgot the run; a later engine watches it again
-        self._record(run_id, future.result())
 
     def _record(self, run_id: str, snap: RunSnapshot, *, report: bool = True) -> None:
         """The one place a final state is recorded: record, ledger, line, hook; once per run."""
@@ -295,6 +303,10 @@ class RunSet:
             self._reporter.finished(record, kept, finished_message(self.deployment.name, kept))
         if self._on_final is not None:
             self._on_final(record, kept)
+        for left, future in self._waiters:
+            left.discard(run_id)
+            if not left and not future.done():
+                future.set_result(None)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -363,12 +375,9 @@ class RunSet:
             self._reporter.cancelled(record, run_id, answer)
             if answer is not None:
                 self._observe(tracker, answer)
-        stopping = [self._futures[r] for r in asked if r not in self._finals and r in self._futures]
-        if stopping:
-            await asyncio.wait(stopping, timeout=grace_s)
-        for run_id in asked:
-            if run_id in self._futures:
-                self._settle(run_id, self._futures[run_id])
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                await self.wait(asked)
         return asked
 
     def _cancelled_because(self, run_id: str, snap: RunSnapshot) -> RunSnapshot:
@@ -380,13 +389,13 @@ class RunSet:
 
     def _observe(self, tracker: Tracker, snap: RunSnapshot) -> None:
         """Hand a read or cancel answer to the tracker, and record it now if it is final."""
-        tracker.observe(snap)
-        future = self._futures.get(snap.flow_run_id)
-        if future is not None:
-            self._settle(snap.flow_run_id, future)
+        final = tracker.observe(snap)
+        if final is not None and snap.flow_run_id in self._owner:
+            self._record(snap.flow_run_id, final)
 
     def abandon(self) -> None:
         """Stop watching the runs not final yet (their owner no longer waits for them)."""
         _, tracker = self._engine()
         for run_id in self.unfinished():
             tracker.forget(run_id)
+        self._wake_waiters()

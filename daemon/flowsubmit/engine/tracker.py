@@ -60,7 +60,16 @@ from flowsubmit.errors import ClosedError, GatewayError, TransientGatewayError
 from flowsubmit.gateway.client import READ_BATCH
 from flowsubmit.logs import get_logger
 
-__all__ = ["LATE", "RUNNING", "SCHEDULED", "STATE_NAMES", "Tracker", "TrackerMode", "state_code"]
+__all__ = [
+    "LATE",
+    "RUNNING",
+    "SCHEDULED",
+    "STATE_NAMES",
+    "Listener",
+    "Tracker",
+    "TrackerMode",
+    "state_code",
+]
 
 log = get_logger("flowsubmit.tracker")
 
@@ -112,6 +121,10 @@ def state_code(snap: RunSnapshot) -> int:
     return LATE if snap.state_name == "Late" else SCHEDULED
 
 
+#: What ``Tracker.follow`` calls: ``(run id, final snapshot)`` once, ``(run id, None)`` on a state change.
+Listener = Callable[[str, RunSnapshot | None], None]
+
+
 class TrackerMode(StrEnum):
     """How the tracker currently learns about state changes."""
 
@@ -122,16 +135,18 @@ class TrackerMode(StrEnum):
 
 @dataclass(slots=True)
 class _Run:
-    """What is known of one run while it waits: its watchers' future once watched, its final state once seen.
+    """What is known of one run while it waits: who waits for it once watched, its final state once seen.
 
     A few fields and no container, for every pending run: a state seen twice (by an
     event and a read) needs no memory of state ids, because a run leaves the
     registry with its first final state, and only a final state resolves it.
     """
 
+    #: Resolved with the final snapshot (``watch``); None for a run only followed.
     future: asyncio.Future[RunSnapshot] | None = None
-    #: Called with the run's id once its future has its final snapshot (one shared callable).
-    listener: Callable[[str], None] | None = None
+    #: Called soon with the run's id and its final snapshot, or None when its state code
+    #: changed (``follow``): one shared callable, where a future each costs every pending run.
+    listener: Listener | None = None
     final: RunSnapshot | None = None
     start_time: datetime | None = None
     name: str | None = None
@@ -264,44 +279,66 @@ class Tracker:
         return len(self._watches)
 
     def watch(
-        self,
-        flow_run_id: str,
-        listener: Callable[[str], None] | None = None,
-        *,
-        created_since: datetime | None = None,
+        self, flow_run_id: str, *, created_since: datetime | None = None
     ) -> asyncio.Future[RunSnapshot]:
-        """Track a run; the same future is returned for the same id until it resolves.
+        """Track a run; the same future, resolved with its final snapshot, is returned for the same id.
 
         ``created_since``: the run was created by a request sent at that time or later
         (not found again by its key). If the stream was live by then, every event of the
         run comes after it is subscribed to: the run is covered, and needs no read.
-
-        ``listener``, if given, is called (soon, as a done-callback) with the run's id
-        once its future has its final snapshot, and also whenever the run's ``state``
-        changes before that (its future not done yet): one callable shared by many runs
-        costs a pending run nothing, where a done-callback each would keep a few objects per run.
         """
-        if self._closed:
-            raise ClosedError("the Tracker is closed")
         run = self._watches.get(flow_run_id)
         if run is not None and run.future is not None:
             return run.future
-        run = self._unclaimed.pop(flow_run_id, None) or _Run()
-        future = run.future = asyncio.get_running_loop().create_future()
-        run.listener = listener
+        future: asyncio.Future[RunSnapshot] = asyncio.get_running_loop().create_future()
+        self._claim(flow_run_id, created_since, future=future)
+        return future
+
+    def follow(
+        self, flow_run_id: str, listener: Listener, *, created_since: datetime | None = None
+    ) -> None:
+        """Track a run for ``listener``: no future, so a pending run costs its record alone.
+
+        ``listener`` is called soon (from the event loop, never inside this call) with
+        the run's id and its final snapshot once, and with ``None`` whenever the run's
+        ``state`` changes before that. A run followed again keeps one record and the
+        latest listener. Not called when the tracker closes or ``forget`` is called.
+        """
+        run = self._watches.get(flow_run_id)
+        if run is not None:
+            run.listener = listener
+            return
+        self._claim(flow_run_id, created_since, listener=listener)
+
+    def _claim(
+        self,
+        flow_run_id: str,
+        created_since: datetime | None,
+        *,
+        future: asyncio.Future[RunSnapshot] | None = None,
+        listener: Listener | None = None,
+    ) -> None:
+        """Register a run not watched yet (or watched by the other kind of waiter)."""
+        if self._closed:
+            raise ClosedError("the Tracker is closed")
+        watched = self._watches.get(flow_run_id)
+        run = watched or self._unclaimed.pop(flow_run_id, None) or _Run()
+        run.future = future or run.future
+        run.listener = listener or run.listener
+        if watched is not None:
+            return
         self._watches[flow_run_id] = run
         if run.final is not None:
             self._resolve(flow_run_id, run, run.final)
-            return future
+            return
         if run.code != SCHEDULED and listener is not None:  # an event came before the watch
-            future.get_loop().call_soon(listener, flow_run_id)
+            asyncio.get_running_loop().call_soon(listener, flow_run_id, None)
         live_since = self._live_since
         if created_since is not None and live_since is not None and created_since >= live_since:
             run.covered = True
         if not run.covered and self._mode is TrackerMode.STREAMING:
             self._unseen.add(flow_run_id)
             self._check.set()
-        return future
 
     def forget(self, flow_run_id: str) -> None:
         """Stop tracking a run (its job gave up on it); a pending ``watch`` future is cancelled."""
@@ -321,22 +358,27 @@ class Tracker:
 
     # -- recording ----------------------------------------------------------------------
 
-    def observe(self, snap: RunSnapshot) -> None:
-        """Record one observation; final ones resolve the run's future (idempotent)."""
+    def observe(self, snap: RunSnapshot) -> RunSnapshot | None:
+        """Record one observation (idempotent); returns the final snapshot when it resolved a watched run.
+
+        The final given to waiters is completed with the start time and name earlier
+        states carried (a final event may lack them).
+        """
         if snap.final:
             self._note_final(snap)
         run = self._watches.get(snap.flow_run_id)
         if run is None:
             if snap.source == "event":
                 self._keep_unclaimed(snap)
-            return
+            return None
         self._note(run, snap)
         if snap.final:
-            self._resolve(snap.flow_run_id, run, snap)
-        elif run.code != (code := state_code(snap)):
+            return self._resolve(snap.flow_run_id, run, snap)
+        if run.code != (code := state_code(snap)):
             run.code = code
             if run.listener is not None:
-                asyncio.get_running_loop().call_soon(run.listener, snap.flow_run_id)
+                asyncio.get_running_loop().call_soon(run.listener, snap.flow_run_id, None)
+        return None
 
     def _note_final(self, snap: RunSnapshot) -> None:
         """Remember a final seen (event or read) for the stream checks' counts."""
@@ -365,14 +407,16 @@ class Tracker:
         elif not snap.final:
             run.code = state_code(snap)
 
-    def _resolve(self, flow_run_id: str, run: _Run, snap: RunSnapshot) -> None:
+    def _resolve(self, flow_run_id: str, run: _Run, snap: RunSnapshot) -> RunSnapshot:
         del self._watches[flow_run_id]
         self._unseen.discard(flow_run_id)
         self.recorded[snap.source] = self.recorded.get(snap.source, 0) + 1
+        final = _merged(snap, run)
         if run.future is not None and not run.future.done():
-            run.future.set_result(_merged(snap, run))
-            if run.listener is not None:  # called as a done-callback is: soon, on its own
-                run.future.get_loop().call_soon(run.listener, flow_run_id)
+            run.future.set_result(final)
+        if run.listener is not None:  # called as a done-callback is: soon, on its own
+            asyncio.get_running_loop().call_soon(run.listener, flow_run_id, final)
+        return final
 
     def _is_live(self, snap: RunSnapshot) -> bool:
         since = self._live_since
@@ -594,6 +638,8 @@ class Tracker:
 
 def _merged(snap: RunSnapshot, run: _Run) -> RunSnapshot:
     """The final snapshot, completed with the start time and name seen on earlier states."""
+    if (snap.flow_run_name or not run.name) and (snap.start_time or not run.start_time):
+        return snap  # nothing to add: no copy (one per run at the end of a large job)
     return dataclasses.replace(
         snap,
         flow_run_name=snap.flow_run_name or run.name,

@@ -50,7 +50,13 @@ class JobOutcome:
 
 
 class _JournalLedger:
-    """The run-set's ledger for a daemon job: its journal, appended before anything counts."""
+    """The run-set's ledger for a daemon job: its journal, appended before anything counts.
+
+    ``state`` is the journal as replayed at the claim, and is only read: what this
+    process appends is on disk for the next one, and in the run-set for this one (a
+    creation or final is never looked up again in the process that made it), so a
+    pending run costs no entry here.
+    """
 
     def __init__(self, journal: Journal, state: JournalState) -> None:
         self._journal = journal
@@ -66,12 +72,10 @@ class _JournalLedger:
         self._journal.append(
             "created", stage=record.stage, index=record.index, attempt=attempt, flow_run_id=run_id
         )
-        self._state.created[(record.stage, record.index, attempt)] = run_id
 
     def add_final(self, record: RunRecord, snap: RunSnapshot) -> None:
         # Masked with the run's parameters: a secret parameter's value is hidden too.
         self._journal.append("final", **snapshot_record(snap, record.parameters))
-        self._state.finals[snap.flow_run_id] = snap
 
 
 class _JobReporter:
