@@ -197,13 +197,13 @@ async def _deployment() -> str:
     return f"{FLOW}/d"
 
 
-async def _raw_bulk(deployment_id: str, runs: int) -> tuple[float, int]:
+async def _raw_bulk(deployment_id: str, runs: int, tags: list[str]) -> tuple[float, int]:
     """(runs/s, items refused and sent again) of sequential bulk calls of 100."""
     from prefect.client.orchestration import get_client
 
     key = uuid.uuid4().hex[:8]
     todo = [
-        {"parameters": {"i": i}, "idempotency_key": f"raw/{key}/{i}", "tags": [f"raw-{key}"]}
+        {"parameters": {"i": i}, "idempotency_key": f"raw/{key}/{i}", "tags": [*tags, f"raw-{key}"]}
         for i in range(runs)
     ]
     refused = 0
@@ -239,8 +239,14 @@ def _upstream_port() -> int:
     return int(os.environ["PREFECT_API_URL"].rsplit(":", 1)[1].split("/", 1)[0])
 
 
-async def raw_phase(runs: int) -> tuple[float, int]:
-    """(runs/s, items refused) of the raw bulk route, through the proxy."""
+async def raw_phase(runs: int, subscribed: bool = False) -> tuple[float, int]:
+    """(runs/s, items refused) of the raw bulk route, through the proxy.
+
+    ``subscribed`` (``BENCH_RAW_SUBSCRIBED=1``): while the loop creates, the same process
+    holds the daemon's event subscription (``Gateway.run_events``, the daemon's filter)
+    for the tag the runs carry and reads it, so the server streams their events as it
+    does to a daemon: the cost of being tracked, without the rest of the daemon.
+    """
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from tests.support.proxy import Proxy
 
@@ -253,7 +259,20 @@ async def raw_phase(runs: int) -> tuple[float, int]:
         # Prefect read PREFECT_API_URL from the environment at import: the setting itself
         # must change, or the calls would bypass the proxy the daemon pays for.
         with temporary_settings({PREFECT_API_URL: proxy.api_url}):
-            rate, refused = await _raw_bulk(deployment.id, runs)
+            if not subscribed:
+                rate, refused = await _raw_bulk(deployment.id, runs, [])
+            else:
+                tag = f"raw-subscribed-{uuid.uuid4().hex[:8]}"
+                async with Gateway() as gateway, gateway.run_events(tag) as events:
+
+                    async def read() -> None:
+                        async for _ in events:
+                            pass
+
+                    reader = asyncio.create_task(read())
+                    await asyncio.sleep(1.0)  # past the subscription's live margin
+                    rate, refused = await _raw_bulk(deployment.id, runs, [tag])
+                    reader.cancel()
         if not any(seen.path.endswith("/create_flow_run/bulk") for seen in proxy.seen):
             raise RuntimeError("the raw phase's creates did not go through the proxy")
         return rate, refused
@@ -475,7 +494,8 @@ if __name__ == "__main__":
         asyncio.run(_drive(args[0], int(args[1])))
     elif "--raw" in sys.argv:
         with _server("--topology" in sys.argv):
-            print(json.dumps(asyncio.run(raw_phase(int(args[0])))))
+            subscribed = os.environ.get("BENCH_RAW_SUBSCRIBED") == "1"
+            print(json.dumps(asyncio.run(raw_phase(int(args[0]), subscribed))))
     else:
         main(
             int(args[0]) if args else 10_000, "--topology" in sys.argv, "--submit-only" in sys.argv
