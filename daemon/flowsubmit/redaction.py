@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -29,6 +30,9 @@ _SECRET_WORDS = frozenset(
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 
 
+# Cached: every key of every log line is asked (about a dozen a line), and the names in
+# use are few: log fields, settings, the parameters of the jobs seen.
+@functools.lru_cache(maxsize=4096)
 def is_secret_name(name: str) -> bool:
     """True when one word of ``name`` is a secret-like word (password, token, secret, key, ...)."""
     return any(word.lower() in _SECRET_WORDS for word in _WORD.findall(name))
