@@ -242,7 +242,8 @@ def _upstream_port() -> int:
 async def raw_phase(runs: int, subscribed: bool = False) -> tuple[float, int]:
     """(runs/s, items refused) of the raw bulk route, through the proxy.
 
-    ``subscribed`` (``BENCH_RAW_SUBSCRIBED=1``): while the loop creates, the same process
+    ``subscribed`` (``--raw --subscribed``; ``BENCH_RAW_SUBSCRIBED=1`` measures it after
+    the plain loop, on a server of its own, and prints it beside): while the loop creates, the same process
     holds the daemon's event subscription (``Gateway.run_events``, the daemon's filter)
     for the tag the runs carry and reads it, so the server streams their events as it
     does to a daemon: the cost of being tracked, without the rest of the daemon.
@@ -386,6 +387,12 @@ def _print(row: dict[str, Any]) -> None:
         f"- raw bulk: measured on {row['raw_runs']} runs; "
         f"{row['raw_refused']} items refused and sent again"
     )
+    if "raw_subscribed" in row:
+        print(
+            f"- raw bulk holding the daemon's event subscription: {row['raw_subscribed']:.1f} "
+            f"runs/s ({row['raw_subscribed_refused']} items refused); daemon / that: "
+            f"{row['daemon'] / row['raw_subscribed']:.2f}"
+        )
     per_run = row["cpu_submit_ms"] + row["cpu_track_ms"]
     print(
         f"- daemon CPU per run: {per_run:.2f} ms = submit {row['cpu_submit_ms']:.2f} ms "
@@ -462,6 +469,16 @@ def main(runs: int, topology: bool, submit_only: bool = False) -> None:
         cwd=ROOT,
     )
     row["raw"], row["raw_refused"] = json.loads(raw.stdout.decode().strip().splitlines()[-1])
+    if os.environ.get("BENCH_RAW_SUBSCRIBED") == "1":  # and the same loop, tracked as a daemon is
+        raw = subprocess.run(
+            [sys.executable, __file__, "--raw", "--subscribed", str(row["raw_runs"]), *flags],
+            stdout=subprocess.PIPE,
+            check=True,
+            cwd=ROOT,
+        )
+        row["raw_subscribed"], row["raw_subscribed_refused"] = json.loads(
+            raw.stdout.decode().strip().splitlines()[-1]
+        )
     with _server(topology) as driver_env:
         asyncio.run(daemon_phase(row, driver_env))
 
@@ -494,8 +511,7 @@ if __name__ == "__main__":
         asyncio.run(_drive(args[0], int(args[1])))
     elif "--raw" in sys.argv:
         with _server("--topology" in sys.argv):
-            subscribed = os.environ.get("BENCH_RAW_SUBSCRIBED") == "1"
-            print(json.dumps(asyncio.run(raw_phase(int(args[0]), subscribed))))
+            print(json.dumps(asyncio.run(raw_phase(int(args[0]), "--subscribed" in sys.argv))))
     else:
         main(
             int(args[0]) if args else 10_000, "--topology" in sys.argv, "--submit-only" in sys.argv
