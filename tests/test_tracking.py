@@ -119,6 +119,36 @@ def _tracker_events(logs: list[dict[str, Any]]) -> list[str]:
     return [e["event"] for e in logs if str(e["event"]).startswith("tracker.")]
 
 
+async def test_followed_runs_tell_their_listener_each_start_and_final_once(
+    served: LocalServer,
+) -> None:
+    """``follow`` (how a run-set tracks its runs, without a future per run): the listener
+    hears each run start (``None``) and its final snapshot once, from the event loop and
+    never inside the call; a run followed twice is one run."""
+    tag = _tag()
+    heard: list[tuple[str, str | None]] = []
+
+    def listener(run_id: str, final: RunSnapshot | None) -> None:
+        heard.append((run_id, final.state_type if final else None))
+
+    async with tracking(tag, reconcile_interval_s=3600.0) as (gateway, tracker):
+        sent = datetime.now(UTC)
+        ids = await _create(gateway, 3, tag)
+        for run_id in ids:
+            tracker.follow(run_id, listener, created_since=sent)
+        tracker.follow(ids[0], listener, created_since=sent)
+        assert tracker.pending == 3
+        await drive(ids[:2])
+        await drive(ids[2:], final="Failed")
+        await _until(lambda: tracker.pending == 0, "every run final")
+        await asyncio.sleep(0.1)  # the last listener call is scheduled, not made inside observe
+    finals = sorted((r, t) for r, t in heard if t is not None)
+    expected = sorted([(ids[0], "COMPLETED"), (ids[1], "COMPLETED"), (ids[2], "FAILED")])
+    assert finals == expected
+    assert {r for r, t in heard if t is None} == set(ids)  # each one's Running
+    assert sum(tracker.recorded.values()) == 3  # one final each, by event or read
+
+
 async def test_stream_up_tracks_twenty_runs_with_a_handful_of_requests(
     served: LocalServer,
 ) -> None:
