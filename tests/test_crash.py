@@ -25,8 +25,9 @@ import pytest
 from flowsubmit.engine.runset import job_tag
 from flowsubmit.errors import ClaimLost
 from flowsubmit.local.localserver import LocalServer
-from flowsubmit.queue.folders import JobLock, Queue
+from flowsubmit.queue.folders import Queue
 from flowsubmit.queue.journal import Journal, replay
+from flowsubmit.queue.locking import JobLock
 from tests.support import ROOT
 from tests.support.crashkit import BackgroundDriver, server_runs
 from tests.support.daemons import Daemon, result_of

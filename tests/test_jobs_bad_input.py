@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from flowsubmit._types import Deployment
 from flowsubmit.errors import ClaimLost, JobRejected
-from flowsubmit.gateway.client import parameter_problem
+from flowsubmit.gateway.convert import parameter_problem
 from flowsubmit.jobs.model import MAX_NESTING, Job, parse_job
 from flowsubmit.queue.folders import Candidate, Queue, printable_name, safe_name
 from flowsubmit.service.intake import CallbackHost, Intake

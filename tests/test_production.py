@@ -29,7 +29,7 @@ from flowsubmit import AuthenticationError, flow_submitter
 from flowsubmit.cli.demo import FAILING_TABLES
 from flowsubmit.engine.runset import job_tag
 from flowsubmit.errors import TransientGatewayError
-from flowsubmit.gateway.client import _translate_errors
+from flowsubmit.gateway.translate import translate_errors
 from flowsubmit.local.localserver import LocalServer
 from flowsubmit.local.topology import REDIS, Topology, claim_redis_db, release_redis_db
 from tests.support.crashkit import BackgroundDriver, client_of, server_runs
@@ -241,7 +241,7 @@ def test_refused_credentials_are_an_authentication_error_not_a_verdict(status: i
     """A 401 or 403 becomes AuthenticationError (waited out like an outage), naming the URL without user info."""
     request = httpx.Request("POST", "http://user:pw@prefect.example/api/deployments/filter")
     response = httpx.Response(status, json={"detail": "Unauthorized"}, request=request)
-    with pytest.raises(AuthenticationError) as refused, _translate_errors("check credentials"):
+    with pytest.raises(AuthenticationError) as refused, translate_errors("check credentials"):
         response.raise_for_status()
     assert isinstance(refused.value, TransientGatewayError)
     assert str(refused.value) == (

@@ -15,7 +15,7 @@ from flowsubmit._types import JobStatus, RunSnapshot
 from flowsubmit.engine import results
 from flowsubmit.engine.results import JobResult, RunRecord, finished_message
 from flowsubmit.library_log import SubmissionReporter
-from flowsubmit.queue.folders import json_chunks
+from flowsubmit.queue.json_stream import json_chunks
 from flowsubmit.service.executor import _JobReporter
 
 T0 = datetime(2026, 11, 30, 3, 0, tzinfo=UTC)

@@ -40,8 +40,9 @@ from flowsubmit.errors import (
     TransientGatewayError,
     WaitTimeout,
 )
-from flowsubmit.gateway.client import ATTEMPT_FLOOR_S, Gateway
+from flowsubmit.gateway.client import Gateway
 from flowsubmit.gateway.job_events import Event, emit_job_event, job_event
+from flowsubmit.gateway.translate import ATTEMPT_FLOOR_S
 from flowsubmit.jobs.model import deployment_name_problem
 from flowsubmit.library_log import SubmissionReporter
 

@@ -22,7 +22,7 @@ from flowsubmit._types import Deployment, GatewayProtocol, RunRequest, RunSnapsh
 from flowsubmit.engine.results import RunRecord, Summary, finished_message
 from flowsubmit.engine.tracker import Tracker
 from flowsubmit.errors import GatewayError, JobRejected
-from flowsubmit.gateway.client import parameter_problem
+from flowsubmit.gateway.convert import parameter_problem
 
 __all__ = [
     "CANCEL_GRACE_S",

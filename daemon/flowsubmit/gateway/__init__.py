@@ -1,7 +1,10 @@
 """Everything that talks to Prefect: the only room that imports ``prefect`` or ``httpx``.
 
-- ``client``: ``Gateway``, the calls flowsubmit makes (create, read, cancel, stream) with
-  their retry policies and the translation of Prefect's errors into ``errors``.
+- ``client``: ``Gateway``, the calls flowsubmit makes (create, read, cancel, stream).
+- ``translate``: Prefect's errors as ``errors``' (transient, permanent, credentials), and
+  the retry policy that bounds an operation by the outage tolerance.
+- ``convert``: what is sent and read back (bulk items, snapshots of runs and events,
+  the parameter check), as pure functions.
 - ``scheduler`` and ``pacer``: how many create calls are in flight and how large.
 - ``connection``: which server the process talks to, and its versions.
 - ``job_events``: the ``flowsubmit.job.*`` events' shape and their delivery.

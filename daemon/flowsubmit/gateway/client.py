@@ -1,4 +1,5 @@
-"""The only module that talks to Prefect: every call, its retry policy, and error translation.
+"""``Gateway``, the one client of Prefect's API: every call, made under the retry policy and error
+translation of ``translate``, with what it sends and reads converted by ``convert``.
 
 Retry budget, stated once. Prefect's own HTTP client already retries a request up
 to ``PREFECT_CLIENT_MAX_RETRIES`` (5) times on 408/429/502/503 and transport errors,
@@ -6,7 +7,7 @@ honouring ``Retry-After``, with 2**n s backoff (about 62 s in the worst case). T
 tenacity policy here goes around whole idempotent operations, with exponential
 backoff and jitter (0.5 s doubling to 30 s, never shorter than a ``Retry-After``),
 and stops once ``prefect_outage_tolerance_s`` has passed; no backoff sleeps past
-it, and an attempt of a read or cancel is cut at it (``_Retrying``, at least
+it, and an attempt of a read or cancel is cut at it (``Retrying``, at least
 ``ATTEMPT_FLOOR_S`` per attempt), so such an operation ends within the tolerance
 plus that floor whatever Prefect's and httpx's own retries and timeouts would take.
 A create's attempt is not cut (it may wait for a call slot or a rate limit): its
@@ -31,45 +32,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
-from typing import Any, Self, overload
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any, Self
 from urllib.parse import quote
 
 import httpx
-from jsonschema.exceptions import best_match  # type: ignore[import-untyped]
 from prefect.client.orchestration import PrefectClient, get_client
-from prefect.client.schemas.actions import DeploymentFlowRunCreate
 from prefect.client.schemas.filters import (
     FlowRunFilterId,
     FlowRunFilterState,
     FlowRunFilterStateType,
-    FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.responses import DeploymentResponse, OrchestrationResult
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
-from prefect.events.schemas.events import Event
-from prefect.exceptions import ObjectNotFound
-from prefect.states import Cancelling, Scheduled, to_state_create
-from prefect.utilities.schema_tools.validation import (
-    CircularSchemaRefError,
-    ValidationError,
-    validate,
-)
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
-from tenacity.wait import wait_exponential_jitter
+from prefect.states import Cancelling
 
 from flowsubmit import metrics
 from flowsubmit._types import FINAL_STATE_TYPES, Deployment, RunRequest, RunSnapshot
 from flowsubmit.errors import (
-    AuthenticationError,
     ClosedError,
     ContentionError,
     GatewayError,
@@ -77,15 +63,24 @@ from flowsubmit.errors import (
     TransientGatewayError,
 )
 from flowsubmit.gateway.connection import configured_api_url, display_url
-from flowsubmit.gateway.diagnosis import NOT_AN_API_HINT, health_problem, is_not_a_prefect_route
-from flowsubmit.gateway.older_clients import FlowRunFilter, FlowRunFilterEndTime, complete_models
+from flowsubmit.gateway.convert import (
+    bulk_item,
+    create_bodies,
+    create_fields,
+    finished_filter,
+    plain,
+    snapshot_from_event,
+    snapshot_from_run,
+)
+from flowsubmit.gateway.diagnosis import health_problem
+from flowsubmit.gateway.older_clients import FlowRunFilter, complete_models
 from flowsubmit.gateway.pacer import CallLimit, CallSize, Pacer
 from flowsubmit.gateway.scheduler import CreateScheduler
 from flowsubmit.gateway.server import CLIENT_RULE, Server, read_server
+from flowsubmit.gateway.translate import Retrying, retry_after, translate_errors
 from flowsubmit.logs import get_logger
-from flowsubmit.redaction import mentions_secret
 
-__all__ = ["READ_BATCH", "Gateway", "parameter_problem"]
+__all__ = ["READ_BATCH", "Gateway"]
 
 log = get_logger("flowsubmit.gateway")
 
@@ -93,89 +88,7 @@ log = get_logger("flowsubmit.gateway")
 READ_BATCH = 200
 #: How long closing the event stream may wait for the server's answer.
 STREAM_CLOSE_S = 0.25
-#: The least time one attempt of a retried read or cancel is given, even when the
-#: outage tolerance is nearly spent (``_Retrying.bound``).
-ATTEMPT_FLOOR_S = 3.0
 _BULK_PATH = "/deployments/{id}/create_flow_run/bulk"
-_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-#: Credentials refused: a configuration error of this client, never a verdict on what it asked.
-_AUTH_STATUS = frozenset({401, 403})
-_TRANSIENT_DB_ERROR = re.compile(
-    r"database is locked|OperationalError|deadlock|could not serialize|timed? ?out", re.I
-)
-
-
-@contextlib.contextmanager
-def _translate_errors(
-    operation: str, deployment: str | None = None, not_found: str | None = None
-) -> Iterator[None]:
-    """``_translate`` the errors of a call to Prefect, counting each (``flowsubmit_prefect_errors_total``)."""
-    try:
-        with _translate(operation, deployment, not_found):
-            yield
-    except GatewayError as exc:
-        metrics.count_prefect_error(exc)
-        raise
-
-
-@contextlib.contextmanager
-def _translate(
-    operation: str, deployment: str | None = None, not_found: str | None = None
-) -> Iterator[None]:
-    """Map foreign exceptions to ``errors.py``: transport and 5xx are transient, 401/403 an
-    authentication error (waited out like an outage), other 4xx permanent.
-
-    ``not_found`` replaces ``operation`` in the message of a 404 that is Prefect's own
-    (naming the object); a 404 of a route the server does not have says the URL is wrong.
-    """
-    try:
-        yield
-    except ObjectNotFound as exc:
-        # Prefect's ObjectNotFound prints as "None"; the detail lives in its cause.
-        http_exc = exc.http_exc if isinstance(exc.http_exc, httpx.HTTPStatusError) else None
-        if http_exc is not None and is_not_a_prefect_route(http_exc.response):
-            url = display_url(str(http_exc.request.url.copy_with(query=None)))
-            raise PermanentGatewayError(
-                f"{operation}: HTTP 404 from {url}: {NOT_AN_API_HINT}",
-                operation=operation,
-                deployment=deployment,
-            ) from exc
-        detail = _http_detail(http_exc) if http_exc is not None else "not found"
-        raise PermanentGatewayError(
-            f"{not_found or operation}: {detail}", operation=operation, deployment=deployment
-        ) from exc
-    except httpx.HTTPStatusError as exc:
-        detail = _http_detail(exc)
-        status = exc.response.status_code
-        if status in _AUTH_STATUS:
-            raise AuthenticationError(
-                f"{operation}: Prefect at {display_url(str(exc.request.url.copy_with(query=None)))}"
-                f" refused the credentials ({detail}); "
-                "check PREFECT_API_AUTH_STRING or PREFECT_API_KEY",
-                operation=operation,
-                deployment=deployment,
-            ) from exc
-        if status == 404 and is_not_a_prefect_route(exc.response):
-            url = display_url(str(exc.request.url.copy_with(query=None)))
-            raise PermanentGatewayError(
-                f"{operation}: HTTP 404 from {url}: {NOT_AN_API_HINT}",
-                operation=operation,
-                deployment=deployment,
-            ) from exc
-        cls = TransientGatewayError if status in _TRANSIENT_STATUS else PermanentGatewayError
-        what = not_found if status == 404 and not_found else operation
-        raise cls(
-            f"{what}: {detail}",
-            operation=operation,
-            deployment=deployment,
-            retry_after_s=_retry_after(exc.response),
-        ) from exc
-    except (httpx.TransportError, OSError, TimeoutError) as exc:
-        raise TransientGatewayError(
-            f"{operation}: Prefect unreachable ({type(exc).__name__}: {exc})",
-            operation=operation,
-            deployment=deployment,
-        ) from exc
 
 
 def _quiet_httpx() -> None:
@@ -186,123 +99,6 @@ def _quiet_httpx() -> None:
     httpx_log = logging.getLogger("httpx")
     if httpx_log.level == logging.NOTSET:
         httpx_log.setLevel(logging.WARNING)
-
-
-def _http_detail(exc: httpx.HTTPStatusError) -> str:
-    try:
-        body = exc.response.json()
-        # Prefect answers {"detail": ...}; its auth middleware {"exception_message": ...}.
-        if isinstance(body, dict):
-            detail = body.get("detail", body.get("exception_message", body))
-        else:
-            detail = body
-    except ValueError:
-        detail = exc.response.text[:500]
-    return f"HTTP {exc.response.status_code}: {detail}"
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    try:
-        return float(response.headers["Retry-After"])
-    except (KeyError, ValueError):
-        return None
-
-
-class _WaitHonouringRetryAfter(wait_exponential_jitter):
-    """Exponential backoff with jitter, but never shorter than the server's ``Retry-After``;
-    short (``_CONTENTION_WAIT``) when the server answered and only contended."""
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        outcome = retry_state.outcome
-        exc = outcome.exception() if outcome is not None else None
-        if isinstance(exc, ContentionError):
-            return _CONTENTION_WAIT(retry_state)
-        backoff = super().__call__(retry_state)
-        retry_after = getattr(exc, "retry_after_s", None)
-        return max(backoff, retry_after) if retry_after else backoff
-
-
-#: Between attempts while Prefect is unreachable (``_Retrying``).
-_BACKOFF = _WaitHonouringRetryAfter(initial=0.5, max=30.0)
-
-#: Another writer held the database for an instant: try again soon, not after an outage's backoff.
-_CONTENTION_WAIT = wait_exponential_jitter(initial=0.1, max=2.0, jitter=0.1)
-
-
-def parameter_problem(
-    deployment: Deployment, parameters: dict[str, Any]
-) -> tuple[str, str | None] | None:
-    """Check ``parameters`` against the deployment's schema before anything is created.
-
-    Returns:
-        ``None`` when they fit, else (what is wrong, the parameter concerned). Unknown
-        names are refused here because Prefect accepts them and the run crashes later.
-    """
-    schema = deployment.parameter_schema
-    properties = schema.get("properties")
-    if isinstance(properties, dict) and properties is not None:
-        unknown = sorted(set(parameters) - set(properties))
-        if unknown:
-            return (
-                f"the flow takes no parameter {unknown[0]!r} (it takes: {', '.join(sorted(properties)) or 'none'})",
-                unknown[0],
-            )
-    if not schema:
-        return None
-    try:
-        # The error list and best_match, as jsonschema.validate reports, but without its
-        # check of the schema against the metaschema on every call: that check cost
-        # ~25x the validation itself, minutes of blocked event loop at 10,000 runs.
-        cause = best_match(validate({**deployment.default_parameters, **parameters}, schema))
-    except ValidationError as exc:  # a $ref that cannot be resolved
-        return f"the deployment's parameter schema rejects it: {exc}", None
-    except CircularSchemaRefError:
-        return None
-    if cause is None:
-        return None
-    path = ".".join(str(p) for p in cause.path) or None
-    reason = cause.message
-    if mentions_secret(cause.path, cause.instance):
-        # jsonschema's message echoes the value: never for a secret.
-        rule = f"{cause.validator}={cause.validator_value!r}"
-        reason = f"the value does not fit the rule {rule} (not shown: it looks like a secret)"
-    return f"the deployment's parameter schema rejects it: {reason}", path
-
-
-class _Retrying(AsyncRetrying):
-    """The retry policy of one operation, which ends within about its outage tolerance.
-
-    The backoff never sleeps past the tolerance (the last attempt starts when it is
-    spent), no attempt starts after it, and ``bound()`` ends an attempt at the tolerance
-    (at least ``ATTEMPT_FLOOR_S`` after it began). Without that bound one attempt alone
-    can outlast the tolerance: httpx retries a refused connection 3 times (1.5 s),
-    Prefect's client retries a request 5 times with 2**n s backoff once it has
-    connected, and a connect to a silent host waits out ``PREFECT_API_REQUEST_TIMEOUT``.
-    """
-
-    def __init__(self, tolerance_s: float) -> None:
-        super().__init__(
-            retry=retry_if_exception_type(TransientGatewayError),
-            wait=self._wait,
-            stop=stop_after_delay(tolerance_s),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
-        self.tolerance_s = tolerance_s
-        self._deadline: float | None = None
-
-    def _wait(self, retry_state: RetryCallState) -> float:
-        """The backoff, cut short where the tolerance is spent."""
-        backoff = _BACKOFF(retry_state)
-        spent_s = retry_state.seconds_since_start or 0.0
-        return max(0.0, min(backoff, self.tolerance_s - spent_s))
-
-    def bound(self) -> asyncio.Timeout:
-        """A timeout for one attempt (its ``TimeoutError`` is transient, like an outage)."""
-        now = asyncio.get_running_loop().time()
-        if self._deadline is None:
-            self._deadline = now + self.tolerance_s
-        return asyncio.timeout_at(max(self._deadline, now + ATTEMPT_FLOOR_S))
 
 
 class Gateway:
@@ -382,7 +178,7 @@ class Gateway:
     async def _observe(self, response: httpx.Response) -> None:
         """Every response, Prefect's own retries included: 429s throttle creates, accepted creates lift it."""
         if response.status_code == 429:
-            self.pacer.refused(_retry_after(response), _route(response.request))
+            self.pacer.refused(retry_after(response), _route(response.request))
         elif response.is_success and "create_flow_run" in response.request.url.path:
             self.pacer.accepted()
 
@@ -393,9 +189,9 @@ class Gateway:
             raise ClosedError("the Gateway is not open (use `async with Gateway()`)")
         return self._client
 
-    def _retrying(self, operation: str, deployment: str | None = None) -> _Retrying:
+    def _retrying(self, operation: str, deployment: str | None = None) -> Retrying:
         """The one retry policy: transient errors only, backoff with jitter, bounded by the outage tolerance."""
-        return _Retrying(self.outage_tolerance_s)
+        return Retrying(self.outage_tolerance_s)
 
     # -- operations --------------------------------------------------------------------
 
@@ -410,7 +206,7 @@ class Gateway:
 
     async def server_version(self) -> str:
         """The Prefect server's version (one call, no retries)."""
-        with _translate_errors("read server version"):
+        with translate_errors("read server version"):
             return str(await self.client.api_version())
 
     async def know_server(self) -> Server:
@@ -421,7 +217,7 @@ class Gateway:
             IncompatibleServer: not a Prefect 3 server.
             TransientGatewayError: Prefect did not answer.
         """
-        with _translate_errors("read server version"):
+        with translate_errors("read server version"):
             server = await read_server(self.client, display_url(self.api_url or ""))
         if server != self.server:
             client_version = self.client.client_version()
@@ -456,7 +252,7 @@ class Gateway:
             AuthenticationError: Prefect refused the credentials (401/403).
             TransientGatewayError: Prefect did not answer.
         """
-        with _translate_errors("check credentials"):
+        with translate_errors("check credentials"):
             await self.client.read_deployments(limit=1)
 
     async def resolve_deployment(self, name: str) -> Deployment:
@@ -465,7 +261,7 @@ class Gateway:
         async for attempt in (retrying := self._retrying("read_deployment", name)):
             with (
                 attempt,
-                _translate_errors(
+                translate_errors(
                     f"read deployment {name!r}",
                     name,
                     not_found=f"deployment {name!r} not found or unreadable",
@@ -503,7 +299,7 @@ class Gateway:
         async for attempt in (retrying := self._retrying("read_work_queue", deployment.name)):
             with (
                 attempt,
-                _translate_errors(
+                translate_errors(
                     f"work queue {work_queue_name!r} does not exist in pool {deployment.work_pool_name!r}"
                 ),
             ):
@@ -531,7 +327,7 @@ class Gateway:
         """
         done: dict[int, str | Exception] = {}
         async for attempt in self._retrying("create_flow_runs", deployment.name):
-            with attempt, _translate_errors("create flow runs", deployment.name):
+            with attempt, translate_errors("create flow runs", deployment.name):
                 while len(done) < len(requests):
                     todo = [i for i in range(len(requests)) if i not in done]
                     started, refusals = time.monotonic(), self.pacer.refusals
@@ -587,7 +383,7 @@ class Gateway:
         results: list[str | Exception] = []
         for index, request in enumerate(requests):
             try:
-                with _translate_errors("create flow run", deployment.name):
+                with translate_errors("create flow run", deployment.name):
                     results.append(await self._single_create(deployment, request))
             except TransientGatewayError as exc:
                 return results + [exc] * (len(requests) - index)
@@ -611,7 +407,7 @@ class Gateway:
     async def _bulk_create(
         self, deployment: Deployment, requests: list[RunRequest]
     ) -> list[str | Exception]:
-        body = _create_bodies(requests)
+        body = create_bodies(requests)
         await self.pacer.pace()
         response = await self.client.request(
             "POST",
@@ -621,13 +417,13 @@ class Gateway:
             extensions={"trace": self._trace},
         )
         response.raise_for_status()
-        return [_bulk_item(item) for item in response.json()["results"]]
+        return [bulk_item(item) for item in response.json()["results"]]
 
     async def _single_create(self, deployment: Deployment, request: RunRequest) -> str:
         await self.pacer.pace()
         run = await self.client.create_flow_run_from_deployment(
             deployment.id,  # type: ignore[arg-type]  # Prefect accepts the id as a string
-            **_create_fields(request),
+            **create_fields(request),
         )
         return str(run.id)
 
@@ -649,7 +445,7 @@ class Gateway:
         for start in range(0, len(flow_run_ids), READ_BATCH):
             chunk = flow_run_ids[start : start + READ_BATCH]
             async for attempt in (retrying := self._retrying("read_flow_runs")):
-                with attempt, _translate_errors("read flow runs"):
+                with attempt, translate_errors("read flow runs"):
                     async with retrying.bound():
                         runs = await self.client.read_flow_runs(
                             flow_run_filter=FlowRunFilter(
@@ -658,7 +454,7 @@ class Gateway:
                             ),
                             limit=len(chunk),
                         )
-            snapshots.extend(_snapshot_from_run(run) for run in runs)
+            snapshots.extend(snapshot_from_run(run) for run in runs)
         return snapshots
 
     async def count_finished(self, tag: str, since: datetime, until: datetime) -> int | None:
@@ -671,10 +467,10 @@ class Gateway:
             return None
         count = 0
         async for attempt in (retrying := self._retrying("count_flow_runs")):
-            with attempt, _translate_errors("count flow runs"):
+            with attempt, translate_errors("count flow runs"):
                 async with retrying.bound():
                     count = await self.client.count_flow_runs(
-                        flow_run_filter=_finished_filter(tag, since, until)
+                        flow_run_filter=finished_filter(tag, since, until)
                     )
         return count
 
@@ -687,15 +483,15 @@ class Gateway:
         while True:
             runs: list[FlowRun] = []
             async for attempt in (retrying := self._retrying("read_flow_runs")):
-                with attempt, _translate_errors("read flow runs"):
+                with attempt, translate_errors("read flow runs"):
                     async with retrying.bound():
                         runs = await self.client.read_flow_runs(
-                            flow_run_filter=_finished_filter(tag, since, until),
+                            flow_run_filter=finished_filter(tag, since, until),
                             sort=FlowRunSort.ID_DESC,
                             limit=READ_BATCH,
                             offset=len(snapshots),
                         )
-            snapshots.extend(_snapshot_from_run(run) for run in runs)
+            snapshots.extend(snapshot_from_run(run) for run in runs)
             if len(runs) < READ_BATCH:
                 return snapshots
 
@@ -713,7 +509,7 @@ class Gateway:
         """
         result: OrchestrationResult[Any] | None = None
         async for attempt in (retrying := self._retrying("cancel_flow_run")):
-            with attempt, _translate_errors("cancel flow run"):
+            with attempt, translate_errors("cancel flow run"):
                 async with retrying.bound():
                     result = await self.client.set_flow_run_state(
                         flow_run_id, Cancelling(message=reason)
@@ -726,9 +522,9 @@ class Gateway:
             state_type=state.type.value,
             state_name=state.name or state.type.value.title(),
             state_id=str(state.id),
-            end_time=_plain(state.timestamp) if state.type.value in FINAL_STATE_TYPES else None,
+            end_time=plain(state.timestamp) if state.type.value in FINAL_STATE_TYPES else None,
             source="cancel",
-            occurred=_plain(state.timestamp),
+            occurred=plain(state.timestamp),
             state_message=state.message or None,
         )
 
@@ -751,7 +547,7 @@ class Gateway:
         subscriber = get_events_subscriber(
             filter=event_filter, reconnection_attempts=self.reconnection_attempts
         )
-        with _translate_errors("open event stream"):
+        with translate_errors("open event stream"):
             try:
                 await subscriber.__aenter__()
             except (httpx.HTTPError, OSError, TimeoutError):
@@ -803,126 +599,9 @@ def _bulk_route_missing(response: httpx.Response) -> bool:
     return bool(detail != "Deployment not found")
 
 
-def _bulk_item(item: dict[str, Any]) -> str | Exception:
-    """One result of the bulk route. The route reports every per-run exception as FAILED,
-    database contention ("database is locked") included: that one is transient."""
-    if item.get("status") == "CREATED" and item.get("flow_run_id"):
-        return str(item["flow_run_id"])
-    error = str(item.get("error"))
-    cls = ContentionError if _TRANSIENT_DB_ERROR.search(error) else PermanentGatewayError
-    first_line = error.strip().splitlines()[0] if error.strip() else "no reason given"
-    return cls(
-        f"create flow run: Prefect refused it: {first_line[:300]}", operation="create_flow_run"
-    )
-
-
-def _create_bodies(requests: list[RunRequest]) -> list[dict[str, Any]]:
-    """The bulk route's items, as Prefect's ``DeploymentFlowRunCreate`` dumps them, with one Scheduled state for the call.
-
-    The state is made and dumped once per call (its scheduled time, "now", is the
-    same for every run of it): made per run, it cost two thirds of the 50 µs a body took.
-    """
-    state = to_state_create(Scheduled()).model_dump(mode="json", exclude_unset=True)
-    bodies = []
-    for request in requests:
-        body = DeploymentFlowRunCreate(**_create_fields(request)).model_dump(
-            mode="json", exclude_unset=True
-        )
-        body["state"] = state
-        bodies.append(body)
-    return bodies
-
-
-def _create_fields(request: RunRequest) -> dict[str, Any]:
-    """What a run is created with, by the bulk route and by a single create alike (its state aside)."""
-    return {
-        "parameters": request.parameters,
-        "tags": list(request.tags),
-        "idempotency_key": request.idempotency_key,
-        "work_queue_name": request.work_queue_name,
-        "job_variables": request.job_variables or None,
-        "name": request.name,
-    }
-
-
-def _finished_filter(tag: str, since: datetime, until: datetime) -> FlowRunFilter:
-    """Final runs carrying ``tag`` whose end time is in ``[since, until)`` (Prefect's before_ is inclusive)."""
-    return FlowRunFilter(
-        tags=FlowRunFilterTags(all_=[tag]),
-        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=sorted(FINAL_STATE_TYPES))),
-        end_time=FlowRunFilterEndTime(after_=since, before_=until - timedelta(microseconds=1)),
-    )
-
-
-@overload
-def _plain(value: datetime) -> datetime: ...
-@overload
-def _plain(value: datetime | None) -> datetime | None: ...
-def _plain(value: datetime | None) -> datetime | None:
-    """A plain ``datetime`` for one of Prefect's (a pendulum subclass on Python < 3.13).
-
-    Snapshots leave the gateway with plain datetimes: on pendulum's, every
-    subtraction (a run's duration, its detection latency) goes through deprecation
-    wrappers and builds an ``Interval``, about 24 µs where a plain one takes 0.04.
-    """
-    if value is None or type(value) is datetime:
-        return value
-    return datetime(
-        value.year,
-        value.month,
-        value.day,
-        value.hour,
-        value.minute,
-        value.second,
-        value.microsecond,
-        tzinfo=UTC if value.utcoffset() == timedelta(0) else value.tzinfo,
-    )
-
-
-def _snapshot_from_run(run: FlowRun) -> RunSnapshot:
-    state = run.state
-    return RunSnapshot(
-        flow_run_id=str(run.id),
-        state_type=state.type.value if state else "PENDING",
-        state_name=(state.name or state.type.value.title()) if state else "Unknown",
-        flow_run_name=run.name,
-        state_id=str(state.id) if state else None,
-        start_time=_plain(run.start_time),
-        end_time=_plain(run.end_time),
-        source="poll",
-        occurred=_plain(state.timestamp) if state else None,
-        state_message=(state.message or None) if state else None,
-    )
-
-
-def snapshot_from_event(event: Event) -> RunSnapshot | None:
-    """A flow-run state-change event as a snapshot; ``None`` for other events."""
-    resource = event.resource
-    state_type = resource.get("prefect.state-type")
-    run_id = resource.id.removeprefix("prefect.flow-run.")
-    if not state_type or run_id == resource.id:
-        return None
-    final = state_type in FINAL_STATE_TYPES
-    occurred = _plain(event.occurred)
-    # A dozen names in all, and a final snapshot is kept until its job ends: one string
-    # each, not two per run (about 110 bytes a run).
-    return RunSnapshot(
-        flow_run_id=run_id,
-        state_type=sys.intern(state_type),
-        state_name=sys.intern(resource.get("prefect.state-name") or state_type.title()),
-        flow_run_name=resource.get("prefect.resource.name"),
-        state_id=str(event.id),
-        start_time=occurred if state_type == "RUNNING" else None,
-        end_time=occurred if final else None,
-        source="event",
-        occurred=occurred,
-        state_message=resource.get("prefect.state-message") or None,
-    )
-
-
 async def _snapshots(subscriber: Any) -> AsyncIterator[RunSnapshot]:
     while True:
-        with _translate_errors("event stream"):
+        with translate_errors("event stream"):
             try:
                 event = await subscriber.__anext__()
             except StopAsyncIteration:
@@ -939,23 +618,3 @@ async def _snapshots(subscriber: Any) -> AsyncIterator[RunSnapshot]:
         snapshot = snapshot_from_event(event)
         if snapshot is not None:
             yield snapshot
-
-
-#: Retries of one call refused for database contention that are routine (``info``); the
-#: next one is a ``warning``: the server is contended for longer than an instant.
-CONTENTION_RETRIES_ROUTINE = 3
-
-
-def _log_retry(state: RetryCallState) -> None:
-    """``gateway.retrying``: a warning, but ``info`` for the first few contention retries."""
-    exc = state.outcome.exception() if state.outcome else None
-    operation, attempt = getattr(exc, "operation", None), state.attempt_number
-    wait_s, error = round(state.upcoming_sleep, 2), str(exc)
-    if isinstance(exc, ContentionError) and attempt <= CONTENTION_RETRIES_ROUTINE:
-        log.info(
-            "gateway.retrying", operation=operation, attempt=attempt, wait_s=wait_s, error=error
-        )
-        return
-    log.warning(
-        "gateway.retrying", operation=operation, attempt=attempt, wait_s=wait_s, error=error
-    )

@@ -26,9 +26,10 @@ from rich.text import Text
 from flowsubmit.errors import JobRejected
 from flowsubmit.ops.finished import finished
 from flowsubmit.ops.heartbeat import read as read_heartbeats
-from flowsubmit.queue.folders import FOLDERS, JobLock, Queue, is_job_name, job_files
+from flowsubmit.queue.folders import FOLDERS, Queue, is_job_name, job_files
 from flowsubmit.queue.fsutil import read_regular
 from flowsubmit.queue.journal import JournalState, replay
+from flowsubmit.queue.locking import JobLock
 from flowsubmit.settings import Settings
 
 __all__ = ["document", "progress_bar", "render"]

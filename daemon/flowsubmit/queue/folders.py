@@ -8,19 +8,16 @@ one queue and recovery only adopts jobs whose owner is gone.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import itertools
 import json
 import os
 import re
 import secrets
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from flowsubmit.errors import ClaimLost, JobRejected
 from flowsubmit.queue.crashpoints import CrashPoints
@@ -33,13 +30,13 @@ from flowsubmit.queue.fsutil import (
     unique_name,
 )
 from flowsubmit.queue.journal import Journal, JournalState, replay
-from flowsubmit.queue.locking import NO_LOCKS, check_mount, lock_failure
+from flowsubmit.queue.json_stream import json_chunks
+from flowsubmit.queue.locking import JobLock, check_mount
 
 __all__ = [
     "FOLDERS",
     "Candidate",
     "Claim",
-    "JobLock",
     "JobProgress",
     "Judged",
     "Queue",
@@ -116,78 +113,6 @@ class JobProgress:
     #: A live daemon holds the job's lock; False: it waits for a daemon to adopt it; None: unknown
     #: (this user may not open the lock).
     owned: bool | None = False
-
-
-class JobLock:
-    """An exclusive ``flock`` on ``processing/JOB.lock``, held for as long as the job is owned.
-
-    The lock file is unlinked on release; an acquirer that locked a file which was
-    unlinked meanwhile notices (inode check) and reports the lock as lost.
-    """
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd: int | None = fd
-
-    @classmethod
-    def acquire(cls, path: Path) -> Self:
-        """Take the lock without waiting.
-
-        Raises:
-            ClaimLost: another live process holds it.
-            LocksUnavailable: the filesystem cannot lock (``queue.locking``), which is not "held".
-        """
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:
-                raise ClaimLost(f"{path.name} was released while we locked it")
-        except (BlockingIOError, FileNotFoundError, ClaimLost) as exc:
-            os.close(fd)
-            raise ClaimLost(f"{path.name} is held by another process") from exc
-        except OSError as exc:
-            os.close(fd)
-            broken = lock_failure(path, exc)
-            if broken is None:
-                raise
-            raise broken from exc
-        return cls(path, fd)
-
-    @staticmethod
-    def held(path: Path) -> bool | None:
-        """True while a live process holds the lock at ``path``; never creates nor removes it.
-
-        A shared, non-blocking try: it fails only against an owner's exclusive lock. (An
-        owner acquiring at this very moment fails once and tries again at its next scan.)
-        None when this user may not open the lock: lock files are the daemon's alone,
-        because a producer holding a shared lock on one would keep a dead daemon's job
-        from being adopted.
-        """
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except PermissionError:
-            return None
-        except OSError:
-            return False  # no lock file: nobody owns the job
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError as exc:
-            if exc.errno in NO_LOCKS:
-                return None  # the filesystem cannot say
-            raise
-        finally:
-            os.close(fd)  # closing drops a lock we took
-        return False
-
-    def release(self) -> None:
-        """Unlink and unlock; idempotent."""
-        if self._fd is None:
-            return
-        self.path.unlink(missing_ok=True)
-        os.close(self._fd)
-        self._fd = None
 
 
 @dataclass
@@ -716,57 +641,6 @@ def _load(path: Path) -> dict[str, Any]:
 
 def _json(value: Any) -> bytes:
     return b"".join(json_chunks(value))
-
-
-#: Bytes gathered before a chunk of a JSON document is handed to the file.
-_CHUNK_CHARS = 64 * 1024
-
-
-def json_chunks(value: Any) -> Iterator[bytes]:
-    """``value`` as indented JSON and a newline, in chunks; an iterator in it is an array written as it is read.
-
-    The bytes are those of ``json.dumps(value, indent=2, ensure_ascii=False,
-    default=str)`` with every iterator made a list: the same encoder, fed lazily.
-    """
-    encoder = json.JSONEncoder(indent=2, ensure_ascii=False, default=_streamed_or_str)
-    pieces: list[str] = []
-    size = 0
-    for piece in encoder.iterencode(value):
-        pieces.append(piece)
-        size += len(piece)
-        if size >= _CHUNK_CHARS:
-            yield _utf8("".join(pieces))
-            pieces, size = [], 0
-    pieces.append("\n")
-    yield _utf8("".join(pieces))
-
-
-def _utf8(text: str) -> bytes:
-    return text.encode("utf-8", "backslashreplace")  # a lone surrogate must not make it unwritable
-
-
-def _streamed_or_str(value: Any) -> Any:
-    return _StreamedArray(value) if isinstance(value, Iterator) else str(value)
-
-
-class _StreamedArray(list[Any]):
-    """An iterator that the json module encodes as an array while reading it.
-
-    With ``indent``, the json module encodes in Python, and a list there is only
-    tested for truth and iterated with ``for``: this list answers both from the
-    iterator, so only the item being written exists.
-    """
-
-    def __init__(self, items: Iterator[Any]) -> None:
-        super().__init__()
-        self._head = list(itertools.islice(items, 1))
-        self._items = items
-
-    def __bool__(self) -> bool:
-        return bool(self._head)
-
-    def __iter__(self) -> Iterator[Any]:
-        return itertools.chain(self._head, self._items)
 
 
 def _now() -> str:

@@ -1,4 +1,4 @@
-"""Whether the queue's filesystem can lock files for every daemon that shares it.
+"""Per-job locks (``JobLock``), and whether the queue's filesystem can lock files for every daemon that shares it.
 
 A claim is exclusive only while ``flock`` is: on one host it is the kernel's; on a
 shared filesystem it must reach the server (NFSv4, or NFSv3 with its lock manager).
@@ -17,13 +17,15 @@ the filesystem.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
-from flowsubmit.errors import LocksUnavailable
+from flowsubmit.errors import ClaimLost, LocksUnavailable
 
-__all__ = ["NO_LOCKS", "Mount", "check_mount", "lock_failure", "mount_of"]
+__all__ = ["NO_LOCKS", "JobLock", "Mount", "check_mount", "lock_failure", "mount_of"]
 
 #: ``flock`` errors that say the filesystem cannot lock, not that the lock is held.
 NO_LOCKS = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EIO})
@@ -114,3 +116,75 @@ def _unescape(point: str) -> str:
 
 def _under(path: str, point: str) -> bool:
     return path == point or path.startswith(point.rstrip("/") + "/")
+
+
+class JobLock:
+    """An exclusive ``flock`` on ``processing/JOB.lock``, held for as long as the job is owned.
+
+    The lock file is unlinked on release; an acquirer that locked a file which was
+    unlinked meanwhile notices (inode check) and reports the lock as lost.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, path: Path) -> Self:
+        """Take the lock without waiting.
+
+        Raises:
+            ClaimLost: another live process holds it.
+            LocksUnavailable: the filesystem cannot lock (``queue.locking``), which is not "held".
+        """
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:
+                raise ClaimLost(f"{path.name} was released while we locked it")
+        except (BlockingIOError, FileNotFoundError, ClaimLost) as exc:
+            os.close(fd)
+            raise ClaimLost(f"{path.name} is held by another process") from exc
+        except OSError as exc:
+            os.close(fd)
+            broken = lock_failure(path, exc)
+            if broken is None:
+                raise
+            raise broken from exc
+        return cls(path, fd)
+
+    @staticmethod
+    def held(path: Path) -> bool | None:
+        """True while a live process holds the lock at ``path``; never creates nor removes it.
+
+        A shared, non-blocking try: it fails only against an owner's exclusive lock. (An
+        owner acquiring at this very moment fails once and tries again at its next scan.)
+        None when this user may not open the lock: lock files are the daemon's alone,
+        because a producer holding a shared lock on one would keep a dead daemon's job
+        from being adopted.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except PermissionError:
+            return None
+        except OSError:
+            return False  # no lock file: nobody owns the job
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            if exc.errno in NO_LOCKS:
+                return None  # the filesystem cannot say
+            raise
+        finally:
+            os.close(fd)  # closing drops a lock we took
+        return False
+
+    def release(self) -> None:
+        """Unlink and unlock; idempotent."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
