@@ -54,11 +54,12 @@ async def _row(label: str, runs: int, stall: bool, driver_env: dict[str, str]) -
     row: dict[str, Any] = {"server": label, "runs": runs, "stalled": stall}
     async with Proxy(scale._upstream_port()) as proxy:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWSUBMIT_")}
-        daemon = scale.DaemonProcess(work / "queue", {**env, "PREFECT_API_URL": proxy.api_url})
+        env = {**env, "PREFECT_API_URL": proxy.api_url}
+        daemon = scale.DaemonProcess(work / "queue", env)
         try:
             await daemon.wait_for("service.ready", 1, 120)
             job = json.dumps({"deployment": name, "matrix": {"i": list(range(runs))}})
-            job_id = await asyncio.to_thread(scale._enqueue, daemon.queue, job)
+            job_id = await asyncio.to_thread(scale._enqueue, daemon.queue, job, env)
             await daemon.wait_for("run.submitted", runs, 3600)
             await asyncio.sleep(2)  # the creation events have reached the daemon
             if stall:
