@@ -84,12 +84,7 @@ def _translate(
         # Prefect's ObjectNotFound prints as "None"; the detail lives in its cause.
         http_exc = exc.http_exc if isinstance(exc.http_exc, httpx.HTTPStatusError) else None
         if http_exc is not None and is_not_a_prefect_route(http_exc.response):
-            url = display_url(str(http_exc.request.url.copy_with(query=None)))
-            raise PermanentGatewayError(
-                f"{operation}: HTTP 404 from {url}: {NOT_AN_API_HINT}",
-                operation=operation,
-                deployment=deployment,
-            ) from exc
+            raise _not_an_api(http_exc, operation, deployment) from exc
         detail = _http_detail(http_exc) if http_exc is not None else "not found"
         raise PermanentGatewayError(
             f"{not_found or operation}: {detail}", operation=operation, deployment=deployment
@@ -106,12 +101,7 @@ def _translate(
                 deployment=deployment,
             ) from exc
         if status == 404 and is_not_a_prefect_route(exc.response):
-            url = display_url(str(exc.request.url.copy_with(query=None)))
-            raise PermanentGatewayError(
-                f"{operation}: HTTP 404 from {url}: {NOT_AN_API_HINT}",
-                operation=operation,
-                deployment=deployment,
-            ) from exc
+            raise _not_an_api(exc, operation, deployment) from exc
         cls = TransientGatewayError if status in _TRANSIENT_STATUS else PermanentGatewayError
         what = not_found if status == 404 and not_found else operation
         raise cls(
@@ -126,6 +116,18 @@ def _translate(
             operation=operation,
             deployment=deployment,
         ) from exc
+
+
+def _not_an_api(
+    exc: httpx.HTTPStatusError, operation: str, deployment: str | None
+) -> PermanentGatewayError:
+    """A 404 of a route the server does not have: the URL is wrong, not the object asked for."""
+    url = display_url(str(exc.request.url.copy_with(query=None)))
+    return PermanentGatewayError(
+        f"{operation}: HTTP 404 from {url}: {NOT_AN_API_HINT}",
+        operation=operation,
+        deployment=deployment,
+    )
 
 
 def _http_detail(exc: httpx.HTTPStatusError) -> str:
