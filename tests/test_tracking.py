@@ -228,7 +228,13 @@ async def test_stream_lost_mid_job_completes_by_polling_and_hands_back(
     assert [(s.source, s.state_type) for s in polled] == [("poll", "FAILED")] * 5
     assert [s.source for s in resumed] == ["event"] * 2
     assert _recorded(streamed + polled + resumed) == await _server_truth(ids + again)
-    tracker_logs = [e for e in logs if str(e["event"]).startswith("tracker.")]
+    # A final event later than EVENT_LAG_S (a slower server: seen with Prefect 3.4's) makes
+    # a stream check read its window: a read, and nothing recorded twice (the sources above).
+    tracker_logs = [
+        e
+        for e in logs
+        if str(e["event"]).startswith("tracker.") and e["event"] != "tracker.stream_behind"
+    ]
     assert [e["event"] for e in tracker_logs] == [
         "tracker.streaming",
         "tracker.fallback",
