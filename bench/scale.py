@@ -243,10 +243,11 @@ async def raw_phase(runs: int, subscribed: bool = False) -> tuple[float, int]:
     """(runs/s, items refused) of the raw bulk route, through the proxy.
 
     ``subscribed`` (``--raw --subscribed``; ``BENCH_RAW_SUBSCRIBED=1`` measures it after
-    the plain loop, on a server of its own, and prints it beside): while the loop creates, the same process
-    holds the daemon's event subscription (``Gateway.run_events``, the daemon's filter)
-    for the tag the runs carry and reads it, so the server streams their events as it
-    does to a daemon: the cost of being tracked, without the rest of the daemon.
+    the plain loop, on a server of its own, and prints it beside): while the loop
+    creates, the same process holds the daemon's event subscription
+    (``Gateway.run_events``, the daemon's filter) for the tag the runs carry and reads
+    it, so the server streams their events as it does to a daemon: the cost of being
+    tracked, without the rest of the daemon.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from tests.support.proxy import Proxy
@@ -274,6 +275,8 @@ async def raw_phase(runs: int, subscribed: bool = False) -> tuple[float, int]:
                     await asyncio.sleep(1.0)  # past the subscription's live margin
                     rate, refused = await _raw_bulk(deployment.id, runs, [tag])
                     reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reader
         if not any(seen.path.endswith("/create_flow_run/bulk") for seen in proxy.seen):
             raise RuntimeError("the raw phase's creates did not go through the proxy")
         return rate, refused

@@ -61,8 +61,8 @@ class RunRecord:
         the result read the kept one (the journal masks the line it writes itself).
         """
         masked = redact_text(snap.state_message, self.parameters) if snap.state_message else None
-        # Unchanged, the snapshot itself is kept: the journal's state holds it too, and at
-        # 100,000 finals a copy each is 12 MB.
+        # Unchanged, the snapshot itself is kept: the run-set holds it too (``RunSet.snapshot``),
+        # and at 100,000 finals a copy each is 12 MB.
         kept = snap if masked == snap.state_message else replace(snap, state_message=masked)
         self.finals = (*self.finals, kept)
         return kept

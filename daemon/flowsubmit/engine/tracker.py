@@ -159,8 +159,9 @@ class _Run:
 class Tracker:
     """Owns the tracked-run registry, the subscription task, the poll task and the check task.
 
-    ``watch(run_id)`` returns a future resolved with the run's final snapshot.
-    Lifecycle: ``async with Tracker(gateway)``; ``aclose()`` cancels the tracker's
+    ``watch(run_id)`` returns a future resolved with the run's final snapshot;
+    ``follow(run_id, listener)`` calls a listener instead (no future per run: how a
+    run-set tracks its runs). Lifecycle: ``async with Tracker(gateway)``; ``aclose()`` cancels the tracker's
     own tasks (before the gateway they use is closed) and fails pending watches.
     """
 
