@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
+import pytest
+
 from flowsubmit._types import RunSnapshot
-from flowsubmit.queue.journal import Journal, replay, snapshot_record
+from flowsubmit.queue.journal import SYNC_DELAY_S, Journal, replay, snapshot_record
 
 
 def test_replay_restores_created_runs_and_finals(tmp_path: Path) -> None:
@@ -45,3 +49,30 @@ def test_missing_journal_replays_empty(tmp_path: Path) -> None:
     """A job claimed just before a crash may have no journal yet."""
     state = replay(tmp_path / "absent.journal")
     assert (state.job_id, state.created, state.finals) == (None, {}, {})
+
+
+async def test_records_of_one_sync_delay_share_one_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a loop, the records appended within ``SYNC_DELAY_S`` are fsynced once, after it;
+    each is in the file (a killed process keeps it) the moment ``append`` returns."""
+    real_fsync, synced = os.fsync, []
+
+    def counting_fsync(fd: int) -> None:  # a spy: the real fsync still runs
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    path = tmp_path / "j.journal"
+    journal, _ = Journal.open(path)
+    for index in range(50):
+        journal.append("created", stage=0, index=index, attempt=0, flow_run_id=f"run-{index}")
+        await asyncio.sleep(0)  # each record in a turn of its own, as final events come
+    assert len(replay(path).created) == 50 and synced == []
+    await asyncio.sleep(SYNC_DELAY_S * 2)
+    assert len(synced) == 1
+    journal.append("created", stage=0, index=50, attempt=0, flow_run_id="run-50")
+    journal.close()  # fsyncs what is pending at once, and no timer fires on a closed file
+    assert len(synced) == 2
+    await asyncio.sleep(SYNC_DELAY_S * 2)
+    assert len(synced) == 2
