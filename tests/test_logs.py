@@ -101,3 +101,18 @@ def test_console_writes_structures_as_json_not_python_reprs(
     out = capsys.readouterr().out
     assert 'producer={"uid":0,"user":"root"} tags=["a","b"] recovered=true' in out
     assert "'" not in out
+
+
+def test_a_value_orjson_refuses_is_written_all_the_same(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A lone surrogate (a file name's undecodable byte), an int beyond 64 bits or a key that is
+    not a str: the line is still one JSON object, never dropped nor a traceback."""
+    logs.configure("json", "info", cache=False)
+    structlog.get_logger().warning(
+        "job.rejected", file="bad-\udcff.json", field={"n": 2**70, 1: "one"}
+    )
+    record = json.loads(capsys.readouterr().out)
+    assert record["event"] == "job.rejected"
+    assert record["field"] == {"n": 2**70, "1": "one"}
+    assert record["file"] == "bad-\udcff.json"

@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Any, Literal
 
+import orjson
 import structlog
 from structlog.contextvars import bound_contextvars
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -32,6 +33,20 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+def _json_line(event_dict: EventDict, **dumps_kw: Any) -> str:
+    """One JSON line: orjson (two lines a run; a tenth of json's time), json where orjson refuses.
+
+    orjson refuses what json writes: a str that is not valid Unicode (a lone
+    surrogate, as a file name's undecodable byte becomes), an int beyond 64 bits, a
+    key that is not a str. Such a line is written by json, ASCII only: a surrogate
+    escaped as ``\\udcff`` is written whatever stdout's encoding, never dropped.
+    """
+    try:
+        return orjson.dumps(event_dict, default=dumps_kw["default"]).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(event_dict, default=dumps_kw["default"])
 
 
 def _redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
@@ -99,7 +114,7 @@ def configure(fmt: str = "json", level: str = "info", *, cache: bool = True) -> 
     else:
         renderer = [
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(ensure_ascii=False),
+            structlog.processors.JSONRenderer(serializer=_json_line),
         ]
     structlog.configure(
         processors=[*shared, *renderer],
