@@ -21,7 +21,8 @@ Phases, each timed with ``time.process_time`` (CPU of this process):
 - create: every run created (request, journal ``created``, ``run.submitted`` line) and watched;
 - final: every final event read off the stream, recorded (tracker, journal ``final``,
   ``run.finished`` line) and every run's task ended;
-- result: the job's ``JobResult`` and its JSON document.
+- result: the job's ``JobResult`` and its result file's bytes (``json_chunks``, as the
+  daemon writes them; not the write itself).
 
 Memory: the same job again under ``tracemalloc``; *bytes per pending run* =
 (memory traced with every run created and none final - memory traced before the
@@ -51,6 +52,7 @@ from flowsubmit._types import Deployment, RunRequest, RunSnapshot
 from flowsubmit.engine.tracker import Tracker
 from flowsubmit.jobs.model import parse_job
 from flowsubmit.queue.journal import Journal
+from flowsubmit.queue.json_stream import json_chunks
 from flowsubmit.service.executor import Executor
 
 DEPLOYMENT = Deployment(
@@ -160,7 +162,8 @@ async def one_job(runs: int, work: Path, memory: bool) -> dict[str, float]:
         await _until(lambda: tracker.pending == 0)
         outcome = await task
         out["final"], cpu = time.process_time() - cpu, time.process_time()
-        json.dumps(outcome.result.as_dict())
+        for _chunk in json_chunks(outcome.result.document()):  # as the result file is written
+            pass
         out["result"] = time.process_time() - cpu
         journal.close()
         gateway.events.put_nowait(None)

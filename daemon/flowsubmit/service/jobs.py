@@ -14,7 +14,7 @@ from flowsubmit.engine.results import JobResult
 from flowsubmit.engine.tracker import Tracker
 from flowsubmit.errors import JobRejected
 from flowsubmit.gateway.client import Gateway
-from flowsubmit.gateway.ui_links import run_ui_url
+from flowsubmit.gateway.ui_links import run_ui_prefix
 from flowsubmit.jobs.model import Job
 from flowsubmit.jobs.policy import Policy, Producer
 from flowsubmit.logs import bound_contextvars, get_logger
@@ -240,11 +240,13 @@ class RunningJobs:
 
 def _with_ui_urls(document: dict[str, Any]) -> dict[str, Any]:
     """The result document with each created run's ``ui_url`` when ``PREFECT_UI_URL`` is set (added as each entry is read)."""
-    document["runs"] = map(_with_ui_url, document["runs"])
+    prefix = run_ui_prefix()  # once: Prefect's settings are a context lookup away
+    if prefix is not None:
+        document["runs"] = (_with_ui_url(run, prefix) for run in document["runs"])
     return document
 
 
-def _with_ui_url(run: dict[str, Any]) -> dict[str, Any]:
-    if run["flow_run_id"] and (url := run_ui_url(run["flow_run_id"])):
-        run["ui_url"] = url
+def _with_ui_url(run: dict[str, Any], prefix: str) -> dict[str, Any]:
+    if run["flow_run_id"]:
+        run["ui_url"] = prefix + run["flow_run_id"]
     return run
