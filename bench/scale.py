@@ -27,7 +27,9 @@ phase by up to half. In order:
 2. on the second server, the daemon (``flowsubmit run``, a subprocess) gets one
    matrix job of ``runs`` runs of a never-served deployment; submission rate =
    runs / (last ``run.submitted`` - ``job.claimed``);
-3. idle: the daemon's CPU over one reconciliation interval with every run pending;
+3. idle: the daemon's CPU over one reconciliation interval with every run pending,
+   from ``LATE_WAVE_S`` after the last create (the runs created last turn Late in
+   between: a state change each, printed apart);
 4. a separate driver process moves every run straight to its final state through
    the API (every 10th Failed); detection latency of a run = its ``run.finished``
    log time - its ``end_time`` on the server (one host, one clock);
@@ -63,6 +65,9 @@ FLOW = "bench-scale"
 BULK = 100
 RECONCILE_INTERVAL_S = float(os.environ.get("BENCH_IDLE_S", 60.0))
 DRIVER_CONCURRENCY = 4
+#: After the last create, before the idle phase: Prefect's late-runs service marks a
+#: Scheduled run Late 15 s after its start time, checking every 5 s.
+LATE_WAVE_S = 25.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -319,7 +324,11 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
                 )
                 return
 
-            cpu_before = daemon.cpu_s()
+            # The runs created in the last seconds of submission turn Late now (nobody
+            # serves the bench's deployment): a state change per run, not idle work.
+            await asyncio.sleep(LATE_WAVE_S)
+            cpu_before, seen_late = daemon.cpu_s(), len(proxy.seen)
+            row["late_wave_cpu_s"] = cpu_before - cpu_submitted
             await asyncio.sleep(RECONCILE_INTERVAL_S + 5)
             cpu_idle_end = daemon.cpu_s()
             row["idle_cpu_pct"] = 100 * (cpu_idle_end - cpu_before) / (RECONCILE_INTERVAL_S + 5)
@@ -342,8 +351,8 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
         tracking = [
             s for s in proxy.seen[len(seen_submitting) :] if "create_flow_run" not in s.path
         ]
-        row["idle_requests"] = seen_idle - len(seen_submitting)
-        idle = proxy.seen[len(seen_submitting) : seen_idle]
+        row["idle_requests"] = seen_idle - seen_late
+        idle = proxy.seen[seen_late:seen_idle]
         row["idle_routes"] = dict(Counter(f"{s.method} {s.path}" for s in idle))
         row["requests_per_run"] = len(tracking) / runs
         row["tracking_routes"] = dict(Counter(f"{s.method} {s.path}" for s in tracking))
@@ -408,8 +417,10 @@ def _print(row: dict[str, Any]) -> None:
     )
     print(f"- daemon: first run submitted {row['first_submit_s']:.1f} s after the claim")
     print(
-        f"- idle ({RECONCILE_INTERVAL_S + 5:g} s, all pending): {row['idle_requests']} requests "
-        f"{row['idle_routes']}"
+        f"- idle ({RECONCILE_INTERVAL_S + 5:g} s, all pending, from {LATE_WAVE_S:g} s after the "
+        f"last create): {row['idle_requests']} requests {row['idle_routes']}; the "
+        f"{LATE_WAVE_S:g} s before it, while the last runs created turned Late, used "
+        f"{row['late_wave_cpu_s']:.2f} CPU s"
     )
     print(f"- finals recorded from {row['sources']}; recorded twice: {row['finished_twice']}")
     print(f"- job result: {row['summary'][0]} runs, {row['summary'][1]} succeeded")
