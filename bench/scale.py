@@ -8,6 +8,9 @@ driver) and prints its rate: the quick loop for work on the submission path.
 run by phase and bytes per pending run (tracemalloc), beside the tree at
 ``BENCH_BASELINE`` (another checkout's ``daemon`` directory) measured in the same run.
 
+``BENCH_NO_LATE=1`` turns the servers' late-runs service off: no run gets a Late
+event, as when workers start runs within 15 s of their creation.
+
 By default the script starts its own embedded SQLite-backed server; with
 ``--topology`` it starts the production topology (``flowsubmit.local.topology``:
 PostgreSQL, Redis, two API replicas, an auth string): the daemon talks to replica A,
@@ -449,7 +452,15 @@ def _server(topology: bool) -> Iterator[dict[str, str]]:
     from flowsubmit.local.topology import Topology
 
     before = dict(os.environ)
-    started: Topology | LocalServer = Topology() if topology else LocalServer()
+    # BENCH_NO_LATE=1: no run turns Late (the server's late-runs service off), as when
+    # workers start runs within 15 s; otherwise every run of the never-served
+    # deployment gets a Late event, a state change the daemon parses and follows.
+    settings = {"PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false"}
+    if os.environ.get("BENCH_NO_LATE") != "1":
+        settings = {}
+    started: Topology | LocalServer = (
+        Topology(server_settings=settings) if topology else LocalServer(server_env=settings)
+    )
     try:
         started.start(timeout_s=600)  # a busy shared machine starts it slowly
         os.environ.update(started.env())

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
@@ -65,6 +66,7 @@ class Topology:
         auth_string: str | None = None,
         postgres: str = POSTGRES,
         redis: str = REDIS,
+        server_settings: Mapping[str, str] | None = None,
     ) -> None:
         self._tmp = None if home else tempfile.TemporaryDirectory(prefix="flowsubmit-topology-")
         self.home = home or Path(self._tmp.name)  # type: ignore[union-attr]
@@ -72,6 +74,8 @@ class Topology:
         self.auth_string = auth_string or secrets.token_urlsafe(16)
         self.postgres = postgres
         self.redis = redis
+        #: Prefect settings every server process of the topology gets besides its own.
+        self.server_settings = dict(server_settings or {})
         self.database = f"flowsubmit_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self.redis_db: int | None = None
         self.services: subprocess.Popen[bytes] | None = None
@@ -113,6 +117,7 @@ class Topology:
             "PREFECT_SERVER_DOCKET_URL": redis_url,
             "PREFECT_SERVER_API_AUTH_STRING": self.auth_string,
             **_POOL,
+            **self.server_settings,
         }
 
     def start(self, timeout_s: float = 300.0) -> None:

@@ -77,6 +77,8 @@ def _encoded(value: Any, level: int) -> bytes:
         data = orjson.dumps(value, default=str, option=_ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError: what only json writes
         text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
-        data = text.encode("utf-8", "backslashreplace")  # a lone surrogate must not make it unwritable
+        data = text.encode(
+            "utf-8", "backslashreplace"
+        )  # a lone surrogate must not make it unwritable
     # A newline is only ever between lines: inside a string JSON writes it as \n.
     return data.replace(b"\n", b"\n" + b"  " * level) if level else data
