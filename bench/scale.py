@@ -455,9 +455,8 @@ def _server(topology: bool) -> Iterator[dict[str, str]]:
     # BENCH_NO_LATE=1: no run turns Late (the server's late-runs service off), as when
     # workers start runs within 15 s; otherwise every run of the never-served
     # deployment gets a Late event, a state change the daemon parses and follows.
-    settings = {"PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false"}
-    if os.environ.get("BENCH_NO_LATE") != "1":
-        settings = {}
+    no_late = os.environ.get("BENCH_NO_LATE") == "1"
+    settings = {"PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false"} if no_late else {}
     started: Topology | LocalServer = (
         Topology(server_settings=settings) if topology else LocalServer(server_env=settings)
     )
