@@ -19,6 +19,11 @@ Phases, each timed with ``time.process_time`` (CPU of this process):
 - plan: ``parse_job`` of the job file and its plan of N runs;
 - prepare: the executor's pre-submit checks and run records;
 - create: every run created (request, journal ``created``, ``run.submitted`` line) and watched;
+- start: a Running event per run read off the stream (every real run has one before its
+  final) and the job's count of runs by state (its ``states`` journal record) taken once,
+  as the executor takes it every ``STATES_EVERY_S`` while runs change state; that one
+  count is also printed alone (*states count*: its CPU with every run pending, which a
+  long job pays every 2 s);
 - final: every final event read off the stream, recorded (tracker, journal ``final``,
   ``run.finished`` line) and every run's task ended;
 - result: the job's ``JobResult`` and its result file's bytes (``json_chunks``, as the
@@ -44,6 +49,7 @@ import time
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +109,20 @@ class InstantGateway:
             yield snap
 
 
-def _final(run_id: str, i: int) -> RunSnapshot:
-    from datetime import UTC, datetime
+def _running(run_id: str) -> RunSnapshot:
+    now = datetime.now(UTC)
+    return RunSnapshot(
+        flow_run_id=run_id,
+        state_type="RUNNING",
+        state_name="Running",
+        state_id=str(uuid.uuid4()),
+        start_time=now,
+        source="event",
+        occurred=now,
+    )
 
+
+def _final(run_id: str, i: int) -> RunSnapshot:
     now = datetime.now(UTC)
     failed = i % 10 == 9
     return RunSnapshot(
@@ -157,6 +174,14 @@ async def one_job(runs: int, work: Path, memory: bool) -> dict[str, float]:
             pending = tracemalloc.get_traced_memory()[0]
             out["bytes_per_pending"] = (pending - base) / runs
             out["tracking_bytes_per_pending"] = (pending - prepared_bytes) / runs
+        for run_id in gateway.created:
+            gateway.events.put_nowait(_running(run_id))
+        await _until(gateway.events.empty)
+        await asyncio.sleep(0)  # the tracker's listener calls, made soon after each event
+        count = time.process_time()
+        executor._write_states()
+        out["states_count"] = time.process_time() - count
+        out["start"], cpu = time.process_time() - cpu, time.process_time()
         for i, run_id in enumerate(gateway.created):
             gateway.events.put_nowait(_final(run_id, i))
         await _until(lambda: tracker.pending == 0)
@@ -188,7 +213,7 @@ def measure(runs: int) -> tuple[dict[str, float], dict[str, float]]:
     return cpu, mem
 
 
-PHASES = ("plan", "prepare", "create", "final", "result")
+PHASES = ("plan", "prepare", "create", "start", "final", "result")
 
 
 def report(
@@ -208,6 +233,8 @@ def report(
             seconds = sum(c[p] for p in PHASES) if phase == "total" else c[phase]
             cells.append(f"{1000 * seconds / runs:.3f} ms ({seconds:.2f} s)")
         print(f"| CPU per run: {phase} | " + " | ".join(cells) + " |")
+    cells = [f"{1000 * c['states_count']:.2f} ms" for _, c, _ in trees]
+    print(f"| states count, {runs} runs pending (once) | " + " | ".join(cells) + " |")
     for key, label in (
         ("bytes_per_pending", "bytes per pending run (tracemalloc)"),
         ("tracking_bytes_per_pending", "of which held after the records were made"),

@@ -22,7 +22,7 @@ from flowsubmit._types import RunRequest, RunSnapshot
 from flowsubmit.engine.tracker import BEHIND_CHECK_S, Tracker, TrackerMode
 from flowsubmit.gateway.client import Gateway
 from flowsubmit.local.localserver import LocalServer
-from tests.support.driver import drive
+from tests.support.driver import drive, late, start
 from tests.support.flows import DRIVEN, TIMEOUT, driven
 from tests.support.proxy import Proxy, missing_route
 
@@ -147,6 +147,39 @@ async def test_followed_runs_tell_their_listener_each_start_and_final_once(
     assert finals == expected
     assert {r for r, t in heard if t is None} == set(ids)  # each one's Running
     assert sum(tracker.recorded.values()) == 3  # one final each, by event or read
+
+
+async def test_a_listeners_runs_are_counted_by_state_as_they_change(
+    served: LocalServer,
+) -> None:
+    """``counts(listener)``: the runs a listener follows and that are not final, by state
+    code (scheduled, late, running), kept as events change them: what a pass over every
+    run's ``state`` would count, without the pass. A run forgotten or final leaves it."""
+    tag = _tag()
+
+    def listener(run_id: str, final: RunSnapshot | None) -> None:
+        pass
+
+    def by_pass(ids: list[str]) -> tuple[int, int, int]:
+        codes = [tracker.state(r) for r in ids]
+        return codes.count(0), codes.count(1), codes.count(2)
+
+    async with tracking(tag, reconcile_interval_s=3600.0) as (gateway, tracker):
+        sent = datetime.now(UTC)
+        ids = await _create(gateway, 4, tag)
+        for run_id in ids:
+            tracker.follow(run_id, listener, created_since=sent)
+        tracker.follow(ids[0], listener, created_since=sent)  # the same run, counted once
+        assert tracker.counts(listener) == (4, 0, 0)
+        await late(ids[:1])
+        await start(ids[1:2])
+        await _until(lambda: tracker.counts(listener) == (2, 1, 1), "one late, one running")
+        assert by_pass(ids) == (2, 1, 1)
+        tracker.forget(ids[3])
+        assert tracker.counts(listener) == (1, 1, 1)
+        await drive(ids[:3])
+        await _until(lambda: tracker.counts(listener) == (0, 0, 0), "every run final")
+        assert tracker.pending == 0
 
 
 async def test_stream_up_tracks_twenty_runs_with_a_handful_of_requests(

@@ -326,6 +326,10 @@ class RunSet:
         """The latest runs not final yet, in index order."""
         return [r for r in self.latest() if r not in self._finals]
 
+    def state_counts(self) -> tuple[int, int, int]:
+        """Its watched runs not final yet, by state code (``tracker.STATE_NAMES``): no pass over the runs."""
+        return self._tracker.counts(self._listener) if self._tracker is not None else (0, 0, 0)
+
     def owner(self, run_id: str) -> RunRecord | None:
         """The record a run was created for."""
         return self._owner.get(run_id)

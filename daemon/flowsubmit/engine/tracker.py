@@ -184,6 +184,9 @@ class Tracker:
         self.new_run_grace_s = new_run_grace_s
         self._use_events = use_events
         self._watches: dict[str, _Run] = {}
+        #: Per listener, how many of its watched runs stand at each code (``STATE_NAMES``),
+        #: kept as codes change: ``counts`` answers without a pass over 100,000 runs.
+        self._counts: dict[Listener, list[int]] = {}
         self._unclaimed: OrderedDict[str, _Run] = OrderedDict()
         self._unseen: set[str] = set()
         #: What is left of the current pass of the poll loop (kept when a page fails), and
@@ -248,6 +251,7 @@ class Tracker:
             if run.future is not None and not run.future.done():
                 run.future.cancel()
         self._watches.clear()
+        self._counts.clear()
         self._unclaimed.clear()
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -307,7 +311,9 @@ class Tracker:
         """
         run = self._watches.get(flow_run_id)
         if run is not None:
+            self._count(run, -1)
             run.listener = listener
+            self._count(run, 1)
             return
         self._claim(flow_run_id, created_since, listener=listener)
 
@@ -324,8 +330,11 @@ class Tracker:
             raise ClosedError("the Tracker is closed")
         watched = self._watches.get(flow_run_id)
         run = watched or self._unclaimed.pop(flow_run_id, None) or _Run()
+        if watched is not None:
+            self._count(run, -1)
         run.future = future or run.future
         run.listener = listener or run.listener
+        self._count(run, 1)
         if watched is not None:
             return
         self._watches[flow_run_id] = run
@@ -345,6 +354,8 @@ class Tracker:
         """Stop tracking a run (its job gave up on it); a pending ``watch`` future is cancelled."""
         run = self._watches.pop(flow_run_id, None)
         self._unseen.discard(flow_run_id)
+        if run is not None:
+            self._count(run, -1)
         if run is not None and run.future is not None and not run.future.done():
             run.future.cancel()
 
@@ -352,6 +363,22 @@ class Tracker:
         """Where a watched run not final yet stands (``SCHEDULED`` when unknown or unwatched)."""
         run = self._watches.get(flow_run_id)
         return run.code if run is not None else SCHEDULED
+
+    def counts(self, listener: Listener) -> tuple[int, int, int]:
+        """How many runs followed by ``listener`` and not final yet stand at each code (``STATE_NAMES``)."""
+        scheduled, late, running = self._counts.get(listener, (0, 0, 0))
+        return scheduled, late, running
+
+    def _count(self, run: _Run, step: int) -> None:
+        """Add a watched run to (1) or take it from (-1) its listener's count at its code."""
+        if run.listener is None:
+            return
+        counts = self._counts.get(run.listener)
+        if counts is None:
+            counts = self._counts[run.listener] = [0, 0, 0]
+        counts[run.code] += step
+        if step < 0 and not any(counts):
+            del self._counts[run.listener]  # a run-set that ended is not kept alive here
 
     def reconcile_soon(self) -> None:
         """Ask for a batched read of every unfinished run now."""
@@ -376,7 +403,9 @@ class Tracker:
         if snap.final:
             return self._resolve(snap.flow_run_id, run, snap)
         if run.code != (code := state_code(snap)):
+            self._count(run, -1)
             run.code = code
+            self._count(run, 1)
             if run.listener is not None:
                 asyncio.get_running_loop().call_soon(run.listener, snap.flow_run_id, None)
         return None
@@ -410,6 +439,7 @@ class Tracker:
 
     def _resolve(self, flow_run_id: str, run: _Run, snap: RunSnapshot) -> RunSnapshot:
         del self._watches[flow_run_id]
+        self._count(run, -1)
         self._unseen.discard(flow_run_id)
         self.recorded[snap.source] = self.recorded.get(snap.source, 0) + 1
         final = _merged(snap, run)

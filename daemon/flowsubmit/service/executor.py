@@ -174,12 +174,6 @@ class Executor:
 
     # -- public ---------------------------------------------------------------------------
 
-    @property
-    def progress(self) -> tuple[int, int]:
-        """(runs final, runs known) so far."""
-        records = self._records()
-        return sum(1 for r in records if r.state_type is not None), len(records)
-
     def cancel(self) -> None:
         """Stop the job now: runs still going are cancelled in Prefect, the job ends ``cancelled``.
 
@@ -398,8 +392,8 @@ class Executor:
             self._states_timer = None
         counts = [0, 0, 0]
         for runs in self._started:
-            for run_id in runs.unfinished():
-                counts[self._tracker.state(run_id)] += 1
+            for code, count in enumerate(runs.state_counts()):
+                counts[code] += count
         if counts != self._states_written:
             self._states_written = counts
             self._journal.append("states", **dict(zip(STATE_NAMES, counts, strict=True)))
