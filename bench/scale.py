@@ -10,6 +10,8 @@ run by phase and bytes per pending run (tracemalloc), beside the tree at
 
 ``BENCH_NO_LATE=1`` turns the servers' late-runs service off: no run gets a Late
 event, as when workers start runs within 15 s of their creation.
+``BENCH_DAEMON_ENV="FLOWSUBMIT_MAX_INFLIGHT_SUBMISSIONS=1 ..."`` gives the daemon
+settings to try (the bench otherwise clears every ``FLOWSUBMIT_`` variable).
 
 By default the script starts its own embedded SQLite-backed server; with
 ``--topology`` it starts the production topology (``flowsubmit.local.topology``:
@@ -305,6 +307,10 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
         # The default policy refuses a job of more than 10,000 runs, or of more than 1 MiB.
         env["FLOWSUBMIT_MAX_RUNS_PER_JOB"] = str(max(runs, 10_000))
         env["FLOWSUBMIT_MAX_JOB_BYTES"] = str(max(64 * runs, 1024 * 1024))
+        # BENCH_DAEMON_ENV="FLOWSUBMIT_A=1 FLOWSUBMIT_B=2": daemon settings to try.
+        for item in os.environ.get("BENCH_DAEMON_ENV", "").split():
+            setting, _, value = item.partition("=")
+            env[setting] = value
         daemon = DaemonProcess(work / "queue", env)
         try:
             await daemon.wait_for("service.ready", 1, 120)
