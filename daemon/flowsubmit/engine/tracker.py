@@ -309,12 +309,6 @@ class Tracker:
         ``state`` changes before that. A run followed again keeps one record and the
         latest listener. Not called when the tracker closes or ``forget`` is called.
         """
-        run = self._watches.get(flow_run_id)
-        if run is not None:
-            self._count(run, -1)
-            run.listener = listener
-            self._count(run, 1)
-            return
         self._claim(flow_run_id, created_since, listener=listener)
 
     def _claim(
@@ -325,7 +319,7 @@ class Tracker:
         future: asyncio.Future[RunSnapshot] | None = None,
         listener: Listener | None = None,
     ) -> None:
-        """Register a run not watched yet (or watched by the other kind of waiter)."""
+        """Register a run not watched yet; a run watched already only takes the waiter given."""
         if self._closed:
             raise ClosedError("the Tracker is closed")
         watched = self._watches.get(flow_run_id)
