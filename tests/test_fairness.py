@@ -76,12 +76,15 @@ def test_with_every_slot_busy_the_highest_priority_job_is_claimed_next(
     suffix = uuid.uuid4().hex[:8]
     tag = f"fair-claims-{suffix}"
     blocker, low1, low2, high = (f"{name}-{suffix}" for name in ("block", "low1", "low2", "high"))
-    daemon = start_daemon(max_concurrent_jobs=1)
+    daemon = start_daemon(max_concurrent_jobs=1, log_level="debug")
     drop(daemon.queue, make_job(id=blocker, deployment=DRIVEN, runs=1, tags=[tag]))
     daemon.wait_for_event("job.claimed")
     drop(daemon.queue, make_job(id=low1, deployment=DRIVEN, runs=1, tags=[tag]))
     drop(daemon.queue, make_job(id=low2, deployment=DRIVEN, runs=1, tags=[tag]))
     drop(daemon.queue, make_job(id=high, deployment=DRIVEN, runs=1, tags=[tag], priority=5))
+    # Only judged jobs can be chosen: the slot must not free while one is still being read.
+    waiting = daemon.wait_for_event("job.waiting", count=3)
+    assert {line["priority"] for line in waiting} == {0, 5}
     with BackgroundDriver(tag):  # the blocker's run ends only now, freeing the slot
         daemon.wait_for(
             lambda: all(result_of(daemon.queue, j) for j in (blocker, low1, low2, high)),

@@ -308,7 +308,15 @@ class Intake:
             verdict.since = known.since  # the same version of the file: its settling goes on
         self._verdicts[candidate.name] = verdict
         if verdict.job is not None:
-            self._keep(candidate.name, verdict)
+            if self._jobs.has_capacity(verdict.producer):
+                self._keep(candidate.name, verdict.sha256, verdict.job)
+            else:
+                log.debug(
+                    "job.waiting",
+                    file=printable_name(candidate.name),
+                    priority=verdict.priority,
+                    producer=verdict.producer.as_dict() if verdict.producer else None,
+                )
             verdict.job = None  # the verdict outlives the claim; the parsed job need not
         if verdict.error is None:
             self._claim_waiting()
@@ -331,13 +339,11 @@ class Intake:
             candidate, None, producer=producer, sha256=digest, priority=job.priority, job=job
         )
 
-    def _keep(self, name: str, verdict: _Verdict) -> None:
-        """Keep the job a verdict parsed for its claim, if it can be claimed now: a job that must
-        wait for a slot is parsed again at its claim, so waiting files cost their verdicts only."""
-        assert verdict.job is not None
-        if not self._jobs.has_capacity(verdict.producer):
-            return
-        self._kept[name] = (verdict.sha256, verdict.job)
+    def _keep(self, name: str, sha256: str, job: Job) -> None:
+        """Keep the job parsed from ``name``'s bytes (``sha256``) for its claim, which is near: a
+        job that must wait for a slot is parsed again at its claim, so waiting files cost their
+        verdicts only."""
+        self._kept[name] = (sha256, job)
         self._kept.move_to_end(name)
         while len(self._kept) > _KEPT_JOBS:
             self._kept.popitem(last=False)
