@@ -249,47 +249,76 @@ def _upstream_port() -> int:
     return int(os.environ["PREFECT_API_URL"].rsplit(":", 1)[1].split("/", 1)[0])
 
 
-async def raw_phase(runs: int, subscribed: bool = False) -> tuple[float, int]:
-    """(runs/s, items refused) of the raw bulk route, through the proxy.
+async def raw_phase(
+    runs: int, subscribed: bool = False, driver_env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The raw bulk route's rate through the proxy (``rate``, ``refused``).
 
     ``subscribed`` (``--raw --subscribed``; ``BENCH_RAW_SUBSCRIBED=1`` measures it after
     the plain loop, on a server of its own, and prints it beside): while the loop
     creates, the same process holds the daemon's event subscription
     (``Gateway.run_events``, the daemon's filter) for the tag the runs carry and reads
     it, so the server streams their events as it does to a daemon: the cost of being
-    tracked, without the rest of the daemon.
+    tracked, without the rest of the daemon. Then the driver (``driver_env``) ends
+    every run and the loop reads the stream until it has seen each run's final state:
+    this process's CPU per run while it creates (``create_ms``) and while it follows
+    the runs to their ends (``track_ms``) is what Prefect's client alone costs for the
+    daemon's work, the floor under the daemon's CPU per run.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from tests.support.proxy import Proxy
 
+    from flowsubmit._types import FINAL_STATE_TYPES
     from flowsubmit.gateway.client import Gateway
 
     name = await _deployment()
     async with Gateway() as gateway:
         deployment = await gateway.resolve_deployment(name)
+    figures: dict[str, Any] = {}
     async with Proxy(_upstream_port()) as proxy:
         # Prefect read PREFECT_API_URL from the environment at import: the setting itself
         # must change, or the calls would bypass the proxy the daemon pays for.
         with temporary_settings({PREFECT_API_URL: proxy.api_url}):
             if not subscribed:
-                rate, refused = await _raw_bulk(deployment.id, runs, [])
+                figures["rate"], figures["refused"] = await _raw_bulk(deployment.id, runs, [])
             else:
                 tag = f"raw-subscribed-{uuid.uuid4().hex[:8]}"
+                ended: set[str] = set()
+                all_ended = asyncio.Event()
                 async with Gateway() as gateway, gateway.run_events(tag) as events:
 
                     async def read() -> None:
-                        async for _ in events:
-                            pass
+                        async for snapshot in events:
+                            if snapshot.state_type in FINAL_STATE_TYPES:
+                                ended.add(snapshot.flow_run_id)
+                                if len(ended) == runs:
+                                    all_ended.set()
 
                     reader = asyncio.create_task(read())
                     await asyncio.sleep(1.0)  # past the subscription's live margin
-                    rate, refused = await _raw_bulk(deployment.id, runs, [tag])
+                    cpu = time.process_time()
+                    figures["rate"], figures["refused"] = await _raw_bulk(
+                        deployment.id, runs, [tag]
+                    )
+                    figures["create_ms"] = 1000 * (time.process_time() - cpu) / runs
+                    if driver_env is not None:
+                        await asyncio.sleep(
+                            LATE_WAVE_S
+                        )  # the last runs' Late events, as the daemon's
+                        cpu = time.process_time()
+                        driver = await asyncio.to_thread(_start_driver, tag, runs, driver_env)
+                        await asyncio.to_thread(driver.wait)
+                        # No reconciliation here: a final the server dropped is never seen.
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(all_ended.wait(), 120)
+                        figures["track_ms"] = 1000 * (time.process_time() - cpu) / runs
+                        figures["finals_seen"] = len(ended)
                     reader.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await reader
         if not any(seen.path.endswith("/create_flow_run/bulk") for seen in proxy.seen):
             raise RuntimeError("the raw phase's creates did not go through the proxy")
-        return rate, refused
+        return figures
 
 
 async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
@@ -420,6 +449,16 @@ def _print(row: dict[str, Any]) -> None:
         f"(service.ready to the last run.submitted) + track {row['cpu_track_ms']:.2f} ms "
         f"(end of idle to job.finished); start-up {row['cpu_start_s']:.1f} s and idle not included"
     )
+    if "raw_track_ms" in row:
+        floor = row["raw_create_ms"] + row["raw_track_ms"]
+        print(
+            f"- Prefect's client alone (the raw loop holding the subscription, then reading "
+            f"every run's final): {floor:.2f} ms = create {row['raw_create_ms']:.2f} ms + track "
+            f"{row['raw_track_ms']:.2f} ms; the daemon above it: {per_run - floor:.2f} ms "
+            f"(submit {row['cpu_submit_ms'] - row['raw_create_ms']:+.2f}, track "
+            f"{row['cpu_track_ms'] - row['raw_track_ms']:+.2f}); it saw "
+            f"{row['raw_finals_seen']} of {row['raw_runs']} finals on the stream"
+        )
     print(
         f"- daemon RSS: {row['ready_rss_mb']:.0f} MB ready, {row['pending_rss_mb']:.0f} MB with "
         f"every run pending, {row['rss_mb']:.0f} MB peak"
@@ -498,7 +537,8 @@ def main(runs: int, topology: bool, submit_only: bool = False) -> None:
         check=True,
         cwd=ROOT,
     )
-    row["raw"], row["raw_refused"] = json.loads(raw.stdout.decode().strip().splitlines()[-1])
+    plain = json.loads(raw.stdout.decode().strip().splitlines()[-1])
+    row["raw"], row["raw_refused"] = plain["rate"], plain["refused"]
     if os.environ.get("BENCH_RAW_SUBSCRIBED") == "1":  # and the same loop, tracked as a daemon is
         raw = subprocess.run(
             [sys.executable, __file__, "--raw", "--subscribed", str(row["raw_runs"]), *flags],
@@ -506,9 +546,10 @@ def main(runs: int, topology: bool, submit_only: bool = False) -> None:
             check=True,
             cwd=ROOT,
         )
-        row["raw_subscribed"], row["raw_subscribed_refused"] = json.loads(
-            raw.stdout.decode().strip().splitlines()[-1]
-        )
+        tracked = json.loads(raw.stdout.decode().strip().splitlines()[-1])
+        row["raw_subscribed"], row["raw_subscribed_refused"] = tracked["rate"], tracked["refused"]
+        row["raw_create_ms"], row["raw_track_ms"] = tracked["create_ms"], tracked["track_ms"]
+        row["raw_finals_seen"] = tracked["finals_seen"]
     with _server(topology) as driver_env:
         asyncio.run(daemon_phase(row, driver_env))
 
@@ -540,8 +581,10 @@ if __name__ == "__main__":
     elif "--drive" in sys.argv:
         asyncio.run(_drive(args[0], int(args[1])))
     elif "--raw" in sys.argv:
-        with _server("--topology" in sys.argv):
-            print(json.dumps(asyncio.run(raw_phase(int(args[0]), "--subscribed" in sys.argv))))
+        with _server("--topology" in sys.argv) as driver_env:
+            subscribed = "--subscribed" in sys.argv
+            figures = raw_phase(int(args[0]), subscribed, driver_env if subscribed else None)
+            print(json.dumps(asyncio.run(figures)))
     else:
         main(
             int(args[0]) if args else 10_000, "--topology" in sys.argv, "--submit-only" in sys.argv
