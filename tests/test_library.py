@@ -475,6 +475,24 @@ def test_import_flowsubmit_does_not_import_prefect() -> None:
     assert flow_submitter.__module__ == "flowsubmit.submission"
 
 
+def test_every_module_imports_with_warnings_as_errors() -> None:
+    """A script run with ``-W error`` (or a suite with pytest's ``filterwarnings = error``)
+    imports every flowsubmit module: none calls a deprecated API as it loads."""
+    code = (
+        "import importlib, pkgutil, flowsubmit\n"
+        "names = [m.name for m in pkgutil.walk_packages(flowsubmit.__path__, 'flowsubmit.')\n"
+        "         if not m.name.endswith('__main__')]\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "print(len(names))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout) > 50  # the whole package was walked, not one module
+
+
 async def test_works_inside_a_flow_run() -> None:
     """Inside a running Prefect flow, the submitter submits, waits and logs the same way (no run logger needed)."""
 

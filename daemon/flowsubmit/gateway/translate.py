@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import httpx
 from prefect.exceptions import ObjectNotFound
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
-from tenacity.wait import wait_exponential_jitter
+from tenacity.wait import wait_exponential, wait_random
 
 from flowsubmit import metrics
 from flowsubmit.errors import (
@@ -150,25 +150,27 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-class _WaitHonouringRetryAfter(wait_exponential_jitter):
-    """Exponential backoff with jitter, but never shorter than the server's ``Retry-After``;
-    short (``_CONTENTION_WAIT``) when the server answered and only contended."""
+# Exponential waits with jitter, built from ``wait_exponential`` and ``wait_random``:
+# ``wait_exponential_jitter`` takes its first wait as ``initial`` before tenacity 9.2
+# and warns of that name since (an import error under ``-W error``).
 
-    def __call__(self, retry_state: RetryCallState) -> float:
-        outcome = retry_state.outcome
-        exc = outcome.exception() if outcome is not None else None
-        if isinstance(exc, ContentionError):
-            return _CONTENTION_WAIT(retry_state)
-        backoff = super().__call__(retry_state)
-        retry_after = getattr(exc, "retry_after_s", None)
-        return max(backoff, retry_after) if retry_after else backoff
-
-
-#: Between attempts while Prefect is unreachable (``Retrying``).
-_BACKOFF = _WaitHonouringRetryAfter(initial=0.5, max=30.0)
+#: Between attempts while Prefect is unreachable: 0.5 s doubling to 30 s, plus up to 1 s.
+_OUTAGE_WAIT = wait_exponential(multiplier=0.5, max=30.0) + wait_random(0, 1.0)
 
 #: Another writer held the database for an instant: try again soon, not after an outage's backoff.
-_CONTENTION_WAIT = wait_exponential_jitter(initial=0.1, max=2.0, jitter=0.1)
+_CONTENTION_WAIT = wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1)
+
+
+def _backoff(retry_state: RetryCallState) -> float:
+    """The outage backoff, but never shorter than the server's ``Retry-After``; short
+    (``_CONTENTION_WAIT``) when the server answered and only contended."""
+    outcome = retry_state.outcome
+    exc = outcome.exception() if outcome is not None else None
+    if isinstance(exc, ContentionError):
+        return float(_CONTENTION_WAIT(retry_state))
+    backoff = float(_OUTAGE_WAIT(retry_state))
+    retry_after = getattr(exc, "retry_after_s", None)
+    return max(backoff, retry_after) if retry_after else backoff
 
 
 class Retrying(AsyncRetrying):
@@ -195,7 +197,7 @@ class Retrying(AsyncRetrying):
 
     def _wait(self, retry_state: RetryCallState) -> float:
         """The backoff, cut short where the tolerance is spent."""
-        backoff = _BACKOFF(retry_state)
+        backoff = _backoff(retry_state)
         spent_s = retry_state.seconds_since_start or 0.0
         return max(0.0, min(backoff, self.tolerance_s - spent_s))
 
