@@ -10,6 +10,9 @@ run by phase and bytes per pending run (tracemalloc), beside the tree at
 
 ``BENCH_NO_LATE=1`` turns the servers' late-runs service off: no run gets a Late
 event, as when workers start runs within 15 s of their creation.
+``BENCH_RAW_SUBSCRIBED=1`` measures the raw loop again while it holds the daemon's
+subscription, then follows its runs to their finals: its CPU per run is the floor
+under the daemon's (``raw_phase``).
 ``BENCH_DAEMON_ENV="FLOWSUBMIT_MAX_INFLIGHT_SUBMISSIONS=1 ..."`` gives the daemon
 settings to try (the bench otherwise clears every ``FLOWSUBMIT_`` variable).
 
