@@ -151,8 +151,8 @@ def retry_after(response: httpx.Response) -> float | None:
 
 
 # Exponential waits with jitter, built from ``wait_exponential`` and ``wait_random``:
-# ``wait_exponential_jitter`` takes its first wait as ``initial`` before tenacity 9.2
-# and warns of that name since (an import error under ``-W error``).
+# ``wait_exponential_jitter`` names its first wait ``initial`` in older tenacity releases
+# and newer ones (9.2 here) warn of that name, an import error under ``-W error``.
 
 #: Between attempts while Prefect is unreachable: 0.5 s doubling to 30 s, plus up to 1 s.
 _OUTAGE_WAIT = wait_exponential(multiplier=0.5, max=30.0) + wait_random(0, 1.0)
