@@ -26,7 +26,7 @@ from flowsubmit import (
 )
 from flowsubmit.engine.runset import submission_key
 from flowsubmit.local.localserver import LocalServer, free_port
-from tests.support.driver import drive, wait_for_runs
+from tests.support.driver import drive, late, wait_for_runs
 from tests.support.flows import DRIVEN, ETL
 from tests.support.proxy import Proxy
 
@@ -87,6 +87,9 @@ _FIELDS = (
     "failed",
     "by_state",
     "error",
+    "work_pool",
+    "work_queue",
+    "hint",
 )
 
 
@@ -465,6 +468,32 @@ async def test_parameters_the_flow_does_not_take_are_refused_before_creation() -
     assert etl.run_ids == []
     assert not etl.connected
     assert await _count_tagged(etl.tag) == 0
+
+
+async def test_the_first_late_run_is_one_warning_that_says_what_to_do() -> None:
+    """Runs nobody picks up turn Late: the script is warned once, at the first, with where
+    the runs wait and what to do, instead of a ``wait()`` that waits in silence."""
+    with capture_logs() as logs:
+        async with flow_submitter(DRIVEN) as runs:
+            ids = [await runs.submit(table=i) for i in range(2)]
+            await late(ids)  # as Prefect's late-runs service does (it is off in tests)
+            async with asyncio.timeout(30):  # the warning comes from the Late events
+                while True:
+                    if _events(logs, "submission.runs_late"):
+                        break
+                    await asyncio.sleep(0.1)
+            await drive(ids)  # each run's Late event comes before its final on the stream
+            assert await runs.wait(show_summary=False) == {r: "Completed" for r in ids}
+    [warning] = [line for line in logs if line["event"] == "submission.runs_late"]
+    run_id = warning["flow_run_id"]
+    assert run_id in ids
+    assert warning["log_level"] == "warning"
+    assert warning["message"] == (
+        f"⏰ [{DRIVEN}] Run {run_id[:8]} is Late: no worker or runner polls it:"
+        " start one, or check the work pool"
+    )
+    assert warning["hint"] == "no worker or runner polls it: start one, or check the work pool"
+    assert "work_pool" in warning and "work_queue" in warning
 
 
 def test_import_flowsubmit_does_not_import_prefect() -> None:

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 from flowsubmit._types import RunSnapshot
 from flowsubmit.engine.results import RunRecord, Summary
+from flowsubmit.engine.tracker import LATE_HINT
 from flowsubmit.errors import GatewayError
 from flowsubmit.gateway.run_logger import current_run_logger
 
@@ -130,6 +131,22 @@ class SubmissionReporter:
             index=record.index,
             run_id=run_id,
             error=str(error),
+        )
+
+    def runs_late(self, record: RunRecord, run_id: str, where: dict[str, str | None]) -> None:
+        """Warn that Prefect marked a run Late: nobody picked it up, so ``wait()`` waits on it.
+
+        ``where`` names the deployment's ``work_pool`` and ``work_queue``; the caller
+        warns once per submission (the first Late run), as the daemon does once per job.
+        """
+        self._emit(
+            logging.WARNING,
+            "submission.runs_late",
+            f"⏰ [{self._deployment}] Run {run_id[:8]} is Late: {LATE_HINT}",
+            index=record.index,
+            run_id=run_id,
+            hint=LATE_HINT,
+            **where,
         )
 
     def summary(self, summary: Summary) -> None:

@@ -30,7 +30,7 @@ from typing import Any, Self
 from flowsubmit._types import RunSnapshot
 from flowsubmit.engine.results import RunRecord
 from flowsubmit.engine.runset import CANCEL_GRACE_S, RunSet, submission_key, submission_tag
-from flowsubmit.engine.tracker import Tracker
+from flowsubmit.engine.tracker import LATE, Tracker
 from flowsubmit.errors import (
     AuthenticationError,
     ClosedError,
@@ -243,6 +243,8 @@ class FlowSubmission:
         self._next_index = 0
         self._holding: set[str] = set()
         self._reporter = SubmissionReporter(self.submission_id, deployment)
+        #: The first Late run was reported (``submission.runs_late``, once per submission).
+        self._late_warned = False
         #: The runs; made when the engine first opens (it needs the resolved deployment).
         self._runs: RunSet | None = None
         self._engine: _Engine | None = None
@@ -374,6 +376,18 @@ class FlowSubmission:
         if snap.flow_run_id in self._holding and self._slots is not None:
             self._holding.discard(snap.flow_run_id)
             self._slots.release()
+
+    def _state_changed(self, record: RunRecord, run_id: str, code: int) -> None:
+        """The run-set's ``on_state``: warn of the submission's first Late run."""
+        if code != LATE or self._late_warned or self._runs is None:
+            return
+        self._late_warned = True
+        deployment = self._runs.deployment
+        where = {
+            "work_pool": deployment.work_pool_name,
+            "work_queue": self._work_queue_name or deployment.work_queue_name,
+        }
+        self._reporter.runs_late(record, run_id, where)
 
     @contextlib.asynccontextmanager
     async def _slot(self, engine: _Engine) -> AsyncIterator[None]:
@@ -557,6 +571,7 @@ class FlowSubmission:
                     work_queue_name=self._work_queue_name,
                     lane=self.submission_id,
                     on_final=self._freed,
+                    on_state=self._state_changed,
                     # An id given again after a crash finds the runs made before by their keys.
                     new_keys=not self._id_given,
                 )

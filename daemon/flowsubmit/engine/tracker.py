@@ -111,6 +111,9 @@ _EVENT_LAG = timedelta(seconds=EVENT_LAG_S)
 SCHEDULED, LATE, RUNNING = 0, 1, 2
 #: The codes' names, as ``flowsubmit status`` counts them.
 STATE_NAMES = ("scheduled", "late", "running")
+#: What to do about a Late run (the daemon's ``job.runs_late``, the library's
+#: ``submission.runs_late``).
+LATE_HINT = "no worker or runner polls it: start one, or check the work pool"
 _STARTED_TYPES = frozenset({"RUNNING", "PAUSED", "CANCELLING"})
 
 

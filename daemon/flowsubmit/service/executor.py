@@ -16,7 +16,7 @@ from flowsubmit.engine.runset import (
     job_tag,
     parameter_error,
 )
-from flowsubmit.engine.tracker import LATE, STATE_NAMES, Tracker
+from flowsubmit.engine.tracker import LATE, LATE_HINT, STATE_NAMES, Tracker
 from flowsubmit.errors import (
     GatewayError,
     JobRejected,
@@ -37,8 +37,6 @@ log = get_logger("flowsubmit.executor")
 #: final yet, counted as scheduled, late and running) is journaled at most this often,
 #: and at once on the job's first Late run: ``flowsubmit status`` reads the latest.
 STATES_EVERY_S = 2.0
-#: What ``job.runs_late`` tells the operator to do.
-LATE_HINT = "no worker or runner polls it: start one, or check the work pool"
 
 
 @dataclass(frozen=True)
