@@ -133,10 +133,12 @@ class SubmissionReporter:
             error=str(error),
         )
 
-    def runs_late(self, record: RunRecord, run_id: str, where: dict[str, str | None]) -> None:
+    def runs_late(
+        self, record: RunRecord, run_id: str, work_pool: str | None, work_queue: str | None
+    ) -> None:
         """Warn that Prefect marked a run Late: nobody picked it up, so ``wait()`` waits on it.
 
-        ``where`` names the deployment's ``work_pool`` and ``work_queue``; the caller
+        ``work_pool`` and ``work_queue`` are where it waits (``RunSet.waits_in``); the caller
         warns once per submission (the first Late run), as the daemon does once per job.
         """
         self._emit(
@@ -145,8 +147,9 @@ class SubmissionReporter:
             f"⏰ [{self._deployment}] Run {run_id[:8]} is Late: {LATE_HINT}",
             index=record.index,
             run_id=run_id,
+            work_pool=work_pool,
+            work_queue=work_queue,
             hint=LATE_HINT,
-            **where,
         )
 
     def summary(self, summary: Summary) -> None:

@@ -382,12 +382,7 @@ class FlowSubmission:
         if code != LATE or self._late_warned or self._runs is None:
             return
         self._late_warned = True
-        deployment = self._runs.deployment
-        where = {
-            "work_pool": deployment.work_pool_name,
-            "work_queue": self._work_queue_name or deployment.work_queue_name,
-        }
-        self._reporter.runs_late(record, run_id, where)
+        self._reporter.runs_late(record, run_id, *self._runs.waits_in())
 
     @contextlib.asynccontextmanager
     async def _slot(self, engine: _Engine) -> AsyncIterator[None]:

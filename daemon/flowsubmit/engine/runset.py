@@ -330,6 +330,12 @@ class RunSet:
         """Its watched runs not final yet, by state code (``tracker.STATE_NAMES``): no pass over the runs."""
         return self._tracker.counts(self._listener) if self._tracker is not None else (0, 0, 0)
 
+    def waits_in(self) -> tuple[str | None, str | None]:
+        """Where its runs wait for a worker, as a Late warning names it: (the deployment's
+        work pool, the work queue: its own, else the deployment's)."""
+        deployment = self.deployment
+        return deployment.work_pool_name, self.work_queue_name or deployment.work_queue_name
+
     def owner(self, run_id: str) -> RunRecord | None:
         """The record a run was created for."""
         return self._owner.get(run_id)

@@ -365,12 +365,12 @@ class Executor:
             return
         if code == LATE and not self._late_warned:
             self._late_warned = True
-            deployment = runs.deployment
+            work_pool, work_queue = runs.waits_in()
             log.warning(
                 "job.runs_late",
-                deployment=deployment.name,
-                work_pool=deployment.work_pool_name,
-                work_queue=runs.work_queue_name or deployment.work_queue_name,
+                deployment=runs.deployment.name,
+                work_pool=work_pool,
+                work_queue=work_queue,
                 flow_run_id=run_id,
                 hint=LATE_HINT,
             )
