@@ -29,6 +29,7 @@ from flowsubmit.local.localserver import LocalServer, free_port
 from tests.support.driver import drive, late, wait_for_runs
 from tests.support.flows import DRIVEN, ETL
 from tests.support.proxy import Proxy
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.server
 
@@ -477,11 +478,7 @@ async def test_the_first_late_run_is_one_warning_that_says_what_to_do() -> None:
         async with flow_submitter(DRIVEN) as runs:
             ids = [await runs.submit(table=i) for i in range(2)]
             await late(ids)  # as Prefect's late-runs service does (it is off in tests)
-            async with asyncio.timeout(30):  # the warning comes from the Late events
-                while True:
-                    if _events(logs, "submission.runs_late"):
-                        break
-                    await asyncio.sleep(0.1)
+            await until(lambda: _events(logs, "submission.runs_late"), "the Late warning", 30)
             await drive(ids)  # each run's Late event comes before its final on the stream
             assert await runs.wait(show_summary=False) == {r: "Completed" for r in ids}
     [warning] = [line for line in logs if line["event"] == "submission.runs_late"]

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,8 @@ from flowsubmit.local.localserver import LocalServer
 from tests.support.driver import drive, late, start
 from tests.support.flows import DRIVEN, TIMEOUT, driven
 from tests.support.proxy import Proxy, missing_route
+from tests.support.waiting import PATIENCE_S, until
 
-#: Safety net for awaiting outcomes; not a timing claim (those live in bench/).
-PATIENCE_S = 60.0
 READ_ROUTE = "POST /flow_runs/filter"
 COUNT_ROUTE = "POST /flow_runs/count"
 
@@ -86,15 +85,6 @@ async def _finals(futures: list[asyncio.Future[RunSnapshot]]) -> list[RunSnapsho
         return list(await asyncio.gather(*futures))
 
 
-async def _until(predicate: Callable[[], bool], what: str) -> None:
-    """Wait for a condition the tracker reaches by itself (mode changes)."""
-    async with asyncio.timeout(PATIENCE_S):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.05)
-
-
 async def _server_truth(run_ids: list[str]) -> dict[str, tuple[str | None, str]]:
     """(state id, state type) of each run, read straight from the server."""
     runs = []
@@ -140,7 +130,7 @@ async def test_followed_runs_tell_their_listener_each_start_and_final_once(
         assert tracker.pending == 3
         await drive(ids[:2])
         await drive(ids[2:], final="Failed")
-        await _until(lambda: tracker.pending == 0, "every run final")
+        await until(lambda: tracker.pending == 0, "every run final")
         await asyncio.sleep(0.1)  # the last listener call is scheduled, not made inside observe
     finals = sorted((r, t) for r, t in heard if t is not None)
     expected = sorted([(ids[0], "COMPLETED"), (ids[1], "COMPLETED"), (ids[2], "FAILED")])
@@ -173,12 +163,12 @@ async def test_a_listeners_runs_are_counted_by_state_as_they_change(
         assert tracker.counts(listener) == (4, 0, 0)
         await late(ids[:1])
         await start(ids[1:2])
-        await _until(lambda: tracker.counts(listener) == (2, 1, 1), "one late, one running")
+        await until(lambda: tracker.counts(listener) == (2, 1, 1), "one late, one running")
         assert by_pass(ids) == (2, 1, 1)
         tracker.forget(ids[3])
         assert tracker.counts(listener) == (1, 1, 1)
         await drive(ids[:3])
-        await _until(lambda: tracker.counts(listener) == (0, 0, 0), "every run final")
+        await until(lambda: tracker.counts(listener) == (0, 0, 0), "every run final")
         assert tracker.pending == 0
 
 
@@ -262,12 +252,12 @@ async def test_stream_lost_mid_job_completes_by_polling_and_hands_back(
             streamed = await _finals(futures[:5])
 
             proxy.cut_websockets(refuse=True)
-            await _until(lambda: tracker.mode is TrackerMode.POLLING, "fallback")
+            await until(lambda: tracker.mode is TrackerMode.POLLING, "fallback")
             await drive(ids[5:], final="Failed")
             polled = await _finals(futures[5:])
 
             proxy.refuse_websockets = False
-            await _until(lambda: tracker.mode is TrackerMode.STREAMING, "resume")
+            await until(lambda: tracker.mode is TrackerMode.STREAMING, "resume")
             again, more = await _create_and_watch(gateway, tracker, 2, tag, first=10)
             await drive(again)
             resumed = await _finals(more)
@@ -444,7 +434,7 @@ async def test_server_restart_mid_job_accounts_for_every_run_once(
             await asyncio.to_thread(own_server.start)
             await drive(ids[12:])
             after = await _finals(futures[12:])
-            await _until(lambda: tracker.mode is TrackerMode.STREAMING, "resume")
+            await until(lambda: tracker.mode is TrackerMode.STREAMING, "resume")
             recorded = dict(tracker.recorded)
         truth = await _server_truth(ids)
 
@@ -482,7 +472,7 @@ async def test_stream_cut_with_many_pending_is_finished_by_paged_polling(
         ):
             ids, futures = await _create_and_watch(gateway, tracker, 400, tag)
             proxy.cut_websockets(refuse=True)
-            await _until(lambda: tracker.mode is TrackerMode.POLLING, "fallback")
+            await until(lambda: tracker.mode is TrackerMode.POLLING, "fallback")
             await drive(ids, concurrency=4, direct=True)
             async with asyncio.timeout(PATIENCE_S * 5):
                 snaps = list(await asyncio.gather(*futures))

@@ -11,6 +11,7 @@
 - ``prometheus``: a real Prometheus server on loopback scraping a daemon, and its API.
 - ``proxy``: a loopback HTTP proxy before a Prefect server that cuts websockets, rate-limits and hides routes.
 - ``users``: real system users, created and removed, and commands run as them.
+- ``waiting``: ``until(...)``, the wait for a condition the code under test reaches by itself.
 """
 
 from __future__ import annotations
