@@ -305,9 +305,8 @@ async def raw_phase(
                     )
                     figures["create_ms"] = 1000 * (time.process_time() - cpu) / runs
                     if driver_env is not None:
-                        await asyncio.sleep(
-                            LATE_WAVE_S
-                        )  # the last runs' Late events, as the daemon's
+                        # The last runs' Late events come now, outside both windows, as the daemon's.
+                        await asyncio.sleep(LATE_WAVE_S)
                         cpu = time.process_time()
                         driver = await asyncio.to_thread(_start_driver, tag, runs, driver_env)
                         await asyncio.to_thread(driver.wait)
