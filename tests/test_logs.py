@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
@@ -116,3 +117,52 @@ def test_a_value_orjson_refuses_is_written_all_the_same(
     assert record["event"] == "job.rejected"
     assert record["field"] == {"n": 2**70, "1": "one"}
     assert record["file"] == "bad-\udcff.json"
+
+
+class _CountingStream:
+    """A stdout that keeps what is written and counts flushes (what reaches the real stream)."""
+
+    def __init__(self) -> None:
+        self.text, self.flushes = "", 0
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def isatty(self) -> bool:
+        return False
+
+
+async def test_the_lines_of_one_loop_turn_are_flushed_once_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst of run lines in one event-loop turn costs one flush, right after the turn;
+    outside a loop (a one-shot command) each line is flushed as it is written."""
+    stream = _CountingStream()
+    monkeypatch.setattr("sys.stdout", stream)
+    logs.configure("json", "info", cache=False)
+    log = logs.get_logger("flowsubmit.executor")
+    for index in range(20):
+        log.info("run.finished", index=index)
+    assert (stream.text.count("\n"), stream.flushes) == (20, 0)
+    await asyncio.sleep(0)
+    assert stream.flushes == 1
+    log.info("run.finished", index=20)
+    await asyncio.sleep(0)
+    assert stream.flushes == 2
+    assert [json.loads(line)["index"] for line in stream.text.splitlines()] == list(range(21))
+    await asyncio.to_thread(log.info, "run.finished", index=21)  # no loop in that thread
+    assert stream.flushes == 3
+
+
+def test_a_line_with_nothing_to_mask_is_written_as_logged(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """No secret-like key: every value as given, lists and nested maps included."""
+    logs.configure("json", "info", cache=False)
+    structlog.get_logger().info("job.claimed", tags=["a", {"b": 1}], producer={"uid": 0})
+    record = json.loads(capsys.readouterr().out)
+    assert (record["tags"], record["producer"]) == (["a", {"b": 1}], {"uid": 0})

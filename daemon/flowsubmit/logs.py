@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import orjson
 import structlog
 from structlog.contextvars import bound_contextvars
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from flowsubmit.redaction import redact
+from flowsubmit._turn import TurnFlush
+from flowsubmit.redaction import holds_secret, redact
 
 __all__ = [
     "EngineLogger",
@@ -50,7 +51,9 @@ def _json_line(event_dict: EventDict, **dumps_kw: Any) -> str:
 
 
 def _redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """Mask every value logged under a secret-like key, at any depth."""
+    """Mask every value logged under a secret-like key, at any depth (a line with none is not copied)."""
+    if not holds_secret(event_dict):
+        return event_dict
     return redact(event_dict)  # type: ignore[no-any-return]
 
 
@@ -89,6 +92,15 @@ def _console_value(value: Any) -> str:
     return str(value)
 
 
+class _TurnStream:
+    """The daemon's log stream: each line written as structlog renders it, the stream flushed
+    once after the event-loop turn that wrote it (``TurnFlush``), not once a line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.write = stream.write
+        self.flush = TurnFlush(stream.flush).soon
+
+
 def resolve_format(fmt: str, stream: Any = None) -> Literal["json", "console"]:
     """``auto`` is ``console`` on a terminal and ``json`` otherwise (systemd, containers, pipes)."""
     if fmt == "auto":
@@ -116,12 +128,18 @@ def configure(fmt: str = "json", level: str = "info", *, cache: bool = True) -> 
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(serializer=_json_line),
         ]
+    global _configured
+    _configured = _configured + 1 if cache else -1
     structlog.configure(
         processors=[*shared, *renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(file=_TurnStream(sys.stdout)),  # type: ignore[arg-type]
         cache_logger_on_first_use=cache,
     )
+
+
+#: Bumped by each ``configure`` that lets loggers be cached; -1 while they may not be.
+_configured = 0
 
 
 def get_logger(name: str) -> EngineLogger:
@@ -140,10 +158,16 @@ class EngineLogger:
     def __init__(self, name: str) -> None:
         self._struct = structlog.get_logger(name)
         self._std = logging.getLogger(name)
+        #: The logger structlog assembled, and the ``configure`` it was assembled for: a
+        #: line through the lazy proxy would assemble it again (two lines a run).
+        self._bound: Any = None
+        self._bound_for = 0
 
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if structlog.is_configured():
-            getattr(self._struct, level)(event, **fields)
+            if self._bound_for != _configured or _configured < 0:
+                self._bound, self._bound_for = self._struct.bind(), _configured
+            getattr(self._bound, level)(event, **fields)
             return
         exc_info = fields.pop("exc_info", None)
         text = " ".join([event, *(f"{k}={v}" for k, v in redact(fields).items())])

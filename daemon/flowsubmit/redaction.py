@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["MASK", "is_secret_name", "mentions_secret", "redact", "redact_text"]
+__all__ = ["MASK", "holds_secret", "is_secret_name", "mentions_secret", "redact", "redact_text"]
 
 MASK = "***"
 
@@ -52,6 +52,21 @@ def redact(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact(item) for item in value]
     return value
+
+
+def holds_secret(value: Any) -> bool:
+    """Whether ``redact`` would mask anything in ``value``: a log line that holds none is not copied.
+
+    A scalar value is told by its type without a call: a line's values are mostly scalars.
+    """
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if is_secret_name(str(key)) or (type(item) not in _SCALARS and holds_secret(item)):
+                return True
+        return False
+    if isinstance(value, list | tuple):
+        return any(type(item) not in _SCALARS and holds_secret(item) for item in value)
+    return False
 
 
 #: ``name=value``, ``name: value`` or ``'name': 'value'`` (a dict's repr, JSON) in free text, for
