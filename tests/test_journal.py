@@ -55,7 +55,7 @@ async def test_records_of_one_sync_delay_share_one_fsync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In a loop, the records appended within ``SYNC_DELAY_S`` are fsynced once, after it;
-    each is in the file (a killed process keeps it) the moment ``append`` returns."""
+    each is in the file (a killed process keeps it) once the loop turn that appended it ends."""
     real_fsync, synced = os.fsync, []
 
     def counting_fsync(fd: int) -> None:  # a spy: the real fsync still runs
@@ -76,3 +76,31 @@ async def test_records_of_one_sync_delay_share_one_fsync(
     assert len(synced) == 2
     await asyncio.sleep(SYNC_DELAY_S * 2)
     assert len(synced) == 2
+
+
+async def test_the_records_of_one_loop_turn_are_written_in_one_write_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of finals recorded in one turn costs one write, right after the turn; outside a
+    loop a record is in the file when ``append`` returns."""
+    real_write, writes = os.write, []
+
+    def counting_write(fd: int, data: bytes) -> int:  # a spy: the real write still runs
+        writes.append(fd)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    path = tmp_path / "j.journal"
+    journal, _ = Journal.open(path)
+    for index in range(20):
+        journal.append("created", stage=0, index=index, attempt=0, flow_run_id=f"run-{index}")
+    assert (len(replay(path).created), len(writes)) == (0, 0)
+    await asyncio.sleep(0)
+    assert (len(replay(path).created), len(writes)) == (20, 1)
+    await asyncio.to_thread(
+        journal.append, "created", stage=0, index=20, attempt=0, flow_run_id="run-20"
+    )
+    assert (len(replay(path).created), len(writes)) == (21, 2)
+    journal.append("created", stage=0, index=21, attempt=0, flow_run_id="run-21")
+    journal.close()  # what the turn appended is written before the file closes
+    assert replay(path).created[(0, 21, 0)] == "run-21"

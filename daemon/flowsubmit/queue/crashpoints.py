@@ -45,6 +45,11 @@ class CrashPoints:
         if self._at < 1:
             raise ValueError(f"crash point count must be at least 1, not {self._at}")
 
+    @property
+    def armed(self) -> bool:
+        """Whether a point is configured (a test's daemon): writes it follows are made at once."""
+        return self._point is not None
+
     def passed(self, point: str) -> None:
         """Note that ``point`` was passed; at the configured pass, die by SIGKILL."""
         if point != self._point:
