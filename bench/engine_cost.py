@@ -198,12 +198,9 @@ async def one_job(runs: int, work: Path, memory: bool) -> dict[str, float]:
 def measure(runs: int) -> tuple[dict[str, float], dict[str, float]]:
     """(CPU seconds by phase, memory figures) of one job of ``runs`` runs each."""
     with open(os.devnull, "w") as devnull, tempfile.TemporaryDirectory() as tmp:
-        logs.configure("json", "info")
         stdout, sys.stdout = sys.stdout, devnull
         try:
-            import structlog
-
-            structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=devnull))
+            logs.configure("json", "info")  # the daemon's lines, written to /dev/null
             cpu = asyncio.run(one_job(runs, Path(tmp), memory=False))
             tracemalloc.start()
             mem = asyncio.run(one_job(runs, Path(tmp), memory=True))

@@ -138,8 +138,12 @@ class DaemonProcess:
                     raise RuntimeError(f"the daemon logged {unless}: {line}")
 
     def cpu_s(self) -> float:
+        return sum(self.cpu_times())
+
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of every thread of the daemon so far."""
         fields = Path(f"/proc/{self._target()}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS  # utime, stime
 
     def peak_rss_mb(self) -> float:
         return self._status_mb("VmHWM:")
@@ -307,13 +311,14 @@ async def raw_phase(
                     if driver_env is not None:
                         # The last runs' Late events come now, outside both windows, as the daemon's.
                         await asyncio.sleep(LATE_WAVE_S)
-                        cpu = time.process_time()
+                        cpu, system = time.process_time(), os.times().system
                         driver = await asyncio.to_thread(_start_driver, tag, runs, driver_env)
                         await asyncio.to_thread(driver.wait)
                         # No reconciliation here: a final the server dropped is never seen.
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(all_ended.wait(), 120)
                         figures["track_ms"] = 1000 * (time.process_time() - cpu) / runs
+                        figures["track_system_ms"] = 1000 * (os.times().system - system) / runs
                         figures["finals_seen"] = len(ended)
                     reader.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -346,6 +351,7 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
         try:
             await daemon.wait_for("service.ready", 1, 120)
             cpu_ready, row["ready_rss_mb"] = daemon.cpu_s(), daemon.rss_mb()
+            system_ready = daemon.cpu_times()[1]
             job = json.dumps({"deployment": name, "matrix": {"i": list(range(runs))}})
             job_id = await asyncio.to_thread(_enqueue, daemon.queue, job, env)
             await daemon.wait_for("run.submitted", runs, 3600, unless="job.rejected")
@@ -354,8 +360,9 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
             row["daemon"] = runs / (max(submitted) - claimed)
             row["first_submit_s"] = min(submitted) - claimed
             seen_submitting = proxy.seen[:]
-            cpu_submitted = daemon.cpu_s()
+            cpu_submitted, system_submitted = daemon.cpu_s(), daemon.cpu_times()[1]
             row["cpu_submit_ms"] = 1000 * (cpu_submitted - cpu_ready) / runs
+            row["system_submit_ms"] = 1000 * (system_submitted - system_ready) / runs
             if row.get("submit_only"):
                 print(
                     f"daemon: {row['daemon']:.1f} runs/s, first run created "
@@ -370,7 +377,7 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
             cpu_before, seen_late = daemon.cpu_s(), len(proxy.seen)
             row["late_wave_cpu_s"] = cpu_before - cpu_submitted
             await asyncio.sleep(RECONCILE_INTERVAL_S + 5)
-            cpu_idle_end = daemon.cpu_s()
+            cpu_idle_end, system_idle_end = daemon.cpu_s(), daemon.cpu_times()[1]
             row["idle_cpu_pct"] = 100 * (cpu_idle_end - cpu_before) / (RECONCILE_INTERVAL_S + 5)
             row["pending_rss_mb"] = daemon.rss_mb()
             seen_idle = len(proxy.seen)
@@ -384,6 +391,7 @@ async def daemon_phase(row: dict[str, Any], driver_env: dict[str, str]) -> None:
             await daemon.wait_for("job.finished", 1, 600)
             row["cpu_s"] = daemon.cpu_s()
             row["cpu_track_ms"] = 1000 * (row["cpu_s"] - cpu_idle_end) / runs
+            row["system_track_ms"] = 1000 * (daemon.cpu_times()[1] - system_idle_end) / runs
             row["cpu_start_s"] = cpu_ready
             row["rss_mb"] = daemon.peak_rss_mb()
         finally:
@@ -449,7 +457,9 @@ def _print(row: dict[str, Any]) -> None:
     print(
         f"- daemon CPU per run: {per_run:.2f} ms = submit {row['cpu_submit_ms']:.2f} ms "
         f"(service.ready to the last run.submitted) + track {row['cpu_track_ms']:.2f} ms "
-        f"(end of idle to job.finished); start-up {row['cpu_start_s']:.1f} s and idle not included"
+        f"(end of idle to job.finished); start-up {row['cpu_start_s']:.1f} s and idle not included; "
+        f"of which in the kernel (system time): submit {row['system_submit_ms']:.2f} ms, "
+        f"track {row['system_track_ms']:.2f} ms"
     )
     if "raw_track_ms" in row:
         floor = row["raw_create_ms"] + row["raw_track_ms"]
@@ -459,7 +469,8 @@ def _print(row: dict[str, Any]) -> None:
             f"{row['raw_track_ms']:.2f} ms; the daemon above it: {per_run - floor:.2f} ms "
             f"(submit {row['cpu_submit_ms'] - row['raw_create_ms']:+.2f}, track "
             f"{row['cpu_track_ms'] - row['raw_track_ms']:+.2f}); it saw "
-            f"{row['raw_finals_seen']} of {row['raw_runs']} finals on the stream"
+            f"{row['raw_finals_seen']} of {row['raw_runs']} finals on the stream; its track "
+            f"in the kernel: {row['raw_track_system_ms']:.2f} ms"
         )
     print(
         f"- daemon RSS: {row['ready_rss_mb']:.0f} MB ready, {row['pending_rss_mb']:.0f} MB with "
@@ -552,6 +563,7 @@ def main(runs: int, topology: bool, submit_only: bool = False) -> None:
         row["raw_subscribed"], row["raw_subscribed_refused"] = tracked["rate"], tracked["refused"]
         row["raw_create_ms"], row["raw_track_ms"] = tracked["create_ms"], tracked["track_ms"]
         row["raw_finals_seen"] = tracked["finals_seen"]
+        row["raw_track_system_ms"] = tracked["track_system_ms"]
     with _server(topology) as driver_env:
         asyncio.run(daemon_phase(row, driver_env))
 
