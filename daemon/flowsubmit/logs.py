@@ -138,7 +138,8 @@ def configure(fmt: str = "json", level: str = "info", *, cache: bool = True) -> 
     )
 
 
-#: Bumped by each ``configure`` that lets loggers be cached; -1 while they may not be.
+#: Bumped by each ``configure`` that lets loggers be cached; 0 before the first, -1 after
+#: one that does not (tests reconfigure): no ``EngineLogger`` keeps a logger then.
 _configured = 0
 
 
@@ -165,7 +166,10 @@ class EngineLogger:
 
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if structlog.is_configured():
-            if self._bound_for != _configured or _configured < 0:
+            if _configured < 1:  # ``configure`` did not let loggers be cached
+                getattr(self._struct, level)(event, **fields)
+                return
+            if self._bound_for != _configured:
                 self._bound, self._bound_for = self._struct.bind(), _configured
             getattr(self._bound, level)(event, **fields)
             return
