@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from flowsubmit._types import Deployment
 from flowsubmit.errors import ClaimLost, JobRejected
-from flowsubmit.gateway.convert import parameter_problem
+from flowsubmit.gateway.convert import first_parameter_problem, parameter_problem
 from flowsubmit.jobs.model import MAX_NESTING, Job, parse_job
 from flowsubmit.queue.folders import Candidate, Queue, printable_name, safe_name
 from flowsubmit.service.intake import CallbackHost, Intake
@@ -514,6 +514,94 @@ def test_a_refused_secret_parameter_is_named_but_its_value_never_shown() -> None
     assert parameter_problem(deployment, {"table": "seven"}) == (
         "the deployment's parameter schema rejects it: 'seven' is not valid under any of the given schemas",
         "table",
+    )
+
+
+#: A flow's parameter schema as Prefect writes it for ``def f(table: int, target: Target)``,
+#: ``Target`` a pydantic model: a reference into ``definitions``, a nested field.
+_MODEL_SCHEMA = {
+    "title": "Parameters",
+    "type": "object",
+    "properties": {
+        "table": {"title": "table", "type": "integer", "position": 0},
+        "target": {"$ref": "#/definitions/Target", "position": 1},
+    },
+    "required": ["table", "target"],
+    "definitions": {
+        "Target": {
+            "title": "Target",
+            "type": "object",
+            "properties": {"db": {"title": "db", "type": "string"}, "rows": {"type": "integer"}},
+            "required": ["db"],
+        }
+    },
+}
+
+
+def _prefects_own_best_error(parameters: dict[str, Any]) -> tuple[str, str | None]:
+    """What Prefect's ``validate`` of this one run finds, chosen by ``best_match``."""
+    from jsonschema.exceptions import best_match
+    from prefect.utilities.schema_tools.validation import validate
+
+    cause = best_match(validate(parameters, _MODEL_SCHEMA))
+    assert cause is not None
+    return cause.message, ".".join(str(p) for p in cause.absolute_path) or None
+
+
+def test_all_runs_are_checked_in_one_validation_that_names_the_first_bad_one() -> None:
+    """A job's runs are validated together, and the problem is the first run's, in their
+    order, with the message and parameter Prefect's own check of that run alone gives."""
+    deployment = Deployment(id="d", name="etl/etl", parameter_schema=_MODEL_SCHEMA)
+    good = {"table": 1, "target": {"db": "main", "rows": 2}}
+    nested = {"table": 1, "target": {"db": "main", "rows": "many"}}
+    missing = {"table": 1, "target": {"rows": 2}}
+    unknown = {"table": 1, "target": {"db": "x"}, "tabel": 2}
+    runs = [good, good, good, nested, good, unknown, missing]
+    position, reason, field = first_parameter_problem(deployment, runs) or (None, "", None)
+    message, path = _prefects_own_best_error(nested)
+    assert (position, reason, field) == (
+        3,
+        f"the deployment's parameter schema rejects it: {message}",
+        path,
+    )
+    assert field == "target.rows"
+    assert first_parameter_problem(deployment, [good, unknown, nested]) == (
+        1,
+        "the flow takes no parameter 'tabel' (it takes: table, target)",
+        "tabel",
+    )
+    assert first_parameter_problem(deployment, [good, missing])[:2] == (  # type: ignore[index]
+        1,
+        f"the deployment's parameter schema rejects it: {_prefects_own_best_error(missing)[0]}",
+    )
+    assert first_parameter_problem(deployment, [good] * 50) is None
+    assert parameter_problem(deployment, nested) == (
+        f"the deployment's parameter schema rejects it: {message}",
+        "target.rows",
+    )
+
+
+def test_a_problem_inside_an_any_of_branch_names_its_parameter_by_its_whole_path() -> None:
+    """When the best error lies in one branch of an ``anyOf`` (an Optional model), the field
+    named is the parameter's path from the top (``x.a``), not the path inside the branch."""
+    deployment = Deployment(
+        id="d",
+        name="etl/etl",
+        parameter_schema={
+            "type": "object",
+            "properties": {
+                "x": {
+                    "anyOf": [
+                        {"type": "object", "properties": {"a": {"type": "integer"}}},
+                        {"type": "null"},
+                    ]
+                }
+            },
+        },
+    )
+    assert parameter_problem(deployment, {"x": {"a": "s"}}) == (
+        "the deployment's parameter schema rejects it: 's' is not of type 'integer'",
+        "x.a",
     )
 
 

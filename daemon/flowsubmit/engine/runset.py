@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -22,13 +22,14 @@ from flowsubmit._types import Deployment, GatewayProtocol, RunRequest, RunSnapsh
 from flowsubmit.engine.results import RunRecord, Summary, finished_message
 from flowsubmit.engine.tracker import Tracker
 from flowsubmit.errors import GatewayError, JobRejected
-from flowsubmit.gateway.convert import parameter_problem
+from flowsubmit.gateway.convert import first_parameter_problem
 
 __all__ = [
     "CANCEL_GRACE_S",
     "RunLedger",
     "RunReporter",
     "RunSet",
+    "first_parameter_error",
     "idempotency_key",
     "job_tag",
     "parameter_error",
@@ -69,12 +70,21 @@ def parameter_error(
     deployment: Deployment, parameters: dict[str, Any], where: str
 ) -> JobRejected | None:
     """Why Prefect would refuse ``parameters`` (or accept them and then crash), naming ``where``; or None."""
-    problem = parameter_problem(deployment, parameters)
+    return first_parameter_error(deployment, [parameters], lambda _: where)
+
+
+def first_parameter_error(
+    deployment: Deployment, runs: Sequence[dict[str, Any]], where: Callable[[int], str]
+) -> JobRejected | None:
+    """Why Prefect would refuse the parameters of the first of ``runs`` it would refuse, naming
+    ``where(its position)``; or None. One schema validation for all of them."""
+    problem = first_parameter_problem(deployment, runs)
     if problem is None:
         return None
-    reason, parameter = problem
+    position, reason, parameter = problem
     return JobRejected(
-        f"{where}: {reason}", field=f"parameters.{parameter}" if parameter else "parameters"
+        f"{where(position)}: {reason}",
+        field=f"parameters.{parameter}" if parameter else "parameters",
     )
 
 

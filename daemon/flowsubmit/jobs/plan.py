@@ -30,6 +30,10 @@ class PlannedStage:
         """How a problem names one run: ``run M`` or ``stage N run M``."""
         return f"stage {self.index} run {run_index}" if self.staged else f"run {run_index}"
 
+    def where_at(self, position: int) -> str:
+        """How a problem names the run at ``position`` in ``runs`` (``where``)."""
+        return self.where(self.runs[position].index)
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:

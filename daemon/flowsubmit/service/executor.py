@@ -12,9 +12,9 @@ from flowsubmit.engine.results import JobResult, RunRecord
 from flowsubmit.engine.runset import (
     CANCEL_GRACE_S,
     RunSet,
+    first_parameter_error,
     idempotency_key,
     job_tag,
-    parameter_error,
 )
 from flowsubmit.engine.tracker import LATE, LATE_HINT, STATE_NAMES, Tracker
 from flowsubmit.errors import (
@@ -416,10 +416,11 @@ async def prepare(job: Job, gateway: GatewayProtocol) -> list[tuple[PlannedStage
                 str(exc), field=planned.field("deployment"), hint=DEPLOYMENT_HINT
             ) from exc
         await _check_work_queue(gateway, planned, deployment)
-        for spec in planned.runs:
-            problem = parameter_error(deployment, spec.parameters, planned.where(spec.index))
-            if problem is not None:
-                raise problem
+        problem = first_parameter_error(
+            deployment, [spec.parameters for spec in planned.runs], planned.where_at
+        )
+        if problem is not None:
+            raise problem
         prepared.append((planned, deployment))
     return prepared
 
