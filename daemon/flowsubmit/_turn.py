@@ -17,20 +17,22 @@ __all__ = ["TurnFlush"]
 
 
 class TurnFlush:
-    """Owns when ``flush`` runs: once after the loop turn in which ``soon`` was called.
+    """Owns when ``flush`` runs: once after the loop turn in which ``soon`` was called, or
+    ``delay_s`` after it (one flush for everything asked in that span: a group commit).
 
     Outside a running loop (a one-shot command, another thread) ``soon`` flushes at
-    once. A loop that stopped before its turn ended does not hold the next flush back:
+    once. A loop that stopped before the flush ran does not hold the next flush back:
     the flush is scheduled again on the loop running now.
     """
 
-    def __init__(self, flush: Callable[[], None]) -> None:
+    def __init__(self, flush: Callable[[], None], *, delay_s: float = 0.0) -> None:
         self._flush = flush
+        self._delay_s = delay_s
         #: The loop a flush is scheduled on, until it has run.
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def soon(self) -> None:
-        """Flush after this loop turn (at once when no loop runs in this thread)."""
+        """Flush after this loop turn, or ``delay_s`` from now (at once when no loop runs in this thread)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -38,7 +40,10 @@ class TurnFlush:
             return
         if self._loop is not loop:
             self._loop = loop
-            loop.call_soon(self._run)
+            if self._delay_s:
+                loop.call_later(self._delay_s, self._run)
+            else:
+                loop.call_soon(self._run)
 
     def _run(self) -> None:
         self._loop = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -123,10 +122,10 @@ class Journal:
         self._fd: int | None = os.open(
             path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640
         )
-        self._sync_handle: asyncio.TimerHandle | None = None
         #: Records appended this loop turn, not written yet.
         self._pending: list[bytes] = []
         self._turn = TurnFlush(self._write_pending)
+        self._group_commit = TurnFlush(self._sync, delay_s=SYNC_DELAY_S)
 
     @classmethod
     def open(cls, path: Path, *, crash: CrashPoints | None = None) -> tuple[Self, JournalState]:
@@ -141,7 +140,7 @@ class Journal:
         # orjson writes the bytes json.dumps(..., separators=(",", ":")) would, 15x faster.
         self._pending.append(orjson.dumps({"rec": rec, **fields}, option=orjson.OPT_APPEND_NEWLINE))
         self._turn.soon()
-        self._sync_soon()
+        self._group_commit.soon()
         if self._crash.armed:  # test-only fault injection: the record is written when it passes
             self._write_pending()
             self._crash.passed(rec)
@@ -153,19 +152,8 @@ class Journal:
         while data:  # a regular file takes it whole, unless the disk is full
             data = data[os.write(self._fd, data) :]
 
-    def _sync_soon(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._sync()
-            return
-        if self._sync_handle is None:
-            self._sync_handle = loop.call_later(SYNC_DELAY_S, self._sync)
-
     def _sync(self) -> None:
-        if self._sync_handle is not None:
-            self._sync_handle.cancel()
-            self._sync_handle = None
+        """Write what is pending and fsync it (a group commit due after ``close`` finds no file)."""
         if self._fd is not None:
             self._write_pending()
             os.fsync(self._fd)
