@@ -128,19 +128,12 @@ def configure(fmt: str = "json", level: str = "info", *, cache: bool = True) -> 
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(serializer=_json_line),
         ]
-    global _configured
-    _configured = _configured + 1 if cache else -1
     structlog.configure(
         processors=[*shared, *renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.WriteLoggerFactory(file=_TurnStream(sys.stdout)),  # type: ignore[arg-type]
         cache_logger_on_first_use=cache,
     )
-
-
-#: Bumped by each ``configure`` that lets loggers be cached; 0 before the first, -1 after
-#: one that does not (tests reconfigure): no ``EngineLogger`` keeps a logger then.
-_configured = 0
 
 
 def get_logger(name: str) -> EngineLogger:
@@ -159,19 +152,10 @@ class EngineLogger:
     def __init__(self, name: str) -> None:
         self._struct = structlog.get_logger(name)
         self._std = logging.getLogger(name)
-        #: The logger structlog assembled, and the ``configure`` it was assembled for: a
-        #: line through the lazy proxy would assemble it again (two lines a run).
-        self._bound: Any = None
-        self._bound_for = 0
 
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if structlog.is_configured():
-            if _configured < 1:  # ``configure`` did not let loggers be cached
-                getattr(self._struct, level)(event, **fields)
-                return
-            if self._bound_for != _configured:
-                self._bound, self._bound_for = self._struct.bind(), _configured
-            getattr(self._bound, level)(event, **fields)
+            getattr(self._struct, level)(event, **fields)
             return
         exc_info = fields.pop("exc_info", None)
         text = " ".join([event, *(f"{k}={v}" for k, v in redact(fields).items())])
